@@ -1,0 +1,1 @@
+"""The gRPC kit: one server builder, one interceptor, one way to make client channels."""

@@ -1,0 +1,113 @@
+"""Build, run and drain a gRPC server: health, reflection, limits, interceptor, metrics, SIGTERM.
+
+    server = Server("tokenizer", config, [Registration(add_fn, servicer, full_name)])
+    asyncio.run(server.run(load=core.load, drain=core.drain))
+
+Health is NOT_SERVING while `load` runs and again while draining; SIGTERM/SIGINT stop new calls,
+let in-flight ones finish within `drain_seconds`, run `drain`, then stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from libs.common.config import ServiceConfig
+from libs.common.rpc.interceptors import ServerInterceptor
+from libs.common.rpc.metrics import SERVING, serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One servicer: the generated add_*_to_server function, the servicer, and its full name."""
+
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class Server:
+    def __init__(self, service: str, config: ServiceConfig, registrations: Sequence[Registration]) -> None:
+        self.service = service
+        self.config = config
+        self.registrations = list(registrations)
+        self.health = health.aio.HealthServicer()
+        self.port: int = 0
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Event | None = None
+
+    async def start(self) -> int:
+        """Bind and start (NOT_SERVING); returns the bound port."""
+        server = grpc.aio.server(
+            interceptors=[ServerInterceptor(self.service)],
+            options=channel_options(self.config.max_message_bytes),
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+        )
+        for reg in self.registrations:
+            reg.add(reg.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [r.full_name for r in self.registrations]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await self.set_serving(False)
+        await server.start()
+        self._server = server
+        serve_metrics(self.config.host, self.config.metrics_port)
+        log.info("%s listening on %s:%d", self.service, self.config.host, self.port)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *(r.full_name for r in self.registrations)]:
+            await self.health.set(name, status)
+        SERVING.labels(self.service).set(1 if serving else 0)
+
+    async def stop(self, drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Refuse new calls, let in-flight calls finish within the grace period, then stop."""
+        if self._server is None:
+            return
+        log.info("%s draining (grace %.0fs)", self.service, self.config.drain_seconds)
+        await self.set_serving(False)
+        stopped = asyncio.ensure_future(self._server.stop(self.config.drain_seconds))
+        if drain is not None:
+            await drain()
+        await stopped
+        self._server = None
+        log.info("%s stopped", self.service)
+
+    async def run(
+        self,
+        load: Callable[[], Awaitable[None]] | None = None,
+        drain: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Start, load, serve until SIGTERM/SIGINT, drain."""
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        if load is not None:
+            await load()
+        await self.set_serving(True)
+        log.info("%s serving", self.service)
+        await self._stopping.wait()
+        await self.stop(drain)

@@ -1,0 +1,71 @@
+"""Every variable a user can set, declared once.
+
+Service configs map their fields to these names by convention: a field `f` of the shared
+config is `LLMP_F`, and of a service `s` is `LLMP_S_F` (both upper-cased). A unit test keeps this
+table and the config dataclasses in step; `llmp config vars` prints it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str
+    doc: str
+
+
+def _service_vars(service: str, port: int, extra: list[EnvVar] | None = None) -> list[EnvVar]:
+    s = service.upper()
+    return [
+        EnvVar(f"LLMP_{s}_HOST", "127.0.0.1", f"interface the {service} gRPC server binds to"),
+        EnvVar(f"LLMP_{s}_PORT", str(port), f"{service} gRPC port"),
+        EnvVar(f"LLMP_{s}_ADDRESS", f"127.0.0.1:{port}", f"where clients reach the {service} service"),
+        EnvVar(f"LLMP_{s}_METRICS_PORT", str(port + 1000), f"{service} Prometheus metrics port (-1: off)"),
+        EnvVar(f"LLMP_{s}_MAX_MESSAGE_BYTES", str(64 << 20), f"largest gRPC message {service} sends or accepts"),
+        EnvVar(f"LLMP_{s}_MAX_CONCURRENT_RPCS", "256", f"{service} calls served at once; more are refused"),
+        EnvVar(f"LLMP_{s}_DRAIN_SECONDS", "30", f"grace period for in-flight {service} work on SIGTERM"),
+        *(extra or []),
+    ]
+
+
+VARIABLES: dict[str, EnvVar] = {
+    v.name: v
+    for v in [
+        EnvVar("LLMP_HOME", "~/.llmp", "local state, logs and the artifact store (artifacts/ below it)"),
+        EnvVar("LLMP_CONFIG", "", "YAML config file: a `common:` section and one section per service"),
+        EnvVar("LLMP_LOG_LEVEL", "INFO", "log level: DEBUG, INFO, WARNING, ERROR"),
+        EnvVar("LLMP_LOG_FORMAT", "json", "log format: json (one object per line) or text"),
+        EnvVar("LLMP_REDIS_URL", "", "Redis server to use; empty: `llmp up` starts a local one"),
+        EnvVar("LLMP_REDIS_PORT", "6379", "port of the Redis that `llmp up` starts"),
+        EnvVar("LLMP_QDRANT_URL", "", "Qdrant server to use; empty: embedded Qdrant under LLMP_HOME"),
+        EnvVar("LLMP_PLUGINS_ALLOW", "", "comma-separated third-party plugins allowed (`kind:name` or `name`); empty: all"),
+        *_service_vars("gateway", 50050),
+        *_service_vars(
+            "tokenizer",
+            50051,
+            [
+                EnvVar("LLMP_TOKENIZER_MAX_BATCH", "4096", "most texts or sequences in one batched call"),
+                EnvVar("LLMP_TOKENIZER_MAX_TEXT_BYTES", str(16 << 20), "largest single text to encode"),
+                EnvVar("LLMP_TOKENIZER_CACHE_SIZE", "16", "tokenisers kept loaded in memory"),
+                EnvVar("LLMP_TOKENIZER_MAX_TRAINING_JOBS", "2", "training jobs that run at once"),
+            ],
+        ),
+        *_service_vars("retrieval", 50052),
+        *_service_vars("training", 50053),
+        *_service_vars("inference", 50054),
+    ]
+}
+
+
+def env(name: str) -> str:
+    """The value of a declared variable (its default when unset)."""
+    var = VARIABLES[name]
+    return os.environ.get(name, var.default)
+
+
+def llmp_home() -> str:
+    return os.path.expanduser(env("LLMP_HOME"))

@@ -1,0 +1,116 @@
+"""Import existing tokenisers: a tokenizer.json, a Hugging Face tokenizer folder, a SentencePiece .model.
+
+Only data formats are read (JSON, text vocabularies, SentencePiece protobufs); no code is ever
+loaded from the imported folder.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer, SentencePieceUnigramTokenizer
+
+from libs.common.errors import InvalidArgument, NotFound
+
+
+@dataclass
+class Imported:
+    tokenizer: Tokenizer
+    format: str
+    chat_template: str = ""
+    model_max_length: int = 0
+    special_tokens: list[str] | None = None
+
+
+def import_path(path: Path) -> Imported:
+    if not path.exists():
+        raise NotFound(f"{path} does not exist", field="path")
+    if path.is_dir():
+        return _import_folder(path)
+    if path.suffix == ".model":
+        return _import_sentencepiece(path)
+    return _import_tokenizer_json(path.read_bytes(), "tokenizer.json")
+
+
+def import_bytes(data: bytes, fmt: str) -> Imported:
+    if not data:
+        raise InvalidArgument("empty", field="data")
+    if fmt in ("", "tokenizer.json"):
+        return _import_tokenizer_json(data, "tokenizer.json")
+    if fmt == "sentencepiece":
+        with tempfile.NamedTemporaryFile(suffix=".model") as fh:
+            fh.write(data)
+            fh.flush()
+            return _import_sentencepiece(Path(fh.name))
+    raise InvalidArgument(f"unknown format {fmt!r}; use 'tokenizer.json' or 'sentencepiece'", field="format")
+
+
+def _import_tokenizer_json(data: bytes, fmt: str) -> Imported:
+    try:
+        return Imported(Tokenizer.from_str(data.decode("utf-8")), fmt)
+    except (UnicodeDecodeError, Exception) as e:
+        raise InvalidArgument(f"not a valid tokenizer.json: {e}", field="path") from None
+
+
+def _import_sentencepiece(path: Path) -> Imported:
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as spm_model
+
+        model = spm_model.ModelProto()
+        model.ParseFromString(path.read_bytes())
+    except Exception as e:
+        raise InvalidArgument(f"not a SentencePiece model: {e}", field="path") from None
+    specials = [p.piece for p in model.pieces if p.type in (2, 3)]  # UNKNOWN, CONTROL
+    if model.trainer_spec.model_type == 1:  # UNIGRAM
+        try:
+            tokenizer = SentencePieceUnigramTokenizer.from_spm(str(path))._tokenizer
+        except Exception as e:
+            raise InvalidArgument(f"cannot convert SentencePiece model: {e}", field="path") from None
+    else:
+        tokenizer = _sentencepiece_bpe(path)
+    return Imported(tokenizer, "sentencepiece", special_tokens=specials)
+
+
+def _sentencepiece_bpe(path: Path) -> Tokenizer:
+    """BPE-type SentencePiece models go through transformers' converter (data only, no code)."""
+    try:
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+        vocab, merges = SentencePieceExtractor(str(path)).extract()[:2]
+    except Exception as e:
+        raise InvalidArgument(f"cannot convert SentencePiece BPE model: {e}", field="path") from None
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return tokenizer
+
+
+def _import_folder(path: Path) -> Imported:
+    config: dict[str, Any] = {}
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        except ValueError as e:
+            raise InvalidArgument(f"tokenizer_config.json is not valid JSON: {e}", field="path") from None
+    if (path / "tokenizer.json").is_file():
+        imported = _import_tokenizer_json((path / "tokenizer.json").read_bytes(), "hf-folder")
+    elif (path / "vocab.txt").is_file():
+        bert = BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=bool(config.get("do_lower_case", True)))
+        imported = Imported(bert._tokenizer, "hf-folder")
+    else:
+        models = sorted(path.glob("*.model"))
+        if not models:
+            raise InvalidArgument(f"{path} holds no tokenizer.json, vocab.txt or .model file", field="path")
+        imported = _import_sentencepiece(models[0])
+    template = config.get("chat_template") or ""
+    imported.chat_template = template if isinstance(template, str) else ""
+    max_len = config.get("model_max_length") or 0
+    imported.model_max_length = int(max_len) if isinstance(max_len, int | float) and max_len < 2**32 else 0
+    return imported
