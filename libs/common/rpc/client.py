@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +17,9 @@ from libs.common.settings import env
 
 
 def address(service: str) -> str:
-    """Where a service is reached: LLMP_<SERVICE>_ADDRESS (default 127.0.0.1:<its port>)."""
-    return env(f"LLMP_{service.upper()}_ADDRESS")
+    """Where a service is reached: LLMP_<SERVICE>_ADDRESS, else 127.0.0.1:LLMP_<SERVICE>_PORT."""
+    name = service.upper()
+    return os.environ.get(f"LLMP_{name}_ADDRESS") or f"127.0.0.1:{env(f'LLMP_{name}_PORT')}"
 
 
 def timeout(default: float | None) -> float | None:

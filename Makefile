@@ -1,0 +1,48 @@
+# llmp task runner: each target is one command; tool settings live in pyproject.toml.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup proto run down demo test test-unit test-integration lint bench clean
+
+# Create the environment: CPU torch first where there is no GPU (so the range is met without
+# a CUDA download), then the project with every extra.
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	command -v nvidia-smi >/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,dev]'
+	touch $@
+
+proto: setup
+	$(PY) -m libs.common.protogen
+
+run: setup
+	$(VENV)/bin/llmp up
+
+down:
+	$(VENV)/bin/llmp down
+
+demo: run
+	$(VENV)/bin/llmp demo
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+test-integration: setup
+	$(PY) -m pytest tests/integration
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy libs services
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	find proto -name '*_pb2*.py*' -delete

@@ -1,0 +1,1 @@
+"""Typed clients of the llmp services over gRPC, for other services, the command line and tests."""
