@@ -14,7 +14,7 @@ from rich.table import Table
 from libs.common import corpora
 from libs.common.cli.rpc_errors import remote
 from libs.common.clients.tokenizer import TokenizerClient
-from services.tokenizer.cli import print_vocab_report, train_with_progress
+from libs.common.cli.tokenizer import print_vocab_report, train_with_progress
 
 EXAMPLE = "The transformer architecture revolutionised natural language processing."
 

@@ -1,4 +1,4 @@
-"""`llmp tokenizer ...`: train, import, inspect and use tokenisers through the running service."""
+"""`llmp tokenizer ...`: train, import, inspect and use tokenisers through the running service (a gRPC client)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,193 @@
+"""The gRPC server kit over real sockets: errors, request ids, deadlines, limits, health, drain, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from libs.common.config import ServiceConfig
+from libs.common.errors import InvalidArgument
+from libs.common.rpc import client
+from libs.common.rpc.interceptors import deadline
+from libs.common.rpc.metrics import REQUESTS, SERVING
+from libs.common.rpc.server import Registration, Server
+
+pytestmark = pytest.mark.integration
+
+
+class Kit:
+    """A raw-bytes service with one method per behaviour under test."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    async def invalid(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise InvalidArgument("must be positive", field="vocab_size")
+
+    async def crash(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise RuntimeError("secret internals")
+
+    async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.entered.set()
+        await self.release.wait()
+        return b"done"
+
+    async def budget(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        remaining = client.timeout(60.0)
+        assert deadline.get() is not None
+        return f"{remaining:.3f}".encode()
+
+    def registration(self) -> Registration:
+        handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(self, name))
+                    for name in ("echo", "invalid", "crash", "slow", "budget")}
+        handler = grpc.method_handlers_generic_handler("test.Kit", handlers)
+        return Registration(lambda h, server: server.add_generic_rpc_handlers((h,)), handler, "test.Kit")
+
+
+async def started(kit: Kit, **overrides: int) -> tuple[Server, grpc.aio.Channel]:
+    config = ServiceConfig(port=0, metrics_port=-1, **overrides)
+    server = Server("kit", config, [kit.registration()])
+    port = await server.start()
+    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+def call(ch: grpc.aio.Channel, method: str):  # noqa: ANN201
+    return ch.unary_unary(f"/test.Kit/{method}")
+
+
+def run(coro) -> None:  # noqa: ANN001
+    asyncio.run(coro)
+
+
+def test_errors_become_status_codes_without_internals() -> None:
+    async def body() -> None:
+        kit = Kit()
+        server, ch = await started(kit)
+        before = REQUESTS.labels("kit", "crash", "INTERNAL")._value.get()
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await call(ch, "invalid")(b"")
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad.value.details() == "vocab_size: must be positive"
+        with pytest.raises(grpc.aio.AioRpcError) as crash:
+            await call(ch, "crash")(b"", metadata=(("x-request-id", "req-42"),))
+        assert crash.value.code() == grpc.StatusCode.INTERNAL
+        assert crash.value.details() == "internal error (request id req-42)"
+        assert REQUESTS.labels("kit", "crash", "INTERNAL")._value.get() == before + 1
+        await ch.close()
+        await server.stop()
+
+    run(body())
+
+
+def test_request_id_is_echoed_or_created() -> None:
+    async def body() -> None:
+        server, ch = await started(Kit())
+        reply = call(ch, "echo")(b"hi", metadata=(("x-request-id", "abc"),))
+        assert await reply == b"hi"
+        assert ("x-request-id", "abc") in tuple(await reply.initial_metadata())
+        fresh = call(ch, "echo")(b"")
+        await fresh
+        assert dict(await fresh.initial_metadata())["x-request-id"]
+        await ch.close()
+        await server.stop()
+
+    run(body())
+
+
+def test_deadline_travels_into_the_handler() -> None:
+    async def body() -> None:
+        server, ch = await started(Kit())
+        remaining = float(await call(ch, "budget")(b"", timeout=5))
+        assert 0 < remaining <= 5
+        await ch.close()
+        await server.stop()
+
+    run(body())
+
+
+def test_concurrency_cap_refuses_instead_of_queueing() -> None:
+    async def body() -> None:
+        kit = Kit()
+        server, ch = await started(kit, max_concurrent_rpcs=1)
+        first = asyncio.ensure_future(call(ch, "slow")(b""))
+        await kit.entered.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(ch, "echo")(b"x")
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        kit.release.set()
+        assert await first == b"done"
+        await ch.close()
+        await server.stop()
+
+    run(body())
+
+
+def test_message_size_limit() -> None:
+    async def body() -> None:
+        server, ch = await started(Kit(), max_message_bytes=1024)
+        assert await call(ch, "echo")(b"x" * 512) == b"x" * 512
+        with pytest.raises(grpc.aio.AioRpcError) as big:
+            await call(ch, "echo")(b"x" * 4096)
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await ch.close()
+        await server.stop()
+
+    run(body())
+
+
+def test_health_and_drain_with_a_call_in_flight() -> None:
+    async def body() -> None:
+        kit = Kit()
+        server, ch = await started(kit)
+        health = health_pb2_grpc.HealthStub(ch)
+        check = health_pb2.HealthCheckRequest(service="test.Kit")
+        assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await server.set_serving(True)
+        assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+
+        in_flight = asyncio.ensure_future(call(ch, "slow")(b""))
+        await kit.entered.wait()
+        seen_during_drain: list[float] = []
+
+        async def drain() -> None:
+            seen_during_drain.append(SERVING.labels("kit")._value.get())
+            kit.release.set()
+
+        await server.stop(drain)
+        assert await in_flight == b"done", "an in-flight call finishes during the drain"
+        assert seen_during_drain == [0.0], "health is NOT_SERVING while draining"
+        with pytest.raises(grpc.aio.AioRpcError) as after:
+            await call(ch, "echo")(b"", timeout=2)
+        assert after.value.code() == grpc.StatusCode.UNAVAILABLE
+        await ch.close()
+
+    run(body())
+
+
+async def _reflected(ch: grpc.aio.Channel) -> AsyncIterator[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for reply in stub.ServerReflectionInfo(iter([request])):
+        for service in reply.list_services_response.service:
+            yield service.name
+
+
+def test_reflection_lists_the_services() -> None:
+    async def body() -> None:
+        server, ch = await started(Kit())
+        names = [n async for n in _reflected(ch)]
+        assert {"test.Kit", "grpc.health.v1.Health"} <= set(names)
+        await ch.close()
+        await server.stop()
+
+    run(body())
