@@ -165,6 +165,8 @@ class TokenizerCore:
             imported = importers.import_path(source)
         else:
             imported = importers.import_bytes(data, fmt)
+        imported.tokenizer.no_padding()  # stored tokenisers carry no per-call settings;
+        imported.tokenizer.no_truncation()  # callers ask for them per request
         template = chat_template or imported.chat_template
         if template:
             chat.compile_template(template)

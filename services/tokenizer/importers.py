@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
-from tokenizers.implementations import BertWordPieceTokenizer, SentencePieceUnigramTokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers.implementations import BertWordPieceTokenizer
 
 from libs.common.errors import InvalidArgument, NotFound
 
@@ -65,22 +65,37 @@ def _import_sentencepiece(path: Path) -> Imported:
         model.ParseFromString(path.read_bytes())
     except Exception as e:
         raise InvalidArgument(f"not a SentencePiece model: {e}", field="path") from None
+    if not model.pieces:
+        raise InvalidArgument("the SentencePiece model has no pieces", field="path")
     specials = [p.piece for p in model.pieces if p.type in (2, 3)]  # UNKNOWN, CONTROL
     if model.trainer_spec.model_type == 1:  # UNIGRAM
-        try:
-            tokenizer = SentencePieceUnigramTokenizer.from_spm(str(path))._tokenizer
-        except Exception as e:
-            raise InvalidArgument(f"cannot convert SentencePiece model: {e}", field="path") from None
+        tokenizer = _sentencepiece_unigram(model)
     else:
         tokenizer = _sentencepiece_bpe(path)
     return Imported(tokenizer, "sentencepiece", special_tokens=specials)
+
+
+def _sentencepiece_unigram(model: Any) -> Tokenizer:
+    """Rebuild SentencePiece's pipeline: its precompiled normaliser, '▁' word boundaries, the pieces' scores."""
+    vocab = [(p.piece, p.score) for p in model.pieces]
+    tokenizer = Tokenizer(models.Unigram(vocab, model.trainer_spec.unk_id, model.trainer_spec.byte_fallback))
+    steps = []
+    if model.normalizer_spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(model.normalizer_spec.precompiled_charsmap))
+    if model.normalizer_spec.remove_extra_whitespaces:
+        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    if steps:
+        tokenizer.normalizer = normalizers.Sequence(steps)
+    scheme = "always" if model.normalizer_spec.add_dummy_prefix else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
+    return tokenizer
 
 
 def _sentencepiece_bpe(path: Path) -> Tokenizer:
     """BPE-type SentencePiece models go through transformers' converter (data only, no code)."""
     try:
         from transformers.convert_slow_tokenizer import SentencePieceExtractor
-        from tokenizers import decoders, models, normalizers, pre_tokenizers
 
         vocab, merges = SentencePieceExtractor(str(path)).extract()[:2]
     except Exception as e:

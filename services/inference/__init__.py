@@ -1,0 +1,1 @@
+"""The inference service: model replicas with a paged KV cache, continuous batching and sampling."""

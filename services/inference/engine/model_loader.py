@@ -1,0 +1,115 @@
+"""Load a causal language model from a directory of HF `config.json` + `*.safetensors`.
+
+The model is built from its config by `transformers` (no remote code, ever) and filled from
+safetensors files only, so loading never unpickles anything. Locations are either ids relative
+to the artifact store or absolute paths that must resolve inside the store's root; a symlink
+that leads out of the root is refused like a `..` would be.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.errors import InvalidArgument, NotFound
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2", "gpt_neox")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference, with where it came from."""
+
+    module: PreTrainedModel
+    config: PretrainedConfig
+    path: Path
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def model_dir(location: str | Path, store: ArtifactStore, *, field: str = "model") -> Path:
+    """A store-relative id, or an absolute path inside the store's root, -> an existing directory."""
+    path = Path(location)
+    if path.is_absolute():
+        resolved = path.resolve()
+        if not resolved.is_relative_to(store.root):
+            raise InvalidArgument(f"{str(location)!r} is outside the artifact store", field=field)
+    else:
+        resolved = store.path(location, field=field)
+    if not (resolved / "config.json").is_file():
+        raise NotFound(f"no model (config.json) at {str(location)!r}", field=field)
+    return resolved
+
+
+def read_config(directory: Path, *, field: str = "model") -> PretrainedConfig:
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidArgument(f"config.json is not readable JSON: {e}", field=field) from None
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InvalidArgument(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            field=field,
+        )
+    return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+
+
+def weight_files(directory: Path, root: Path, *, field: str = "model") -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise NotFound(f"no *.safetensors weights in {directory.name!r}", field=field)
+    for f in files:
+        if not f.resolve().is_relative_to(root):
+            raise InvalidArgument(f"{f.name} leads outside the artifact store", field=field)
+    return files
+
+
+def load_model(
+    location: str | Path,
+    store: ArtifactStore,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build the model from its config and load its safetensors weights; eval mode, no grad."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}", field="dtype")
+        dtype = DTYPES[dtype]
+    directory = model_dir(location, store)
+    config = read_config(directory)
+    with torch.device(device):
+        module = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(directory, store.root):
+        state.update(load_file(f, device=str(device)))
+    load_weights(module, state)
+    module.eval().requires_grad_(False)
+    return LoadedModel(module, config, directory)
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict loading, except that a tied parameter may be stored under one of its names only."""
+    result = module.load_state_dict(state, strict=False)
+    names_of: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    missing = [
+        k for k in result.missing_keys if not any(n in state for n in names_of.get(id(params.get(k)), []))
+    ]
+    if missing or result.unexpected_keys:
+        raise InvalidArgument(
+            f"weights do not match config.json: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}",
+            field="model",
+        )
