@@ -37,8 +37,11 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
     no_kind = pytest.mark.skip(reason="needs Docker and kind; not available on this machine")
-    has_kind = bool(shutil.which("kind")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0 \
-        if shutil.which("docker") else False
+    has_kind = (
+        bool(shutil.which("kind")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+        if shutil.which("docker")
+        else False
+    )
     for item in items:
         if "gpu" in item.keywords and not _has_gpu():
             item.add_marker(no_gpu)
@@ -71,7 +74,10 @@ def start_service(name: str, home: Path, extra_env: dict[str, str] | None = None
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}", "--port", str(port), "--metrics-port", "-1"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     service = ServiceProcess(name, f"127.0.0.1:{port}", home, proc, log)
     if not wait_serving(service.address, 60, is_alive=lambda: proc.poll() is None):

@@ -117,9 +117,9 @@ class Registry(Generic[T]):
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
         unknown = [k for k in params if k not in accepted and not takes_any]
         if unknown:
-            known = [k for k in accepted if k not in context]
+            known = ", ".join(k for k in accepted if k not in context) or "nothing"
             raise InvalidArgument(
-                f"{spec['type']} does not take {', '.join(map(repr, unknown))}; it takes {', '.join(known) or 'nothing'}",
+                f"{spec['type']} does not take {', '.join(map(repr, unknown))}; it takes {known}",
                 field=field,
             )
         try:

@@ -42,7 +42,9 @@ VARIABLES: dict[str, EnvVar] = {
         EnvVar("LLMP_REDIS_URL", "", "Redis server to use; empty: `llmp up` starts a local one"),
         EnvVar("LLMP_REDIS_PORT", "6379", "port of the Redis that `llmp up` starts"),
         EnvVar("LLMP_QDRANT_URL", "", "Qdrant server to use; empty: embedded Qdrant under LLMP_HOME"),
-        EnvVar("LLMP_PLUGINS_ALLOW", "", "comma-separated third-party plugins allowed (`kind:name` or `name`); empty: all"),
+        EnvVar(
+            "LLMP_PLUGINS_ALLOW", "", "comma-separated third-party plugins allowed (`kind:name` or `name`); empty: all"
+        ),
         *_service_vars("gateway", 50050),
         *_service_vars(
             "tokenizer",

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _still_running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
+    return lambda: proc.poll() is None
+
+
 class LocalStack:
     def __init__(self, common: CommonConfig) -> None:
         self.common = common
@@ -101,8 +106,14 @@ class LocalStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log_file:
-            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env={**os.environ, "LLMP_HOME": str(self.home)})
+            proc = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "LLMP_HOME": str(self.home)},
+            )
         self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "address": target, "argv": argv}))
         return proc
 
@@ -115,8 +126,21 @@ class LocalStack:
             return
         data = self.home / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        argv = [redis_server_binary(), "--port", str(self.common.redis_port), "--bind", "127.0.0.1",
-                "--dir", str(data), "--appendonly", "yes", "--save", "", "--daemonize", "no"]
+        argv = [
+            redis_server_binary(),
+            "--port",
+            str(self.common.redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ]
         proc = self._spawn("redis", argv, f"127.0.0.1:{self.common.redis_port}")
         client = redis.Redis.from_url(self.redis_url(), socket_connect_timeout=0.5)
         end = time.monotonic() + timeout
@@ -141,7 +165,7 @@ class LocalStack:
                 continue
             started.append((spec, self._spawn(spec.name, [sys.executable, "-m", spec.module], address(spec.name))))
         for spec, proc in started:
-            if not wait_serving(address(spec.name), timeout, is_alive=lambda p=proc: p.poll() is None):
+            if not wait_serving(address(spec.name), timeout, is_alive=_still_running(proc)):
                 raise Unavailable(f"{spec.name} did not become SERVING; see {self.log_dir / (spec.name + '.log')}")
         return self.status()
 
@@ -167,11 +191,20 @@ class LocalStack:
         rows = []
         if not self.common.redis_url:
             record = self._running("redis")
-            rows.append(Status("redis", "RUNNING" if record else "STOPPED", f"127.0.0.1:{self.common.redis_port}",
-                               record["pid"] if record else None))
+            rows.append(
+                Status(
+                    "redis",
+                    "RUNNING" if record else "STOPPED",
+                    f"127.0.0.1:{self.common.redis_port}",
+                    record["pid"] if record else None,
+                )
+            )
         for spec in installed_services():
             record = self._running(spec.name)
             target = address(spec.name)
-            rows.append(Status(spec.name, health_status(target) if record else "STOPPED", target,
-                               record["pid"] if record else None))
+            rows.append(
+                Status(
+                    spec.name, health_status(target) if record else "STOPPED", target, record["pid"] if record else None
+                )
+            )
         return rows

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from llmp.tokenizer.v1 import tokenizer_pb2_grpc as pb_grpc
+
 from libs.common.artifacts import ArtifactStore
 from libs.common.config import CommonConfig
 from libs.common.rpc.server import Registration, Server
 from libs.common.service import ServiceSpec, configure
-from llmp.tokenizer.v1 import tokenizer_pb2_grpc as pb_grpc
 from services.tokenizer.config import TokenizerConfig
 from services.tokenizer.core import TokenizerCore
 from services.tokenizer.servicer import SERVICE_NAME, TokenizerServicer

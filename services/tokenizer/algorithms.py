@@ -30,7 +30,9 @@ PRE_TOKENIZERS = {
     "byte_level": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
     "metaspace": pre_tokenizers.Metaspace,
     "bert": pre_tokenizers.BertPreTokenizer,
-    "digits": lambda: pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]),
+    "digits": lambda: pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    ),
 }
 
 # Special-token roles recognised by name, for the HF tokenizer_config.json and chat templates.
@@ -85,7 +87,9 @@ class Algorithm:
         self.normalizer_name = normalizer or self.default_normalizer
         self.pre_tokenizer_name = pre_tokenizer or self.default_pre_tokenizer
         if self.normalizer_name not in NORMALIZERS:
-            raise InvalidArgument(f"unknown normaliser {normalizer!r}; one of {sorted(NORMALIZERS)}", field="normalizer")
+            raise InvalidArgument(
+                f"unknown normaliser {normalizer!r}; one of {sorted(NORMALIZERS)}", field="normalizer"
+            )
         if self.pre_tokenizer_name not in PRE_TOKENIZERS:
             raise InvalidArgument(
                 f"unknown pre-tokeniser {pre_tokenizer!r}; one of {sorted(PRE_TOKENIZERS)}", field="pre_tokenizer"

@@ -43,7 +43,9 @@ def render(source: str, messages: Sequence[dict[str, str]], add_generation_promp
         raise InvalidArgument("at least one message is required", field="messages")
     for i, message in enumerate(messages):
         if message.get("role") not in ROLES:
-            raise InvalidArgument(f"role {message.get('role')!r} is not one of {sorted(ROLES)}", field=f"messages[{i}].role")
+            raise InvalidArgument(
+                f"role {message.get('role')!r} is not one of {sorted(ROLES)}", field=f"messages[{i}].role"
+            )
     context: dict[str, Any] = {"messages": list(messages), "add_generation_prompt": add_generation_prompt, **roles}
     try:
         return compile_template(source).render(**context)

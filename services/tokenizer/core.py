@@ -95,7 +95,9 @@ class TokenizerCore:
         check_name(name)
         if chat_template == "default":
             chat_template = chat.CHATML
-            special_tokens = list(special_tokens or ALGORITHMS.get(algorithm or "?", field="algorithm").default_special_tokens)
+            special_tokens = list(
+                special_tokens or ALGORITHMS.get(algorithm or "?", field="algorithm").default_special_tokens
+            )
             special_tokens += [t for t in chat.CHATML_TOKENS if t not in special_tokens]
         if chat_template:
             chat.compile_template(chat_template)
@@ -111,7 +113,8 @@ class TokenizerCore:
         built: Algorithm = ALGORITHMS.create(spec, field="algorithm")
         if vocab_size > MAX_VOCAB:
             raise InvalidArgument(f"at most {MAX_VOCAB}", field="vocab_size")
-        stats = corpus.check(self.artifacts, corpus.resolve(self.artifacts, corpus_refs), list(texts))
+        files = corpus.resolve(self.artifacts, corpus_refs)
+        stats = corpus.check(self.artifacts, files, list(texts), alphabet=not built.byte_level)
         self._check_vocab_size(built, stats.alphabet)
         meta = {
             "algorithm": algorithm,
@@ -155,8 +158,9 @@ class TokenizerCore:
         return await corpus.upload(self.artifacts, chunks)
 
     # -- import, list, describe, delete --------------------------------------------------------
-    def import_tokenizer(self, name: str, path: str = "", data: bytes = b"", fmt: str = "",
-                         chat_template: str = "") -> TokenizerInfo:
+    def import_tokenizer(
+        self, name: str, path: str = "", data: bytes = b"", fmt: str = "", chat_template: str = ""
+    ) -> TokenizerInfo:
         check_name(name)
         if bool(path) == bool(data):
             raise InvalidArgument("give exactly one of path or data", field="path")
@@ -179,8 +183,8 @@ class TokenizerCore:
             meta["special_tokens"] = imported.special_tokens
         return self.tokenizers.save(name, imported.tokenizer, meta, template)
 
-    def list(self, prefix: str = "") -> list[TokenizerInfo]:
-        return self.tokenizers.list(prefix)
+    def list_tokenizers(self, prefix: str = "") -> list[TokenizerInfo]:
+        return self.tokenizers.list_tokenizers(prefix)
 
     def describe(self, ref: str) -> TokenizerInfo:
         return self.tokenizers.describe(ref)
@@ -198,7 +202,9 @@ class TokenizerCore:
         limit = self.config.max_text_bytes
         for i, text in enumerate(texts):
             if len(text) > limit // 4 and len(text.encode()) > limit:
-                raise InvalidArgument(f"text of {len(text.encode())} bytes exceeds the limit of {limit}", field=f"{field}[{i}]")
+                raise InvalidArgument(
+                    f"text of {len(text.encode())} bytes exceeds the limit of {limit}", field=f"{field}[{i}]"
+                )
 
     def encode_batch(
         self,
@@ -227,8 +233,9 @@ class TokenizerCore:
 
     def decode_batch(self, ref: str, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         if len(sequences) > self.config.max_batch:
-            raise InvalidArgument(f"{len(sequences)} sequences exceed the batch limit of {self.config.max_batch}",
-                                  field="sequences")
+            raise InvalidArgument(
+                f"{len(sequences)} sequences exceed the batch limit of {self.config.max_batch}", field="sequences"
+            )
         loaded = self.tokenizers.load(ref)
         size = loaded.tokenizer.get_vocab_size(with_added_tokens=True)
         for i, ids in enumerate(sequences):
@@ -240,8 +247,9 @@ class TokenizerCore:
     def decode(self, ref: str, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.decode_batch(ref, [ids], skip_special_tokens)[0]
 
-    def apply_chat_template(self, ref: str, messages: Sequence[dict[str, str]],
-                            add_generation_prompt: bool = False) -> tuple[str, list[int]]:
+    def apply_chat_template(
+        self, ref: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[str, list[int]]:
         loaded = self.tokenizers.load(ref)
         text = chat.render(loaded.info.chat_template, messages, add_generation_prompt, loaded.roles)
         return text, loaded.tokenizer.encode(text, add_special_tokens=False).ids
@@ -263,8 +271,10 @@ class TokenizerCore:
         if not 0 < holdout_fraction < 1:
             raise InvalidArgument("must be in (0, 1)", field="holdout_fraction")
         stats = corpus.check(self.artifacts, corpus.resolve(self.artifacts, corpus_refs), list(texts))
-        algorithms = [ALGORITHMS.create({"type": algorithm or "byte_level_bpe", "vocab_size": v}, field="algorithm")
-                      for v in vocab_sizes]
+        algorithms = [
+            ALGORITHMS.create({"type": algorithm or "byte_level_bpe", "vocab_size": v}, field="algorithm")
+            for v in vocab_sizes
+        ]
         for a in algorithms:
             self._check_vocab_size(a, stats.alphabet)
         lines = [ln for p in stats.files for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]

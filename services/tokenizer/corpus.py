@@ -89,7 +89,11 @@ def resolve(store: ArtifactStore, refs: Iterable[str]) -> list[Path]:
     for i, ref in enumerate(refs):
         where = f"corpus[{i}]"
         corpus_dir = store.root / KIND / ref
-        path = store.path(f"{KIND}/{ref}", field=where) if "/" not in ref and corpus_dir.is_dir() else store.path(ref, field=where)
+        path = (
+            store.path(f"{KIND}/{ref}", field=where)
+            if "/" not in ref and corpus_dir.is_dir()
+            else store.path(ref, field=where)
+        )
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
         elif path.is_file():
@@ -102,8 +106,9 @@ def resolve(store: ArtifactStore, refs: Iterable[str]) -> list[Path]:
     return files
 
 
-def check(store: ArtifactStore, files: list[Path], texts: list[str]) -> CorpusStats:
-    """Read every file once: refuse invalid UTF-8 and an empty corpus; collect the alphabet."""
+def check(store: ArtifactStore, files: list[Path], texts: list[str], alphabet: bool = True) -> CorpusStats:
+    """Read every file once: refuse invalid UTF-8 and an empty corpus; collect the alphabet if asked
+    (byte-level algorithms need none, and skipping it saves a pass over every character)."""
     stats = CorpusStats(files=files)
     for path in files:
         data = path.read_bytes()
@@ -111,10 +116,12 @@ def check(store: ArtifactStore, files: list[Path], texts: list[str]) -> CorpusSt
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise InvalidArgument(
-                f"{store.relative(path)} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r})", field="corpus"
+                f"{store.relative(path)} is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r})",
+                field="corpus",
             ) from None
         stats.bytes += len(data)
-        stats.alphabet.update(text)
+        if alphabet or not stats.alphabet:
+            stats.alphabet.update(text if alphabet else text[:4096])
     for text in texts:
         stats.bytes += len(text.encode())
         stats.alphabet.update(text)

@@ -61,25 +61,46 @@ def _import_sentencepiece(path: Path) -> Imported:
     try:
         from sentencepiece import sentencepiece_model_pb2 as spm_model
 
-        model = spm_model.ModelProto()
+        model = spm_model.ModelProto()  # type: ignore[attr-defined]
         model.ParseFromString(path.read_bytes())
     except Exception as e:
         raise InvalidArgument(f"not a SentencePiece model: {e}", field="path") from None
     if not model.pieces:
         raise InvalidArgument("the SentencePiece model has no pieces", field="path")
     specials = [p.piece for p in model.pieces if p.type in (2, 3)]  # UNKNOWN, CONTROL
-    if model.trainer_spec.model_type == 1:  # UNIGRAM
-        tokenizer = _sentencepiece_unigram(model)
-    else:
-        tokenizer = _sentencepiece_bpe(path)
+    unigram = model.trainer_spec.model_type == 1
+    tokenizer = _sentencepiece_unigram(model) if unigram else _sentencepiece_bpe(model)
     return Imported(tokenizer, "sentencepiece", special_tokens=specials)
 
 
 def _sentencepiece_unigram(model: Any) -> Tokenizer:
-    """Rebuild SentencePiece's pipeline: its precompiled normaliser, '▁' word boundaries, the pieces' scores."""
+    """SentencePiece Unigram: the pieces with their log-probabilities."""
     vocab = [(p.piece, p.score) for p in model.pieces]
     tokenizer = Tokenizer(models.Unigram(vocab, model.trainer_spec.unk_id, model.trainer_spec.byte_fallback))
-    steps = []
+    _sentencepiece_pipeline(tokenizer, model)
+    return tokenizer
+
+
+def _sentencepiece_bpe(model: Any) -> Tokenizer:
+    """SentencePiece BPE: a piece's id is its merge rank, so the merges follow from the vocabulary."""
+    vocab = {p.piece: i for i, p in enumerate(model.pieces)}
+    ranked = sorted(
+        (rank, vocab[piece[:i]], vocab[piece[i:]], piece[:i], piece[i:])
+        for piece, rank in vocab.items()
+        for i in range(1, len(piece))
+        if piece[:i] in vocab and piece[i:] in vocab
+    )
+    merges = [(left, right) for *_, left, right in ranked]
+    unk = model.pieces[model.trainer_spec.unk_id].piece
+    bpe = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=model.trainer_spec.byte_fallback)
+    tokenizer = Tokenizer(bpe)
+    _sentencepiece_pipeline(tokenizer, model)
+    return tokenizer
+
+
+def _sentencepiece_pipeline(tokenizer: Tokenizer, model: Any) -> None:
+    """SentencePiece's precompiled normaliser, whitespace folding and '▁' word boundaries."""
+    steps: list[Any] = []
     if model.normalizer_spec.precompiled_charsmap:
         steps.append(normalizers.Precompiled(model.normalizer_spec.precompiled_charsmap))
     if model.normalizer_spec.remove_extra_whitespaces:
@@ -89,22 +110,6 @@ def _sentencepiece_unigram(model: Any) -> Tokenizer:
     scheme = "always" if model.normalizer_spec.add_dummy_prefix else "never"
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
-    return tokenizer
-
-
-def _sentencepiece_bpe(path: Path) -> Tokenizer:
-    """BPE-type SentencePiece models go through transformers' converter (data only, no code)."""
-    try:
-        from transformers.convert_slow_tokenizer import SentencePieceExtractor
-
-        vocab, merges = SentencePieceExtractor(str(path)).extract()[:2]
-    except Exception as e:
-        raise InvalidArgument(f"cannot convert SentencePiece BPE model: {e}", field="path") from None
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    return tokenizer
 
 
 def _import_folder(path: Path) -> Imported:

@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from tokenizers import Encoding
-
 from llmp.tokenizer.v1 import tokenizer_pb2 as pb
 from llmp.tokenizer.v1 import tokenizer_pb2_grpc as pb_grpc
+from tokenizers import Encoding
+
 from services.tokenizer.core import Padding, TokenizerCore, Truncation
 from services.tokenizer.store import TokenizerInfo
 from services.tokenizer.training import JobStatus
@@ -55,7 +55,9 @@ def _options(request: Any) -> dict[str, Any]:
     }
     if request.HasField("truncation") and request.truncation.max_length:
         t = request.truncation
-        options["truncation"] = Truncation(t.max_length, t.stride, t.strategy or "longest_first", t.direction or "right")
+        options["truncation"] = Truncation(
+            t.max_length, t.stride, t.strategy or "longest_first", t.direction or "right"
+        )
     if request.HasField("padding"):
         p = request.padding
         options["padding"] = Padding(p.length, p.direction or "right", p.pad_to_multiple_of)
@@ -134,14 +136,18 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
     async def DecodeBatch(self, request: pb.DecodeBatchRequest, context: Any) -> pb.DecodeBatchResponse:
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         sequences = [list(s.ids) for s in request.sequences]
-        return pb.DecodeBatchResponse(texts=await asyncio.to_thread(self.core.decode_batch, request.tokenizer, sequences, skip))
+        return pb.DecodeBatchResponse(
+            texts=await asyncio.to_thread(self.core.decode_batch, request.tokenizer, sequences, skip)
+        )
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Any) -> pb.CountTokensResponse:
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
         counts = await asyncio.to_thread(self.core.count_tokens, request.tokenizer, request.texts, add)
         return pb.CountTokensResponse(counts=counts, total=sum(counts))
 
-    async def ApplyChatTemplate(self, request: pb.ApplyChatTemplateRequest, context: Any) -> pb.ApplyChatTemplateResponse:
+    async def ApplyChatTemplate(
+        self, request: pb.ApplyChatTemplateRequest, context: Any
+    ) -> pb.ApplyChatTemplateResponse:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         text, ids = await asyncio.to_thread(
             self.core.apply_chat_template, request.tokenizer, messages, request.add_generation_prompt
@@ -149,7 +155,7 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         return pb.ApplyChatTemplateResponse(text=text, ids=ids)
 
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
-        infos = await asyncio.to_thread(self.core.list, request.prefix)
+        infos = await asyncio.to_thread(self.core.list_tokenizers, request.prefix)
         return pb.ListResponse(tokenizers=[info_pb(i) for i in infos])
 
     async def Describe(self, request: pb.DescribeRequest, context: Any) -> pb.TokenizerInfo:
@@ -168,6 +174,5 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
             request.bytes_per_param or 2,
             request.holdout_fraction or 0.1,
         )
-        done = object()
-        while (row := await asyncio.to_thread(next, rows, done)) is not done:
+        while (row := await asyncio.to_thread(next, rows, None)) is not None:
             yield pb.VocabReportRow(**dataclasses.asdict(row))

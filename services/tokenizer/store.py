@@ -70,7 +70,9 @@ class TokenizerStore:
         """Write a new version atomically and return its description."""
         check_name(name)
         text = tokenizer.to_str()
-        special = meta.get("special_tokens") or [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        special = meta.get("special_tokens") or [
+            t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special
+        ]
         roles = special_token_roles(special)
         with self.store.lock(f"{KIND}-{name}-versions"):
             version = self.store.next_version(KIND, name)
@@ -149,14 +151,16 @@ class TokenizerStore:
             path=self.store.relative(ref.path),
         )
 
-    def list(self, prefix: str = "") -> list[TokenizerInfo]:
-        out = []
+    def list_tokenizers(self, prefix: str = "") -> list[TokenizerInfo]:
+        out: list[TokenizerInfo] = []
         for name in self.store.names(KIND):
             if name.startswith(prefix):
                 out.extend(self._info(self.store.resolve(KIND, f"{name}:{v}")) for v in self.store.versions(KIND, name))
         return out
 
-    def load(self, ref: str, truncation: tuple[Any, ...] | None = None, padding: tuple[Any, ...] | None = None) -> Loaded:
+    def load(
+        self, ref: str, truncation: tuple[Any, ...] | None = None, padding: tuple[Any, ...] | None = None
+    ) -> Loaded:
         """The tokeniser for `ref`, configured with (max_length, stride, strategy, direction) truncation
         and (length, direction, pad_to_multiple_of) padding when given."""
         resolved = self.resolve(ref)
@@ -206,4 +210,3 @@ class TokenizerStore:
                 pad_to_multiple_of=multiple or None,
             )
         return Loaded(base.info, tokenizer, base.roles)
-

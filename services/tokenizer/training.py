@@ -92,8 +92,15 @@ class TrainingJobs:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._context = multiprocessing.get_context("spawn")
 
-    def submit(self, name: str, spec: dict[str, Any], files: list[Path], texts: list[str],
-               meta: dict[str, Any], chat_template: str) -> JobStatus:
+    def submit(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        files: list[Path],
+        texts: list[str],
+        meta: dict[str, Any],
+        chat_template: str,
+    ) -> JobStatus:
         """Queue a job; the name's lock must be free (AlreadyExists otherwise)."""
         waiting = sum(1 for j in self._jobs.values() if j.status.state == PENDING)
         if waiting >= self.max_pending:
@@ -106,8 +113,16 @@ class TrainingJobs:
         if texts:  # inline text joins the corpus as one more file
             (workdir / "texts.txt").write_text("\n".join(texts), encoding="utf-8")
             all_files.append(str(workdir / "texts.txt"))
-        job = TrainJob(JobStatus(job_id, name, corpus_bytes=meta.get("corpus_bytes", 0)),
-                       spec, all_files, texts, workdir, meta, chat_template, lock)
+        job = TrainJob(
+            JobStatus(job_id, name, corpus_bytes=meta.get("corpus_bytes", 0)),
+            spec,
+            all_files,
+            texts,
+            workdir,
+            meta,
+            chat_template,
+            lock,
+        )
         try:
             self._loop = asyncio.get_running_loop()
             job.event = asyncio.Event()
@@ -132,26 +147,39 @@ class TrainingJobs:
             job.event = asyncio.Event()
 
     def _run(self, job: TrainJob) -> None:
+        """The job's thread: wait for a slot, train, then release the name before saying it ended."""
+        final: dict[str, Any] = {}
         try:
-            with self._slots:
+            while not self._slots.acquire(timeout=0.2):
                 if job.cancelled:
-                    return
-                self._update(job, state=RUNNING, phase="starting", progress=0.05)
-                self._train(job)
+                    break
+            else:
+                try:
+                    if not job.cancelled:
+                        self._update(job, state=RUNNING, phase="starting", progress=0.05)
+                        final = self._train(job)
+                finally:
+                    self._slots.release()
         except Exception as e:
             log.exception("training job %s failed", job.status.job_id)
-            self._update(job, state=FAILED, phase="failed", error=str(e))
+            final = {"state": FAILED, "phase": "failed", "error": str(e)}
         finally:
             job.lock.release()
             shutil.rmtree(job.workdir, ignore_errors=True)
-            if job.cancelled:
-                self._update(job, state=CANCELLED, phase="cancelled")
+        if job.cancelled:
+            final = {"state": CANCELLED, "phase": "cancelled"}
+        self._update(job, **final)
 
-    def _train(self, job: TrainJob) -> None:
+    def _train(self, job: TrainJob) -> dict[str, Any]:
+        """Run the training process; returns the job's final status fields."""
         out = job.workdir / "tokenizer.json"
         parent, child = self._context.Pipe(duplex=False)
-        job.process = self._context.Process(target=_train_in_process, args=(job.spec, job.files, str(out), child),
-                                            name=f"train-{job.status.job_id}", daemon=True)
+        job.process = self._context.Process(
+            target=_train_in_process,
+            args=(job.spec, job.files, str(out), child),
+            name=f"train-{job.status.job_id}",
+            daemon=True,
+        )
         job.process.start()
         child.close()
         outcome, message = "error", "the training process ended without a result"
@@ -170,23 +198,24 @@ class TrainingJobs:
                 break
         job.process.join()
         if job.cancelled:
-            return
+            return {}
         if outcome != "done":
-            self._update(job, state=FAILED, phase="failed", error=message)
-            return
+            return {"state": FAILED, "phase": "failed", "error": message}
         self._update(job, phase="saving", progress=0.95)
         meta = {**job.meta, "training_seconds": round(time.monotonic() - job.started, 3)}
         info = self.tokenizers.save(job.status.name, Tokenizer.from_file(str(out)), meta, job.chat_template)
-        self._update(job, state=SUCCEEDED, phase="done", progress=1.0, tokenizer=info.ref)
         log.info("trained %s in %.1fs", info.ref, meta["training_seconds"])
+        return {"state": SUCCEEDED, "phase": "done", "progress": 1.0, "tokenizer": info.ref}
 
     # -- queries -----------------------------------------------------------------------------
     def get(self, job_id: str) -> JobStatus:
         job = self._jobs.get(job_id)
         if job is None:
             raise NotFound(f"no training job {job_id!r}", field="job_id")
-        return replace(job.status, elapsed_seconds=job.status.elapsed_seconds
-                       if job.status.state in FINAL else time.monotonic() - job.started)
+        return replace(
+            job.status,
+            elapsed_seconds=job.status.elapsed_seconds if job.status.state in FINAL else time.monotonic() - job.started,
+        )
 
     def cancel(self, job_id: str) -> JobStatus:
         job = self._jobs.get(job_id)
@@ -196,8 +225,6 @@ class TrainingJobs:
             job.cancelled = True
             if job.process is not None and job.process.is_alive():
                 job.process.terminate()
-            if job.status.state == PENDING:
-                self._update(job, state=CANCELLED, phase="cancelled")
         return self.wait(job_id, timeout=10)
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobStatus:

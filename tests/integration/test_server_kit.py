@@ -46,8 +46,10 @@ class Kit:
         return f"{remaining:.3f}".encode()
 
     def registration(self) -> Registration:
-        handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(self, name))
-                    for name in ("echo", "invalid", "crash", "slow", "budget")}
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(getattr(self, name))
+            for name in ("echo", "invalid", "crash", "slow", "budget")
+        }
         handler = grpc.method_handlers_generic_handler("test.Kit", handlers)
         return Registration(lambda h, server: server.add_generic_rpc_handlers((h,)), handler, "test.Kit")
 
@@ -59,11 +61,11 @@ async def started(kit: Kit, **overrides: int) -> tuple[Server, grpc.aio.Channel]
     return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 
 
-def call(ch: grpc.aio.Channel, method: str):  # noqa: ANN201
+def call(ch: grpc.aio.Channel, method: str):
     return ch.unary_unary(f"/test.Kit/{method}")
 
 
-def run(coro) -> None:  # noqa: ANN001
+def run(coro) -> None:
     asyncio.run(coro)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 import sentencepiece as spm
+from llmp.tokenizer.v1 import tokenizer_pb2 as pb
 from tokenizers import Tokenizer
 
 from libs.common import corpora
 from libs.common.clients.tokenizer import TokenizerClient
-from llmp.tokenizer.v1 import tokenizer_pb2 as pb
 from tests.conftest import ServiceProcess, start_service
 
 pytestmark = pytest.mark.integration
@@ -31,16 +31,18 @@ def client(tokenizer_service: ServiceProcess) -> TokenizerClient:
     return c
 
 
-def code_of(call, *args, **kwargs) -> grpc.StatusCode:  # noqa: ANN001
+def code_of(call, *args, **kwargs) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as e:
         call(*args, **kwargs)
     return e.value.code()
 
 
-@pytest.mark.parametrize(("algorithm", "size"), [("bpe", 4000), ("byte_level_bpe", 4000), ("wordpiece", 4000),
-                                                 ("unigram", 2000)])
-def test_train_on_real_text_and_match_the_library(client: TokenizerClient, tokenizer_service: ServiceProcess,
-                                                  algorithm: str, size: int) -> None:
+@pytest.mark.parametrize(
+    ("algorithm", "size"), [("bpe", 4000), ("byte_level_bpe", 4000), ("wordpiece", 4000), ("unigram", 2000)]
+)
+def test_train_on_real_text_and_match_the_library(
+    client: TokenizerClient, tokenizer_service: ServiceProcess, algorithm: str, size: int
+) -> None:
     seen: list[pb.TrainingStatus] = []
     final = client.train(f"real-{algorithm}", algorithm, size, corpus=["topics", "code"], on_progress=seen.append)
     assert final.state == pb.TrainingStatus.SUCCEEDED, final.error
@@ -48,14 +50,16 @@ def test_train_on_real_text_and_match_the_library(client: TokenizerClient, token
     info = client.describe(final.tokenizer)
     # Parity: the service's encodings equal the `tokenizers` library's on the stored tokenizer.json.
     local = Tokenizer.from_file(str(tokenizer_service.home / "artifacts" / info.path / "tokenizer.json"))
-    reply = client.stub.EncodeBatch(pb.EncodeBatchRequest(tokenizer=info.ref, texts=HELDOUT, return_tokens=True,
-                                                          return_offsets=True))
+    reply = client.stub.EncodeBatch(
+        pb.EncodeBatchRequest(tokenizer=info.ref, texts=HELDOUT, return_tokens=True, return_offsets=True)
+    )
     for remote, mine in zip(reply.encodings, local.encode_batch(HELDOUT), strict=True):
         assert list(remote.ids) == mine.ids
         assert list(remote.tokens) == mine.tokens
         assert [(o.start, o.end) for o in remote.offsets] == mine.offsets
-    decoded = client.stub.DecodeBatch(pb.DecodeBatchRequest(
-        tokenizer=info.ref, sequences=[pb.TokenIds(ids=e.ids) for e in reply.encodings])).texts
+    decoded = client.stub.DecodeBatch(
+        pb.DecodeBatchRequest(tokenizer=info.ref, sequences=[pb.TokenIds(ids=e.ids) for e in reply.encodings])
+    ).texts
     assert list(decoded) == local.decode_batch([list(e.ids) for e in reply.encodings])
     counts = client.count_tokens(info.ref, HELDOUT)
     assert counts == [len(e.ids) for e in reply.encodings]
@@ -79,25 +83,29 @@ def test_minilm_wordpiece_parity_after_import(client: TokenizerClient) -> None:
     reference = AutoTokenizer.from_pretrained(str(folder))
     texts = HELDOUT[:40]
     expected = reference(texts, truncation=True, max_length=128)["input_ids"]
-    reply = client.stub.EncodeBatch(pb.EncodeBatchRequest(tokenizer="minilm", texts=texts,
-                                                          truncation=pb.TruncationOptions(max_length=128)))
+    reply = client.stub.EncodeBatch(
+        pb.EncodeBatchRequest(tokenizer="minilm", texts=texts, truncation=pb.TruncationOptions(max_length=128))
+    )
     assert [list(e.ids) for e in reply.encodings] == expected
     pair = client.encode("minilm", "What is a token?", pair="A sub-word unit.", return_masks=True)
     assert list(pair.ids) == reference("What is a token?", "A sub-word unit.")["input_ids"]
     assert list(pair.type_ids) == reference("What is a token?", "A sub-word unit.")["token_type_ids"]
 
 
-def test_sentencepiece_model_import_parity(client: TokenizerClient, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_model_import_parity(client: TokenizerClient, tmp_path: Path, model_type: str) -> None:
     corpus = tmp_path / "topics.txt"
     corpus.write_text("\n".join(line for t in TOPICS[::2] for line in t.splitlines() if line.strip()))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=2000,
-                                   model_type="unigram", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=2000, model_type=model_type, minloglevel=2
+    )
     reference = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    info = client.stub.Import(pb.ImportRequest(name="sp", data=(tmp_path / "sp.model").read_bytes(),
-                                               format="sentencepiece"))
+    info = client.stub.Import(
+        pb.ImportRequest(name=f"sp-{model_type}", data=(tmp_path / "sp.model").read_bytes(), format="sentencepiece")
+    )
     assert info.vocab_size == 2000
     lines = [ln for t in TOPICS[1::9] for ln in t.splitlines() if ln.strip()][:200]
-    ours = client.encode_batch("sp", lines, add_special_tokens=False)
+    ours = client.encode_batch(f"sp-{model_type}", lines, add_special_tokens=False)
     assert ours == reference.encode(lines)
 
 
@@ -114,8 +122,10 @@ def test_every_bad_input_has_its_code(client: TokenizerClient, tokenizer_service
     invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     assert code_of(stub.Train, pb.TrainRequest(name="e", algorithm="bpe", vocab_size=100)) == invalid
     assert code_of(stub.Train, pb.TrainRequest(name="e", algorithm="bpe", vocab_size=100, corpus=["nope"])) == not_found
-    assert code_of(stub.Train, pb.TrainRequest(name="e", algorithm="wordpiece", vocab_size=10,
-                                               corpus=["topics"])) == invalid
+    assert (
+        code_of(stub.Train, pb.TrainRequest(name="e", algorithm="wordpiece", vocab_size=10, corpus=["topics"]))
+        == invalid
+    )
     assert code_of(stub.Encode, pb.EncodeRequest(tokenizer="missing", text="x")) == not_found
     assert code_of(stub.WatchTraining(pb.WatchTrainingRequest(job_id="tok-nope")).__next__) == not_found
     empty_upload = iter([pb.CorpusChunk(name="empty", text="")])
@@ -162,5 +172,5 @@ def test_drain_on_sigterm_finishes_the_training_in_flight(tmp_path: Path) -> Non
     assert rest[-1].state == pb.TrainingStatus.SUCCEEDED, rest[-1].error
     assert service.proc.wait(60) == 0
     saved = tmp_path / "artifacts" / "tokenizers" / "drained" / "1"
-    assert json.loads((saved / "llmp.json").read_text())["vocab_size"] == 8000
+    assert json.loads((saved / "llmp.json").read_text())["requested_vocab_size"] == 8000
     assert "draining" in service.output()

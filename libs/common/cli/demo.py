@@ -13,8 +13,8 @@ from rich.table import Table
 
 from libs.common import corpora
 from libs.common.cli.rpc_errors import remote
-from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.cli.tokenizer import print_vocab_report, train_with_progress
+from libs.common.clients.tokenizer import TokenizerClient
 
 EXAMPLE = "The transformer architecture revolutionised natural language processing."
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
+from llmp.tokenizer.v1 import tokenizer_pb2 as pb
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -12,15 +14,20 @@ from rich.table import Table
 from libs.common import corpora
 from libs.common.cli.rpc_errors import remote
 from libs.common.clients.tokenizer import TokenizerClient
-from llmp.tokenizer.v1 import tokenizer_pb2 as pb
 
 console = Console()
 
 
-def train_with_progress(client: TokenizerClient, name: str, algorithm: str, vocab_size: int,
-                        corpus: list[str], **options: object) -> pb.TrainingStatus:
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"),
-                  TimeElapsedColumn(), console=console) as bar:
+def train_with_progress(
+    client: TokenizerClient, name: str, algorithm: str, vocab_size: int, corpus: list[str], **options: Any
+) -> pb.TrainingStatus:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[phase]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task(f"training {name} ({algorithm}, {vocab_size})", total=1.0, phase="queued")
 
         def show(status: pb.TrainingStatus) -> None:
@@ -64,11 +71,26 @@ def upload(name: str, paths: tuple[Path, ...], stdlib: bool, pydoc: bool) -> Non
 @click.option("--special", multiple=True, help="special tokens (repeatable; default: the algorithm's)")
 @click.option("--chat-template", default="", help="'default' (ChatML) or a Jinja template")
 @click.option("--min-frequency", default=0)
-def train(name: str, algorithm: str, vocab_size: int, corpus: tuple[str, ...], special: tuple[str, ...],
-          chat_template: str, min_frequency: int) -> None:
+def train(
+    name: str,
+    algorithm: str,
+    vocab_size: int,
+    corpus: tuple[str, ...],
+    special: tuple[str, ...],
+    chat_template: str,
+    min_frequency: int,
+) -> None:
     """Train tokeniser NAME on corpora in the store."""
-    train_with_progress(TokenizerClient(), name, algorithm, vocab_size, list(corpus), special_tokens=list(special),
-                        chat_template=chat_template, min_frequency=min_frequency)
+    train_with_progress(
+        TokenizerClient(),
+        name,
+        algorithm,
+        vocab_size,
+        list(corpus),
+        special_tokens=list(special),
+        chat_template=chat_template,
+        min_frequency=min_frequency,
+    )
 
 
 @group.command("import")
@@ -91,7 +113,7 @@ def encode(tokenizer: str, text: str) -> None:
         enc = TokenizerClient().encode(tokenizer, text, return_tokens=True, return_offsets=True)
     table = Table("id", "token", "span")
     for i, t, o in zip(enc.ids, enc.tokens, enc.offsets, strict=True):
-        table.add_row(str(i), repr(t), repr(text[o.start:o.end]))
+        table.add_row(str(i), repr(t), repr(text[o.start : o.end]))
     console.print(table)
     console.print(f"{len(enc.ids)} tokens for {len(text)} characters")
 
@@ -109,10 +131,12 @@ def decode(tokenizer: str, ids: tuple[int, ...]) -> None:
 def list_() -> None:
     """List every tokeniser version in the store."""
     with remote("tokenizer service"):
-        infos = TokenizerClient().list()
+        infos = TokenizerClient().list_tokenizers()
     table = Table("ref", "algorithm", "vocab", "source", "chat", "created")
     for i in infos:
-        table.add_row(i.ref, i.algorithm, str(i.vocab_size), i.source, "yes" if i.has_chat_template else "-", i.created_at)
+        table.add_row(
+            i.ref, i.algorithm, str(i.vocab_size), i.source, "yes" if i.has_chat_template else "-", i.created_at
+        )
     console.print(table)
 
 
@@ -136,11 +160,25 @@ def report(corpus: tuple[str, ...], algorithm: str, sizes: str, dim: int) -> Non
 
 
 def print_vocab_report(client: TokenizerClient, corpus: list[str], algorithm: str, sizes: list[int], dim: int) -> None:
-    table = Table("vocab", "learned", "tokens/char", "tokens/byte", "chars/token", "embedding params", "bf16 MB",
-                  title=f"{algorithm} on {', '.join(corpus)} (held-out 10%), d_model={dim}")
+    table = Table(
+        "vocab",
+        "learned",
+        "tokens/char",
+        "tokens/byte",
+        "chars/token",
+        "embedding params",
+        "bf16 MB",
+        title=f"{algorithm} on {', '.join(corpus)} (held-out 10%), d_model={dim}",
+    )
     with remote("tokenizer service"), console.status("training one tokeniser per size"):
         for row in client.vocab_report(algorithm, sizes, corpus=corpus, embedding_dim=dim):
-            table.add_row(str(row.vocab_size), str(row.actual_vocab_size), f"{row.tokens_per_char:.3f}",
-                          f"{row.tokens_per_byte:.3f}", f"{row.chars_per_token:.2f}", f"{row.embedding_params:,}",
-                          f"{row.embedding_bytes / 1e6:.0f}")
+            table.add_row(
+                str(row.vocab_size),
+                str(row.actual_vocab_size),
+                f"{row.tokens_per_char:.3f}",
+                f"{row.tokens_per_byte:.3f}",
+                f"{row.chars_per_token:.2f}",
+                f"{row.embedding_params:,}",
+                f"{row.embedding_bytes / 1e6:.0f}",
+            )
     console.print(table)

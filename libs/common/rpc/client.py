@@ -48,9 +48,14 @@ class _Propagate(
     """Adds x-request-id and narrows the timeout to the current deadline on every outgoing call."""
 
     def _details(self, details: Any) -> Any:
-        return _Details(details.method, timeout(details.timeout), _metadata(details.metadata),
-                        details.credentials, getattr(details, "wait_for_ready", None),
-                        getattr(details, "compression", None))
+        return _Details(
+            details.method,
+            timeout(details.timeout),
+            _metadata(details.metadata),
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return continuation(self._details(details), request)
@@ -66,22 +71,27 @@ class _Propagate(
 
 
 class _Details(grpc.ClientCallDetails):
-    def __init__(self, method: str, timeout: float | None, metadata: Any, credentials: Any,
-                 wait_for_ready: Any, compression: Any) -> None:
+    def __init__(
+        self, method: str, timeout: float | None, metadata: Any, credentials: Any, wait_for_ready: Any, compression: Any
+    ) -> None:
         self.method, self.timeout, self.metadata = method, timeout, metadata
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
 def channel(target: str, *, max_message_bytes: int = 64 << 20) -> grpc.Channel:
     """A blocking channel (command line, tests, threads)."""
-    return grpc.intercept_channel(grpc.insecure_channel(target, options=channel_options(max_message_bytes)), _Propagate())
+    return grpc.intercept_channel(
+        grpc.insecure_channel(target, options=channel_options(max_message_bytes)), _Propagate()
+    )
 
 
 def health_status(target: str, service: str = "", timeout_s: float = 2.0) -> str:
     """'SERVING', 'NOT_SERVING', or 'UNREACHABLE'."""
     with grpc.insecure_channel(target) as ch:
         try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
         except grpc.RpcError:
             return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

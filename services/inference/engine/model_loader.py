@@ -1,7 +1,9 @@
 """Load a causal language model from a directory of HF `config.json` + `*.safetensors`.
 
-The model is built from its config by `transformers` (no remote code, ever) and filled from
-safetensors files only, so loading never unpickles anything. Locations are either ids relative
+The model is built by `transformers` from its config, with remote code refused, and filled from
+safetensors files only (never a pickle); `transformers` also maps renamed checkpoint keys (e.g.
+GPT-NeoX's `embed_out`) and ties shared weights. Any weight missing, unexpected or of the wrong
+shape is an error rather than a silently random tensor. Locations are either ids relative
 to the artifact store or absolute paths that must resolve inside the store's root; a symlink
 that leads out of the root is refused like a `..` would be.
 """
@@ -11,9 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from libs.common.artifacts import ArtifactStore
@@ -64,14 +66,14 @@ def read_config(directory: Path, *, field: str = "model") -> PretrainedConfig:
     return AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
 
 
-def weight_files(directory: Path, root: Path, *, field: str = "model") -> list[Path]:
+def check_weight_files(directory: Path, root: Path, *, field: str = "model") -> None:
+    """Safetensors weights must exist and none may be a symlink out of the store."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise NotFound(f"no *.safetensors weights in {directory.name!r}", field=field)
     for f in files:
         if not f.resolve().is_relative_to(root):
             raise InvalidArgument(f"{f.name} leads outside the artifact store", field=field)
-    return files
 
 
 def load_model(
@@ -88,28 +90,20 @@ def load_model(
         dtype = DTYPES[dtype]
     directory = model_dir(location, store)
     config = read_config(directory)
-    with torch.device(device):
-        module = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
-    state: dict[str, torch.Tensor] = {}
-    for f in weight_files(directory, store.root):
-        state.update(load_file(f, device=str(device)))
-    load_weights(module, state)
+    check_weight_files(directory, store.root)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        directory,
+        config=config,
+        dtype=dtype,
+        device_map=str(device),
+        local_files_only=True,
+        trust_remote_code=False,
+        use_safetensors=True,
+        output_loading_info=True,
+    )
+    module, info = loaded
+    problems = {k: sorted(map(str, v))[:5] for k, v in info.items() if k != "error_msgs" and v}
+    if problems:
+        raise InvalidArgument(f"weights do not match config.json: {problems}", field="model")
     module.eval().requires_grad_(False)
     return LoadedModel(module, config, directory)
-
-
-def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict loading, except that a tied parameter may be stored under one of its names only."""
-    result = module.load_state_dict(state, strict=False)
-    names_of: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    params = dict(module.named_parameters(remove_duplicate=False))
-    missing = [
-        k for k in result.missing_keys if not any(n in state for n in names_of.get(id(params.get(k)), []))
-    ]
-    if missing or result.unexpected_keys:
-        raise InvalidArgument(
-            f"weights do not match config.json: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}",
-            field="model",
-        )

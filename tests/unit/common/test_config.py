@@ -40,7 +40,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
 
 
 def test_bad_values_name_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="demo.port"):
+    with pytest.raises(InvalidArgument, match=r"demo\.port"):
         cfg.load(DemoConfig, "demo", environ={"LLMP_DEMO_PORT": "eighty"})
     with pytest.raises(InvalidArgument, match="unknown setting 'colour'"):
         cfg.load(DemoConfig, "demo", environ={}, flags={"colour": "red"})

@@ -26,7 +26,7 @@ def test_builtins_resolve_by_name() -> None:
 
 
 def test_unknown_name_and_bad_parameters_are_clear() -> None:
-    with pytest.raises(InvalidArgument, match="unknown tokenizers plugin 'nope'; available: .*byte_level_bpe"):
+    with pytest.raises(InvalidArgument, match=r"unknown tokenizers plugin 'nope'; available: .*byte_level_bpe"):
         ALGORITHMS.get("nope")
     with pytest.raises(InvalidArgument, match=r"params: wordpiece takes no parameters \['colour'\]"):
         ALGORITHMS.create({"type": "wordpiece", "vocab_size": 10, "colour": "red"})
@@ -56,9 +56,20 @@ def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """pip-install the example plugin package into a private folder."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(PLUGIN)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(PLUGIN),
+        ],
+        check=True,
+        capture_output=True,
     )
     return target
 
@@ -85,7 +96,11 @@ print(json.dumps(out))
 
 def probe(site: Path, **env: str) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, check=True,
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", **env},
     )
     return json.loads(result.stdout.strip().splitlines()[-1])

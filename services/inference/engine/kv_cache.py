@@ -1,0 +1,225 @@
+"""The engine's paged KV cache: preallocated key/value tensors cut into fixed-size blocks.
+
+Every layer's keys and values live in one tensor of `num_blocks * block_size` slots; a sequence
+owns a block table (logical block i -> physical block), so sequences of any length share the
+pool without fragmentation and a finished sequence returns its blocks at once. The pool is sized
+from a memory budget in bytes.
+
+Prefix caching: a block whose `block_size` tokens are all computed is registered under a hash of
+its tokens chained with the hash of the block before it, so equal hashes mean equal prefixes. A
+new sequence whose prompt starts with registered blocks shares them (reference counted) instead
+of recomputing them. Freed registered blocks stay reusable until the pool needs them back, oldest
+first (LRU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from libs.common.errors import InvalidArgument, ResourceExhausted
+
+
+@dataclass
+class KVCacheConfig:
+    block_size: int = 16
+    """Tokens per block."""
+    memory_bytes: int = 512 * 2**20
+    """Budget for the keys and values of every layer; sets the number of blocks."""
+    num_blocks: int | None = None
+    """Exact number of blocks, overriding memory_bytes (tests, planners)."""
+    prefix_caching: bool = True
+    """Reuse the cached blocks of a shared prompt prefix."""
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one token costs in the cache, read from a model config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> CacheShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim)
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
+
+
+def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+    """A collision-resistant key for a full block given everything before it."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class BlockPool:
+    """Bookkeeping of physical blocks: free list, reference counts, prefix-hash index, LRU eviction."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: block 0 first
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; oldest first
+
+    @property
+    def num_available(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_available
+
+    def allocate(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+        else:
+            raise ResourceExhausted("the KV cache is full")
+        self._refs[block] = 1
+        return block
+
+    def release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if block in self._hash_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+
+    def lookup(self, key: bytes) -> int | None:
+        """Take a reference on the block registered under `key`, if any."""
+        block = self._block_of.get(key)
+        if block is not None:
+            self._refs[block] += 1
+            self._evictable.pop(block, None)
+        return block
+
+    def register(self, block: int, key: bytes) -> None:
+        if key not in self._block_of and block not in self._hash_of:
+            self._block_of[key] = block
+            self._hash_of[block] = key
+
+
+@dataclass
+class BlockTable:
+    """One sequence's blocks and the hashes of its leading full, registered blocks."""
+
+    blocks: list[int]
+    hashes: list[bytes]
+
+
+class KVCache:
+    """Per-layer key/value slots plus the block tables of the sequences that use them."""
+
+    def __init__(
+        self,
+        model_config: PretrainedConfig,
+        config: KVCacheConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.shape = CacheShape.of(model_config)
+        per_block = self.shape.bytes_per_token(dtype) * self.block_size
+        num_blocks = config.num_blocks if config.num_blocks is not None else config.memory_bytes // per_block
+        if config.block_size < 1 or num_blocks < 1:
+            raise InvalidArgument(
+                f"the KV cache budget holds no block of {config.block_size} tokens ({per_block} bytes)",
+                field="kv_cache",
+            )
+        self.pool = BlockPool(num_blocks)
+        slots = num_blocks * self.block_size
+        s = self.shape
+        # [layers, slots, kv_heads, head_dim]: slot = block * block_size + offset
+        self.key = torch.zeros(s.num_layers, slots, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+        self.value = torch.zeros_like(self.key)
+        self._tables: dict[str, BlockTable] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live sequences (cached free blocks count as free)."""
+        return self.pool.num_used / self.num_blocks
+
+    def blocks(self, seq_id: str) -> list[int]:
+        return self._tables[seq_id].blocks if seq_id in self._tables else []
+
+    def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
+        """How many new blocks the sequence needs to hold `num_tokens` tokens in all."""
+        have = len(self.blocks(seq_id))
+        return max(0, -(-num_tokens // self.block_size) - have)
+
+    def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
+        return self.blocks_needed(seq_id, num_tokens) <= self.pool.num_available
+
+    def allocate(self, seq_id: str, num_tokens: int) -> None:
+        """Grow the sequence's table to hold `num_tokens` tokens; all or nothing."""
+        needed = self.blocks_needed(seq_id, num_tokens)
+        if needed > self.pool.num_available:
+            raise ResourceExhausted(f"the KV cache has no room for {needed} more blocks")
+        table = self._tables.setdefault(seq_id, BlockTable([], []))
+        table.blocks.extend(self.pool.allocate() for _ in range(needed))
+
+    def match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+        """Share the cached blocks of the longest cached prefix; returns the tokens they cover.
+
+        At least one token is always left to compute, since its logits start the generation.
+        """
+        if not self.config.prefix_caching or seq_id in self._tables:
+            return 0
+        table = self._tables[seq_id] = BlockTable([], [])
+        parent = b""
+        for i in range((len(token_ids) - 1) // self.block_size):
+            key = block_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            table.blocks.append(block)
+            table.hashes.append(key)
+            parent = key
+        return len(table.blocks) * self.block_size
+
+    def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Register the sequence's blocks that became full with computed tokens."""
+        if not self.config.prefix_caching:
+            return
+        table = self._tables[seq_id]
+        for i in range(len(table.hashes), num_computed // self.block_size):
+            parent = table.hashes[-1] if table.hashes else b""
+            key = block_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            self.pool.register(table.blocks[i], key)
+            table.hashes.append(key)
+
+    def free(self, seq_id: str) -> None:
+        table = self._tables.pop(seq_id, None)
+        if table is not None:
+            for block in reversed(table.blocks):  # the tail is evicted before the prefix it extends
+                self.pool.release(block)
+
+    def slots(self, seq_id: str, start: int, stop: int) -> torch.Tensor:
+        """Cache slots of positions [start, stop) of a sequence: [stop - start] int64."""
+        blocks = torch.tensor(self.blocks(seq_id), dtype=torch.long)
+        positions = torch.arange(start, stop)
+        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size

@@ -1,0 +1,144 @@
+"""One engine step's forward pass: many sequences' token chunks through the model over the paged cache.
+
+The model is `transformers`' own module (Llama, Mistral, GPT-2, GPT-NeoX): embeddings, norms,
+rotary embeddings (with any RoPE scaling), MLPs and heads are theirs, so every architecture they
+define runs unchanged. Only attention is ours, plugged in through transformers' public
+`AttentionInterface` under the name "llmp_paged": it writes the step's new keys/values into the
+cache slots and attends over each sequence's cached context. Called without step metadata (e.g.
+by `generate`) it behaves exactly like transformers' SDPA attention.
+
+A step packs all chunks into one row of N tokens, so token-wise work (projections, MLP) runs once
+over N tokens with no padding. Attention runs in groups of chunks of equal length (all decoding
+sequences, with one token each, form one group), each group one batched call whose keys are
+padded to its longest context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from services.inference.engine.kv_cache import KVCache
+
+ATTENTION = "llmp_paged"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence to compute this step, starting at cache position `start`."""
+
+    seq_id: str
+    token_ids: list[int]
+    start: int
+    sample: bool
+    """Whether the logits of the chunk's last token are wanted (the chunk ends the known tokens)."""
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    token_index: torch.Tensor  # [b, q] positions of the group's queries in the packed step
+    read_slots: torch.Tensor  # [b, c] cache slots of each row's context (padding reads slot 0)
+    mask: torch.Tensor  # [b, 1, q, c] True where a query may attend to a key
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    cache: KVCache
+    write_slots: torch.Tensor  # [N] cache slot of every token computed this step
+    groups: list[AttentionGroup]
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, N, D], key/value [1, KVH, N, D] -> ([1, N, H, D], None)."""
+    step: StepMetadata | None = kwargs.pop("llmp_step", None)
+    if step is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    cache_k, cache_v = step.cache.key[layer], step.cache.value[layer]  # [slots, KVH, D]
+    cache_k[step.write_slots] = key[0].transpose(0, 1)
+    cache_v[step.write_slots] = value[0].transpose(0, 1)
+    q_all = query[0].transpose(0, 1)  # [N, H, D]
+    out = torch.empty_like(q_all)
+    for g in step.groups:
+        q = q_all[g.token_index].transpose(1, 2)  # [b, H, q, D]
+        k = cache_k[g.read_slots].transpose(1, 2)  # [b, KVH, c, D]
+        v = cache_v[g.read_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        out[g.token_index.flatten()] = o.transpose(1, 2).flatten(0, 1)  # [b * q, H, D]
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION, paged_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # used only when called without step metadata
+
+
+class ModelRunner:
+    """Runs packed steps of a causal LM whose attention reads and writes a KVCache.
+
+    It switches the model's attention implementation to the paged one, in place; plain calls of
+    the model (without step metadata) keep computing what SDPA attention computes.
+    """
+
+    def __init__(self, model: PreTrainedModel, cache: KVCache) -> None:
+        model.set_attn_implementation(ATTENTION)
+        self.model = model
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        self.sliding_window: int | None = getattr(model.config, "sliding_window", None)
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits of the last token of every chunk with `sample` set: [num_sampled, vocab] float32."""
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], device=self.device)  # [N]
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
+        step = self.metadata(chunks)
+        hidden = self.model.base_model(
+            input_ids=ids[None], position_ids=positions[None].to(self.device), use_cache=False, llmp_step=step
+        ).last_hidden_state[0]  # [N, hidden]
+        ends = torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1
+        wanted = ends[[i for i, c in enumerate(chunks) if c.sample]].to(self.device)
+        return self.model.get_output_embeddings()(hidden[wanted]).float()
+
+    def metadata(self, chunks: list[Chunk]) -> StepMetadata:
+        offsets = torch.tensor([0] + [len(c.token_ids) for c in chunks]).cumsum(0).tolist()
+        write = torch.cat([self.cache.slots(c.seq_id, c.start, c.start + len(c.token_ids)) for c in chunks])
+        by_length: dict[int, list[int]] = {}
+        for i, c in enumerate(chunks):
+            by_length.setdefault(len(c.token_ids), []).append(i)
+        groups = [self.group([chunks[i] for i in ix], [offsets[i] for i in ix]) for ix in by_length.values()]
+        return StepMetadata(self.cache, write.to(self.device), groups)
+
+    def group(self, chunks: list[Chunk], offsets: list[int]) -> AttentionGroup:
+        """Chunks of equal length q attending to their contexts, padded to the longest context."""
+        q = len(chunks[0].token_ids)
+        lengths = torch.tensor([c.start + q for c in chunks])  # [b] context after this step
+        c_max = int(lengths.max())
+        read = torch.zeros(len(chunks), c_max, dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            read[row, : lengths[row]] = self.cache.slots(chunk.seq_id, 0, int(lengths[row]))
+        query_pos = (lengths - q)[:, None] + torch.arange(q)  # [b, q]
+        key_pos = torch.arange(c_max)  # [c]
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, q, c]: causal; also hides padding
+        if self.sliding_window is not None:
+            mask &= query_pos[:, :, None] - key_pos[None, None, :] < self.sliding_window
+        token_index = torch.tensor(offsets)[:, None] + torch.arange(q)  # [b, q]
+        return AttentionGroup(token_index.to(self.device), read.to(self.device), mask[:, None].to(self.device))

@@ -1,0 +1,279 @@
+"""Sampling: request parameters, validated, turned into a pipeline of logits processors (plugins).
+
+Each stage maps one sequence's logits [vocab] to new logits; the last draw is categorical over
+their softmax with the sequence's own `torch.Generator`, so a seed fixes the output whatever the
+batch around it. Greedy is the stage that keeps only the arg-max. Stages are plugins of kind
+"samplers": built-ins in `BUILTINS`, third-party ones through the `llmp.samplers` entry-point
+group, added to a request by spec in `SamplingParams.processors`.
+
+Order, as in the common servers: logit bias, penalties, extra processors, then temperature (or
+greedy), top-k, top-p, min-p. Reported log-probabilities are the model's own (log-softmax of
+the raw logits), not of the processed distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from libs.common.errors import InvalidArgument
+from libs.common.plugins import Registry
+
+
+@dataclass
+class SamplingContext:
+    """What a stage may look at besides the logits."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+class LogitsProcessor:
+    """A sampling stage: logits [vocab] float32 -> logits [vocab] float32."""
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LogitBias(LogitsProcessor):
+    def __init__(self, bias: Mapping[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        return logits.index_add(0, self.ids, self.values)
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """Divide positive (multiply negative) logits of every token already seen, prompt included."""
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        seen = torch.tensor(ctx.prompt_ids + ctx.output_ids, dtype=torch.long).unique()
+        picked = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(picked > 0, picked / self.penalty, picked * self.penalty)
+        return logits
+
+
+def output_counts(ctx: SamplingContext, vocab: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(ctx.output_ids, dtype=torch.long), minlength=vocab).float()
+
+
+class PresencePenalty(LogitsProcessor):
+    """Subtract `penalty` once from every token already generated."""
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        return logits - self.penalty * (output_counts(ctx, logits.numel()) > 0).float()
+
+
+class FrequencyPenalty(LogitsProcessor):
+    """Subtract `penalty` times the number of times each token was generated."""
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        return logits - self.penalty * output_counts(ctx, logits.numel())
+
+
+class Greedy(LogitsProcessor):
+    """Keep only the most likely token (the first of equals), so the draw is deterministic."""
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        out = torch.full_like(logits, -math.inf)
+        best = logits.argmax()
+        out[best] = logits[best]
+        return out
+
+
+class Temperature(LogitsProcessor):
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        return logits / self.temperature
+
+
+class TopK(LogitsProcessor):
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        if self.k >= logits.numel():
+            return logits
+        threshold = logits.topk(self.k).values[-1]
+        return logits.masked_fill(logits < threshold, -math.inf)
+
+
+class TopP(LogitsProcessor):
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= self.p  # mass before this token already reaches p
+        return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+
+
+class MinP(LogitsProcessor):
+    """Drop tokens less likely than `p` times the most likely one."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        probs = logits.softmax(-1)
+        return logits.masked_fill(probs < self.p * probs.max(), -math.inf)
+
+
+_MODULE = "services.inference.engine.sampling"
+BUILTINS = {
+    name: f"{_MODULE}:{cls}"
+    for name, cls in {
+        "logit_bias": "LogitBias",
+        "repetition_penalty": "RepetitionPenalty",
+        "presence_penalty": "PresencePenalty",
+        "frequency_penalty": "FrequencyPenalty",
+        "greedy": "Greedy",
+        "temperature": "Temperature",
+        "top_k": "TopK",
+        "top_p": "TopP",
+        "min_p": "MinP",
+    }.items()
+}
+SAMPLERS: Registry[LogitsProcessor] = Registry("samplers", BUILTINS, base=LogitsProcessor)
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """Caps a server puts on requests."""
+
+    max_n: int = 16
+    max_tokens: int = 4096
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request; field names follow the OpenAI API."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_k: int = 0
+    """0 means off."""
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    """Same seed, same output; sample i of n uses seed + i."""
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    """Stop strings; the text ends before the first one found."""
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: none; k >= 0: the chosen token's log-probability and the k most likely alternatives."""
+    processors: tuple[Mapping[str, Any], ...] = ()
+    """Extra plugin specs {"type": name, ...params}, applied after the penalties."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self, vocab_size: int, limits: SamplingLimits = SamplingLimits()) -> None:
+        """Raise InvalidArgument naming the first bad field."""
+        checks: list[tuple[bool, str, str]] = [
+            (1 <= self.max_tokens <= limits.max_tokens, "max_tokens", f"must be in [1, {limits.max_tokens}]"),
+            (0 <= self.temperature < math.inf, "temperature", "must be >= 0"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (1 <= self.n <= limits.max_n, "n", f"must be in [1, {limits.max_n}]"),
+            (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias", f"token ids must be < {vocab_size}"),
+            (all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids", f"must be < {vocab_size}"),
+            (len(self.stop) <= limits.max_stop_strings and all(self.stop), "stop", "too many or empty strings"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= limits.max_logprobs,
+                "logprobs",
+                f"must be in [0, {limits.max_logprobs}]",
+            ),
+            (self.seed is None or 0 <= self.seed < 2**63 - 2**16, "seed", "must be a non-negative 63-bit integer"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise InvalidArgument(f"{message} (got {getattr(self, name)!r})", field=name)
+
+    def specs(self) -> list[Mapping[str, Any]]:
+        """The pipeline as plugin specs, in order; stages that would do nothing are left out."""
+        specs: list[Mapping[str, Any]] = []
+        if self.logit_bias:
+            specs.append({"type": "logit_bias", "bias": dict(self.logit_bias)})
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value != (1.0 if name == "repetition_penalty" else 0.0):
+                specs.append({"type": name, "penalty": value})
+        specs.extend(self.processors)
+        if self.greedy:
+            return [*specs, {"type": "greedy"}]
+        if self.temperature != 1.0:
+            specs.append({"type": "temperature", "temperature": self.temperature})
+        if self.top_k:
+            specs.append({"type": "top_k", "k": self.top_k})
+        if self.top_p < 1.0:
+            specs.append({"type": "top_p", "p": self.top_p})
+        if self.min_p > 0.0:
+            specs.append({"type": "min_p", "p": self.min_p})
+        return specs
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+    """The most likely alternatives: token id -> log-probability."""
+
+
+class Sampler:
+    """One sequence's sampling state: its pipeline and its random generator."""
+
+    def __init__(self, params: SamplingParams, seed: int) -> None:
+        self.params = params
+        self.stages = [SAMPLERS.create(spec, field="processors") for spec in params.specs()]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, ctx: SamplingContext) -> tuple[int, TokenLogprob | None]:
+        """logits [vocab] float32 on any device -> the chosen token and, if asked, its log-probabilities."""
+        logits = logits.cpu()
+        processed = logits
+        for stage in self.stages:
+            processed = stage(processed, ctx)
+        token = int(torch.multinomial(processed.softmax(-1), 1, generator=self.generator))
+        return token, (self.logprob(logits, token) if self.params.logprobs is not None else None)
+
+    def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        logprobs = logits.log_softmax(-1)
+        top = logprobs.topk(self.params.logprobs) if self.params.logprobs else None
+        alternatives = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else {}
+        return TokenLogprob(token, float(logprobs[token]), alternatives)

@@ -1,0 +1,1 @@
+"""The training service (`llmp.training.v1`): data preparation, pretraining, alignment and planning jobs."""

@@ -1,0 +1,60 @@
+"""The paged forward against transformers' own forward, for every architecture, in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from libs.common.artifacts import ArtifactStore
+from services.inference.engine import KVCacheConfig, load_model
+from services.inference.engine.kv_cache import KVCache
+from services.inference.engine.model_runner import Chunk, ModelRunner
+
+from .tiny import CONFIGS, prompt
+
+ATOL = 1e-4
+
+
+def reference_and_runner(store: ArtifactStore, arch: str, prompts: list[list[int]]):
+    model = load_model(f"models/{arch}/1", store).module
+    with torch.no_grad():
+        reference = [model(torch.tensor([p])).logits[0] for p in prompts]  # each [len, vocab]
+    cache = KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=64))
+    for i, p in enumerate(prompts):
+        cache.allocate(str(i), len(p))
+    return reference, ModelRunner(model, cache)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_prefill_in_chunks_then_decode_matches_transformers(store: ArtifactStore, arch: str) -> None:
+    tokens = prompt(30, seed=1)
+    (reference,), runner = reference_and_runner(store, arch, [tokens])
+    for start, stop in [(0, 11), (11, 12), (12, 25), (25, 26), (26, 30)]:
+        logits = runner.forward([Chunk("0", tokens[start:stop], start, sample=True)])
+        torch.testing.assert_close(logits[0], reference[stop - 1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_a_mixed_step_matches_each_sequence_alone(store: ArtifactStore, arch: str) -> None:
+    prompts = [prompt(n, seed=n) for n in (9, 14, 21, 6)]
+    reference, runner = reference_and_runner(store, arch, prompts)
+    # Sequences 0 and 1 have most of their tokens cached already; 2 and 3 arrive now.
+    runner.forward([Chunk("0", prompts[0][:8], 0, False), Chunk("1", prompts[1][:13], 0, False)])
+    chunks = [
+        Chunk("0", prompts[0][8:], 8, True),
+        Chunk("2", prompts[2][:15], 0, False),
+        Chunk("1", prompts[1][13:], 13, True),
+        Chunk("3", prompts[3], 0, True),
+    ]
+    logits = runner.forward(chunks)
+    assert logits.shape == (3, 256)
+    for row, (seq, pos) in enumerate([(0, 8), (1, 13), (3, 5)]):
+        torch.testing.assert_close(logits[row], reference[seq][pos], atol=ATOL, rtol=0)
+
+
+def test_the_model_still_runs_transformers_generate(store: ArtifactStore) -> None:
+    tokens = torch.tensor([prompt(12, seed=3)])
+    model = load_model("models/llama/1", store).module
+    before = model.generate(tokens, max_new_tokens=5, do_sample=False)
+    ModelRunner(model, KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=8)))
+    assert torch.equal(model.generate(tokens, max_new_tokens=5, do_sample=False), before)
