@@ -4,7 +4,7 @@ Pure functions with no I/O, used by the training service to refuse jobs that can
 ``llmp plan`` to print budgets.
 """
 
-from services.training.planning.memory import (
+from libs.common.planning.memory import (
     FORMATS,
     GB,
     GIB,
@@ -17,7 +17,7 @@ from services.training.planning.memory import (
     weight_bytes,
     weight_format,
 )
-from services.training.planning.scaling import (
+from libs.common.planning.scaling import (
     Allocation,
     ChinchillaLaw,
     PowerLawFit,
@@ -25,7 +25,7 @@ from services.training.planning.scaling import (
     optimal_by_ratio,
     training_flops,
 )
-from services.training.planning.seed_check import SeedCheck, seed_checks
+from libs.common.planning.seed_check import SeedCheck, seed_checks
 
 __all__ = [
     "FORMATS",

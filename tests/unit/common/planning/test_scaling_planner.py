@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from libs.common.errors import InvalidArgument
-from services.training.planning import ChinchillaLaw, fit_power_law, optimal_by_ratio, training_flops
+from libs.common.planning import ChinchillaLaw, fit_power_law, optimal_by_ratio, training_flops
 
 
 def test_flops_and_the_twenty_tokens_rule_by_hand() -> None:

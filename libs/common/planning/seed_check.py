@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.training.planning.memory import FORMATS, GB, GIB, ModelShape, kv_cache_bytes, weight_bytes
-from services.training.planning.scaling import ChinchillaLaw, optimal_by_ratio, training_flops
+from libs.common.planning.memory import FORMATS, GB, GIB, ModelShape, kv_cache_bytes, weight_bytes
+from libs.common.planning.scaling import ChinchillaLaw, optimal_by_ratio, training_flops
 
 # Published configs (config.json of each model).
 LLAMA_2_7B = ModelShape(num_layers=32, hidden_size=4096, num_heads=32, vocab_size=32000, intermediate_size=11008)

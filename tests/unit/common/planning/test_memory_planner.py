@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from libs.common.errors import InvalidArgument
-from services.training.planning import (
+from libs.common.planning import (
     GB,
     GIB,
     ModelShape,
@@ -16,7 +16,7 @@ from services.training.planning import (
     weight_bytes,
     weight_format,
 )
-from services.training.planning.seed_check import LLAMA_2_7B, LLAMA_3_8B, LLAMA_70B
+from libs.common.planning.seed_check import LLAMA_2_7B, LLAMA_3_8B, LLAMA_70B
 
 TINY = ModelShape(num_layers=2, hidden_size=64, num_heads=4, vocab_size=100, intermediate_size=256)
 
