@@ -110,8 +110,11 @@ def demo(fresh: bool) -> None:
     run(console, fresh)
 
 
-def _add_service_groups() -> None:
-    for ep in importlib.metadata.entry_points(group="llmp.cli"):
+def _add_groups() -> None:
+    from libs.common.cli import plan
+
+    cli.add_command(plan.group, "plan")
+    for ep in importlib.metadata.entry_points(group="llmp.cli"):  # one group per installed service
         try:
             cli.add_command(ep.load(), ep.name)
         except Exception as e:  # a service whose extra is not installed simply has no commands
@@ -119,7 +122,7 @@ def _add_service_groups() -> None:
 
 
 def main() -> None:
-    _add_service_groups()
+    _add_groups()
     try:
         cli.main(standalone_mode=False)
     except LlmpError as e:
