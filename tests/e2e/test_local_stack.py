@@ -52,6 +52,8 @@ def test_stack_up_use_and_down(tmp_path: Path) -> None:
         assert "trained cli:1" in llmp(env, "tokenizer", "train", "cli", "-a", "bpe", "-v", "500", "-c", "docs")
         assert "tokens for 23 characters" in llmp(env, "tokenizer", "encode", "cli", "Tokenisers split words.")
         assert "cli:1" in llmp(env, "tokenizer", "list")
+        described = llmp(env, "tokenizer", "describe", "cli")
+        assert "algorithm" in described and "bpe" in described and "500" in described
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['LLMP_TOKENIZER_METRICS_PORT']}/metrics").read()
         assert b'llmp_serving{service="tokenizer"} 1.0' in metrics

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from google.protobuf import json_format
 from llmp.tokenizer.v1 import tokenizer_pb2 as pb
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -137,6 +138,19 @@ def list_() -> None:
         table.add_row(
             i.ref, i.algorithm, str(i.vocab_size), i.source, "yes" if i.has_chat_template else "-", i.created_at
         )
+    console.print(table)
+
+
+@group.command()
+@click.argument("tokenizer")
+def describe(tokenizer: str) -> None:
+    """Everything recorded about one tokeniser version."""
+    with remote("tokenizer service"):
+        info = TokenizerClient().describe(tokenizer)
+    table = Table("field", "value", title=info.ref)
+    for name, value in json_format.MessageToDict(info, preserving_proto_field_name=True).items():
+        if name != "chat_template":
+            table.add_row(name, ", ".join(value) if isinstance(value, list) else str(value))
     console.print(table)
 
 
