@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.tokenizer"]
+BENCHMARKS = ["bench.tokenizer", "bench.retrieval", "bench.retrieval_eval"]
 
 
 def main() -> None:

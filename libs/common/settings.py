@@ -56,9 +56,42 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_TOKENIZER_MAX_TRAINING_JOBS", "2", "training jobs that run at once"),
             ],
         ),
-        *_service_vars("retrieval", 50052),
-        *_service_vars("training", 50053),
-        *_service_vars("inference", 50054),
+        *_service_vars(
+            "retrieval",
+            50052,
+            [
+                EnvVar("LLMP_RETRIEVAL_MAX_BATCH", "1024", "most texts in one Embed call or documents in one Ingest"),
+                EnvVar("LLMP_RETRIEVAL_MAX_DOCUMENT_BYTES", str(8 << 20), "largest single document (UTF-8 bytes)"),
+                EnvVar("LLMP_RETRIEVAL_MAX_TOP_K", "1000", "most hits one search returns"),
+                EnvVar("LLMP_RETRIEVAL_EMBEDDER_CACHE", "4", "embedders kept loaded in memory"),
+            ],
+        ),
+        *_service_vars(
+            "training",
+            50053,
+            [
+                EnvVar("LLMP_TRAINING_BACKEND", "local_ray", "where jobs run: local_ray or kuberay"),
+                EnvVar("LLMP_TRAINING_RAY_NUM_CPUS", "0", "CPUs of the local Ray the service starts; 0: all"),
+                EnvVar("LLMP_TRAINING_RAY_DASHBOARD", "true", "start the Ray dashboard with the local Ray"),
+                EnvVar("LLMP_TRAINING_WORKER_MEMORY_GB", "8", "memory one training worker may use"),
+                EnvVar("LLMP_TRAINING_MAX_ATTEMPTS", "3", "starts of a job, resumes after a lost Ray job included"),
+                EnvVar("LLMP_TRAINING_KUBERAY_NAMESPACE", "llmp", "namespace of the RayJobs of the kuberay backend"),
+                EnvVar("LLMP_TRAINING_KUBERAY_IMAGE", "llmp:latest", "container image of the RayJob pods"),
+                EnvVar("LLMP_TRAINING_KUBERAY_ARTIFACTS_CLAIM", "llmp-artifacts", "PVC holding the artifact store"),
+            ],
+        ),
+        *_service_vars(
+            "inference",
+            50054,
+            [
+                EnvVar("LLMP_INFERENCE_BACKEND", "ray", "'ray' (a Ray Serve deployment per model) or 'local' (no Ray)"),
+                EnvVar("LLMP_INFERENCE_RAY_NUM_CPUS", "0", "CPUs of the local Ray it starts; 0: all"),
+                EnvVar("LLMP_INFERENCE_DASHBOARD", "true", "start the local Ray with its dashboard on 127.0.0.1"),
+                EnvVar("LLMP_INFERENCE_DASHBOARD_PORT", "8265", "port of the local Ray dashboard"),
+                EnvVar("LLMP_INFERENCE_MAX_TOKENS", "4096", "cap on a request's max_tokens"),
+                EnvVar("LLMP_INFERENCE_MAX_N", "16", "cap on a request's n (completions per prompt)"),
+            ],
+        ),
     ]
 }
 

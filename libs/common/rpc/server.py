@@ -94,6 +94,11 @@ class Server:
         self._server = None
         log.info("%s stopped", self.service)
 
+    def _handle_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)  # type: ignore[union-attr]
+
     async def run(
         self,
         load: Callable[[], Awaitable[None]] | None = None,
@@ -101,12 +106,11 @@ class Server:
     ) -> None:
         """Start, load, serve until SIGTERM/SIGINT, drain."""
         self._stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        self._handle_signals()
         await self.start()
         if load is not None:
             await load()
+            self._handle_signals()  # loading may have installed its own handlers (ray.init does)
         await self.set_serving(True)
         log.info("%s serving", self.service)
         await self._stopping.wait()

@@ -7,7 +7,8 @@
 
 Each `step()` schedules (scheduler.py), runs one packed forward over the paged cache
 (model_runner.py, kv_cache.py), samples the sequences whose chunk reached their end
-(sampling.py) and reports progress per request. Requests are validated completely in
+(sampling.py) and reports progress per request. With a drafter, those chunks also carry drafted
+tokens that the same forward pass verifies (speculative.py). Requests are validated completely in
 `add_request`, so a bad one is refused before any engine work. `stream()` drives steps from an
 asyncio task, with the forward pass off the event loop; a stream the caller stops reading is
 aborted, which frees its slot and blocks at the next step.
@@ -21,7 +22,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel
@@ -29,7 +30,7 @@ from transformers import PreTrainedModel
 from libs.common.errors import InvalidArgument
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.model_loader import LoadedModel
-from services.inference.engine.model_runner import ModelRunner
+from services.inference.engine.model_runner import Chunk, ModelRunner
 from services.inference.engine.sampling import (
     Sampler,
     SamplingContext,
@@ -38,6 +39,7 @@ from services.inference.engine.sampling import (
     TokenLogprob,
 )
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from services.inference.engine.speculative import Drafter, DraftRequest, Speculator
 
 
 @dataclass
@@ -62,6 +64,10 @@ class CompletionOutput:
     """None while running, then "stop", "length" or "abort"."""
     new_token_ids: list[int] = field(default_factory=list)
     """Tokens generated since the previous output of this request."""
+    num_draft_tokens: int = 0
+    """Speculative decoding: tokens drafted for this sample so far."""
+    num_accepted_tokens: int = 0
+    """Speculative decoding: drafted tokens the target accepted."""
 
 
 @dataclass
@@ -98,6 +104,7 @@ class LLMEngine:
         config: EngineConfig | None = None,
         *,
         detokenize: Callable[[list[int]], str] | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         module = model.module if isinstance(model, LoadedModel) else model
         self.config = config or EngineConfig()
@@ -108,6 +115,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.detokenize = detokenize
         self.vocab_size: int = module.config.vocab_size
+        budget = self.config.scheduler.max_num_batched_tokens
+        self.speculator = (
+            Speculator(drafter, self.cache, token_budget=budget, vocab_size=self.vocab_size) if drafter else None
+        )
         model_len = getattr(module.config, "max_position_embeddings", None) or self.cache.capacity_tokens
         self.max_model_len = min(self.config.max_model_len or model_len, model_len, self.cache.capacity_tokens)
         eos = module.config.eos_token_id
@@ -177,20 +188,58 @@ class LLMEngine:
         with self._lock:
             scheduled = self.scheduler.schedule()
             touched = {s.request_id: self._finish(s, "abort", free=False) for s in scheduled.aborted}
+            drafting = self._draft_requests(scheduled.chunks, scheduled.sequences) if self.speculator else {}
         if scheduled.chunks:
-            logits = self.runner.forward(scheduled.chunks)  # [sampled, vocab]
+            chunks = self.speculator.extend(scheduled.chunks, drafting) if self.speculator else scheduled.chunks
+            logits = self.runner.forward(chunks)  # [sampled + drafted, vocab]
             with self._lock:
                 self.scheduler.advance(scheduled)
-                sampled = [s for c, s in zip(scheduled.chunks, scheduled.sequences, strict=True) if c.sample]
-                for row, seq in enumerate(sampled):
-                    touched[seq.request_id] = self._append(seq, logits[row])
+                sampled = [(c, s) for c, s in zip(chunks, scheduled.sequences, strict=True) if c.sample]
+                rows = logits.split([c.num_logits for c, _ in sampled])  # [1 + drafted, vocab] each
+                for (chunk, seq), seq_logits in zip(sampled, rows, strict=True):
+                    if chunk.num_logits == 1:
+                        touched[seq.request_id] = self._append(seq, seq_logits[0])
+                    else:
+                        touched[seq.request_id] = self._append_verified(seq, seq_logits)
         return [self._report(r) for r in touched.values()]
+
+    def _draft_requests(self, chunks: list[Chunk], sequences: list[Sequence]) -> dict[str, DraftRequest]:
+        """What each sequence about to sample may draft: up to its max_tokens and the context, less one."""
+        requests = {}
+        for chunk, seq in zip(chunks, sequences, strict=True):
+            if chunk.sample:
+                request, index = self._by_seq[seq.seq_id]
+                room = min(request.params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
+                ctx = SamplingContext(request.prompt_ids, seq.output_ids)
+                requests[seq.seq_id] = DraftRequest(seq.seq_id, seq.token_ids, room - 1, request.samplers[index], ctx)
+        return requests
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> _Request:
         request, index = self._by_seq[seq.seq_id]
-        completion = request.completions[index]
         ctx = SamplingContext(request.prompt_ids, seq.output_ids)
         token, logprob = request.samplers[index].sample(logits, ctx)
+        self._push(request, index, seq, token, logprob)
+        return request
+
+    def _append_verified(self, seq: Sequence, logits: torch.Tensor) -> _Request:
+        """logits [1 + k, vocab] of a chunk that carried k drafts: emit the accepted ones and one more."""
+        assert self.speculator is not None
+        request, index = self._by_seq[seq.seq_id]
+        sampler, completion = request.samplers[index], request.completions[index]
+        ctx = SamplingContext(request.prompt_ids, seq.output_ids)
+        tokens, accepted = self.speculator.verify(seq.seq_id, logits, sampler, ctx)
+        completion.num_draft_tokens += len(logits) - 1
+        completion.num_accepted_tokens += accepted
+        for row, token in enumerate(tokens):
+            logprob = sampler.logprob(logits[row].cpu(), token) if request.params.logprobs is not None else None
+            if self._push(request, index, seq, token, logprob):
+                return request
+        self.scheduler.accept(seq, accepted)
+        return request
+
+    def _push(self, request: _Request, index: int, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
+        """Append a token to a sample; True if it finished the sample."""
+        completion = request.completions[index]
         seq.token_ids.append(token)
         completion.token_ids.append(token)
         if logprob is not None:
@@ -198,7 +247,7 @@ class LLMEngine:
         reason = self._finish_reason(request, completion, token)
         if reason is not None:
             self._finish(seq, reason, free=True)
-        return request
+        return reason is not None
 
     def _finish_reason(self, request: _Request, completion: CompletionOutput, token: int) -> str | None:
         params = request.params
@@ -220,6 +269,8 @@ class LLMEngine:
         request.completions[index].finish_reason = reason
         if free:
             self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq.seq_id)
         request.unfinished -= 1
         if request.unfinished == 0:
             del self._requests[request.request_id]
@@ -230,7 +281,7 @@ class LLMEngine:
         for i, c in enumerate(request.completions):
             new = c.token_ids[request.emitted[i] :]
             request.emitted[i] = len(c.token_ids)
-            outputs.append(CompletionOutput(c.index, list(c.token_ids), c.text, list(c.logprobs), c.finish_reason, new))
+            outputs.append(replace(c, token_ids=list(c.token_ids), logprobs=list(c.logprobs), new_token_ids=new))
         return RequestOutput(request.request_id, request.prompt_ids, outputs, request.sequences[0].num_cached)
 
     # -- conveniences -----------------------------------------------------------------------------

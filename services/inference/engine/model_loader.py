@@ -11,6 +11,7 @@ that leads out of the root is refused like a `..` would be.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, NotFound
+from services.inference.engine.quantization import QuantizationReport, is_prequantized, load_quantized, quantize
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2", "gpt_neox")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,9 +34,13 @@ class LoadedModel:
     module: PreTrainedModel
     config: PretrainedConfig
     path: Path
+    quantization: QuantizationReport | None = None
+    """Set for a quantised replica: its method, kernels and bytes per parameter."""
 
     @property
     def num_parameters(self) -> int:
+        if self.quantization is not None:
+            return self.quantization.num_parameters
         return sum(p.numel() for p in self.module.parameters())
 
 
@@ -82,8 +88,13 @@ def load_model(
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    quantization: Mapping[str, Any] | str | None = None,
 ) -> LoadedModel:
-    """Build the model from its config and load its safetensors weights; eval mode, no grad."""
+    """Build the model from its config and load its safetensors weights; eval mode, no grad.
+
+    `quantization` is a quantizer spec applied after loading; a directory saved pre-quantised
+    (quantization.json) is loaded as it is, and takes no spec.
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise InvalidArgument(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}", field="dtype")
@@ -91,6 +102,11 @@ def load_model(
     directory = model_dir(location, store)
     config = read_config(directory)
     check_weight_files(directory, store.root)
+    if is_prequantized(directory):
+        if quantization is not None:
+            raise InvalidArgument("the model is stored pre-quantised; omit it", field="quantization")
+        module, report = load_quantized(directory, config, dtype=dtype, device=device)
+        return LoadedModel(module, config, directory, report)
     loaded: Any = AutoModelForCausalLM.from_pretrained(
         directory,
         config=config,
@@ -106,4 +122,5 @@ def load_model(
     if problems:
         raise InvalidArgument(f"weights do not match config.json: {problems}", field="model")
     module.eval().requires_grad_(False)
-    return LoadedModel(module, config, directory)
+    report = quantize(module, quantization) if quantization is not None else None
+    return LoadedModel(module, config, directory, report)

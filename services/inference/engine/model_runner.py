@@ -38,6 +38,9 @@ class Chunk:
     start: int
     sample: bool
     """Whether the logits of the chunk's last token are wanted (the chunk ends the known tokens)."""
+    num_logits: int = 1
+    """How many of the chunk's last tokens have their logits returned when `sample` is set
+    (1 + the drafted tokens when speculative decoding verifies a draft)."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +110,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Logits of the last token of every chunk with `sample` set: [num_sampled, vocab] float32."""
+        """Logits of the last `num_logits` tokens of every chunk with `sample` set, in order: [rows, vocab] float32."""
         ids = torch.tensor([t for c in chunks for t in c.token_ids], device=self.device)  # [N]
         positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
         step = self.metadata(chunks)
         hidden = self.model.base_model(
             input_ids=ids[None], position_ids=positions[None].to(self.device), use_cache=False, llmp_step=step
         ).last_hidden_state[0]  # [N, hidden]
-        ends = torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1
-        wanted = ends[[i for i, c in enumerate(chunks) if c.sample]].to(self.device)
+        ends = (torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1).tolist()
+        rows = [e - i for e, c in zip(ends, chunks, strict=True) if c.sample for i in range(c.num_logits - 1, -1, -1)]
+        wanted = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.model.get_output_embeddings()(hidden[wanted]).float()
 
     def metadata(self, chunks: list[Chunk]) -> StepMetadata:

@@ -266,11 +266,15 @@ class Sampler:
     def sample(self, logits: torch.Tensor, ctx: SamplingContext) -> tuple[int, TokenLogprob | None]:
         """logits [vocab] float32 on any device -> the chosen token and, if asked, its log-probabilities."""
         logits = logits.cpu()
-        processed = logits
+        token = int(torch.multinomial(self.distribution(logits, ctx), 1, generator=self.generator))
+        return token, (self.logprob(logits, token) if self.params.logprobs is not None else None)
+
+    def distribution(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        """What `sample` draws from: logits [vocab] -> probabilities [vocab] float32 on the CPU."""
+        processed = logits.cpu()
         for stage in self.stages:
             processed = stage(processed, ctx)
-        token = int(torch.multinomial(processed.softmax(-1), 1, generator=self.generator))
-        return token, (self.logprob(logits, token) if self.params.logprobs is not None else None)
+        return processed.softmax(-1)
 
     def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         logprobs = logits.log_softmax(-1)

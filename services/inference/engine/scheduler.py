@@ -123,6 +123,11 @@ class Scheduler:
             seq.num_computed += len(chunk.token_ids)
             self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed)
 
+    def accept(self, seq: Sequence, num_tokens: int) -> None:
+        """Count verified draft tokens as computed: the step that verified them wrote their KV."""
+        seq.num_computed += num_tokens
+        self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+
     def _add_chunk(self, step: ScheduledStep, seq: Sequence, n: int) -> int:
         self.cache.allocate(seq.seq_id, seq.num_computed + n)
         start = seq.num_computed

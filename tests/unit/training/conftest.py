@@ -1,12 +1,15 @@
-"""Real text for the data-preparation tests, and a byte-level BPE tokeniser trained on it."""
+"""Real text for the data-preparation tests, a byte-level BPE tokeniser trained on it, and a real Redis."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from libs.common.corpora import pydoc_topics, stdlib_source
 from services.training.dataprep import Document
+from tests.unit.training.redis_server import RedisServer
 
 EOS = "<|endoftext|>"
 
@@ -39,3 +42,11 @@ def bpe(topics: list[Document]) -> Tokenizer:
 @pytest.fixture(scope="session")
 def encode_batch(bpe: Tokenizer):
     return lambda texts: [encoding.ids for encoding in bpe.encode_batch(texts)]
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A fresh redis-server with append-only persistence in its own directory."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

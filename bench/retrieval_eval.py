@@ -1,0 +1,78 @@
+"""Retrieval quality on the labelled set (services/retrieval/eval/questions.jsonl).
+
+Ingests the seed document and Python's reference text into an embedded Qdrant in a temporary
+directory, once per chunker (fixed 256-token windows with 32 overlap, recursive by structure up
+to 256 tokens), with the packaged all-MiniLM-L6-v2 and BM25, and reports recall@1/5/10 and MRR
+for dense, BM25 (sparse) and hybrid (RRF) search. A hit is a chunk overlapping the answer span.
+
+Run: python -m bench retrieval_eval
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from libs.common.artifacts import ArtifactStore
+from services.retrieval.config import RetrievalConfig
+from services.retrieval.core import DocumentInput, Hit, Query, RetrievalCore
+from services.retrieval.eval.make_questions import OUT, corpus
+from services.retrieval.vectorstores import QdrantStore
+
+CHUNKERS = {"fixed": {"type": "fixed", "size": 256, "overlap": 32}, "recursive": {"type": "recursive", "size": 256}}
+MODES = ("dense", "sparse", "hybrid")
+KS = (1, 5, 10)
+
+
+def load_questions() -> list[dict]:
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()]
+    return [r for r in rows if "question" in r]
+
+
+def first_relevant(hits: list[Hit], q: dict) -> int | None:
+    """1-based rank of the first hit overlapping the answer span, or None."""
+    for rank, h in enumerate(hits, start=1):
+        if h.source == q["source"] and h.start < q["end"] and q["start"] < h.end:
+            return rank
+    return None
+
+
+def scores(ranks: list[int | None]) -> dict[str, float]:
+    n = len(ranks)
+    out = {f"R@{k}": sum(1 for r in ranks if r is not None and r <= k) / n for k in KS}
+    out["MRR"] = sum(1 / r for r in ranks if r is not None) / n
+    return out
+
+
+def evaluate(core: RetrievalCore, name: str, questions: list[dict]) -> dict[str, dict[str, float]]:
+    return {
+        mode: scores([first_relevant(core.search(Query(name, q["question"], 10, mode)), q) for q in questions])
+        for mode in MODES
+    }
+
+
+def main() -> None:
+    questions = load_questions()
+    documents = [
+        DocumentInput(id=source, text=text, source=source, kind="markdown" if source.endswith(".md") else "text")
+        for source, text in corpus().items()
+    ]
+    print(f"retrieval eval: {len(questions)} questions over {len(documents)} documents")
+    with tempfile.TemporaryDirectory() as tmp:
+        core = RetrievalCore(
+            RetrievalConfig(), ArtifactStore(Path(tmp) / "artifacts"), QdrantStore(path=f"{tmp}/qdrant")
+        )
+        for chunking, spec in CHUNKERS.items():
+            start = time.perf_counter()
+            core.create_collection(chunking, sparse=True, chunker=spec)
+            chunks = sum(d.chunks for d in core.ingest(chunking, documents))
+            print(f"  {chunking}: {chunks} chunks ingested in {time.perf_counter() - start:.1f}s")
+            for mode, row in evaluate(core, chunking, questions).items():
+                print(f"  {chunking:9s} {mode:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        core.store.close()
+
+
+if __name__ == "__main__":
+    main()

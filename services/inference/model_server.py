@@ -1,0 +1,136 @@
+"""One model replica's work: load the model and its tokenizer, build an engine, stream requests.
+
+`ModelServer` is plain Python: the Ray Serve deployment (serve_app.py) hosts one per replica, and
+the in-process backend (core.py) uses it directly. The engine's `stream` drives the background
+loop that steps the engine while any request runs; closing a request's stream (the caller
+cancelled or hung up) aborts it, which frees its batch slot and KV-cache blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.errors import InvalidArgument, LlmpError
+from services.inference.engine import (
+    EngineConfig,
+    KVCacheConfig,
+    LLMEngine,
+    RequestOutput,
+    SamplingLimits,
+    SchedulerConfig,
+    load_model,
+)
+from services.inference.engine.model_loader import model_dir, read_config
+from services.inference.schema import (
+    Chunk,
+    CompletionChunk,
+    EngineOptions,
+    GenerateInput,
+    ModelFacts,
+    ModelSpec,
+    ReplicaStats,
+)
+from services.inference.text import TOKENIZER_FILE, TextDeltas, load_tokenizer
+
+
+def describe_model(store: ArtifactStore, path: str, engine: EngineOptions) -> ModelFacts:
+    """Check a model folder and read its facts from config.json, without loading any weight."""
+    directory = model_dir(path, store, field="path")
+    config = read_config(directory, field="path")
+    context = getattr(config, "max_position_embeddings", 0) or 0
+    if engine.max_model_len:
+        context = min(context, engine.max_model_len) if context else engine.max_model_len
+    return ModelFacts(config.model_type, config.vocab_size, context, (directory / TOKENIZER_FILE).is_file())
+
+
+def engine_config(options: EngineOptions, limits: SamplingLimits) -> EngineConfig:
+    return EngineConfig(
+        kv_cache=KVCacheConfig(memory_bytes=options.kv_cache_bytes),
+        scheduler=SchedulerConfig(
+            max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens
+        ),
+        limits=limits,
+        max_model_len=options.max_model_len or None,
+    )
+
+
+class ModelServer:
+    """A loaded model with its engine; `generate` streams one request through it."""
+
+    def __init__(self, spec: ModelSpec, store: ArtifactStore, limits: SamplingLimits, replica_id: str = "") -> None:
+        start = time.perf_counter()
+        self.spec = spec
+        self.replica_id = replica_id or spec.name
+        model = load_model(spec.path, store, dtype=spec.engine.dtype)
+        self.tokenizer = load_tokenizer(Path(model.path), store.root)
+        detokenize = self._decode if self.tokenizer is not None else None
+        self.engine = LLMEngine(model, engine_config(spec.engine, limits), detokenize=detokenize)
+        self.load_seconds = time.perf_counter() - start
+        self.failure: BaseException | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        assert self.tokenizer is not None
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _prompt(self, request: GenerateInput) -> list[int]:
+        if request.token_ids is not None:
+            return list(request.token_ids)
+        if request.text is None:
+            return []  # the engine refuses an empty prompt, naming the field
+        if self.tokenizer is None:
+            raise InvalidArgument(f"model {self.spec.name!r} has no {TOKENIZER_FILE}; send token_ids", field="text")
+        return self.tokenizer.encode(request.text, add_special_tokens=False).ids
+
+    async def generate(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
+        """Stream the request's progress (or only its end when request.stream is False)."""
+        queue_seconds: float | None = max(0.0, time.time() - request.submitted_at) if request.submitted_at else None
+        prompt = self._prompt(request)
+        deltas = [TextDeltas(request.params.stop) for _ in range(request.params.n)]
+        try:
+            async for out in self.engine.stream(prompt, request.params, request_id=request.request_id):
+                if request.stream or out.finished:
+                    yield chunk_of(out, deltas, whole=not request.stream, queue_seconds=queue_seconds)
+                    queue_seconds = None
+        except LlmpError:
+            raise
+        except Exception as e:  # a failed step: the replica reports unhealthy and gets replaced
+            self.failure = e
+            raise
+
+    def stats(self) -> ReplicaStats:
+        scheduler, cache = self.engine.scheduler, self.engine.cache
+        return ReplicaStats(
+            replica_id=self.replica_id,
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            kv_cache_usage=cache.usage,
+            kv_cache_blocks=cache.num_blocks,
+            max_model_len=self.engine.max_model_len,
+            load_seconds=self.load_seconds,
+        )
+
+    def check_health(self) -> None:
+        if self.failure is not None:
+            raise RuntimeError(f"the engine failed: {self.failure!r}")
+
+
+def chunk_of(out: RequestOutput, deltas: list[TextDeltas], *, whole: bool, queue_seconds: float | None) -> Chunk:
+    """An engine output as a chunk: what each completion gained since the last one, or all of it."""
+    completions = []
+    for c, text in zip(out.outputs, deltas, strict=True):
+        new = c.token_ids if whole else c.new_token_ids
+        logprobs = c.logprobs[len(c.logprobs) - len(new) :]  # one per token when asked for, else none
+        finished = c.finish_reason is not None
+        completions.append(CompletionChunk(c.index, text.take(c.text, finished), list(new), logprobs, c.finish_reason))
+    return Chunk(
+        request_id=out.request_id,
+        completions=completions,
+        prompt_tokens=len(out.prompt_token_ids),
+        cached_tokens=out.num_cached_tokens,
+        completion_tokens=sum(len(c.token_ids) for c in out.outputs),
+        finished=out.finished,
+        queue_seconds=queue_seconds,
+    )

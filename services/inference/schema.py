@@ -1,0 +1,149 @@
+"""The data the inference service's parts exchange: model options, requests, stream chunks, stats.
+
+Plain dataclasses, so they cross a Ray Serve handle (pickled) as easily as a function call, and
+the gRPC servicer maps them to and from `llmp.inference.v1` messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.inference.engine import SamplingParams, TokenLogprob
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """How a model's Ray Serve deployment scales and what one replica may hold."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 0.0
+    """0: half of max_ongoing_requests."""
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 64
+    """0: refuse what the replicas cannot start at once."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What one replica's engine is built with."""
+
+    kv_cache_bytes: int = 512 * 2**20
+    dtype: str = "float32"
+    max_model_len: int = 0
+    """0: the model's, capped by the KV cache."""
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to serve: its served name, its folder in the artifact store and its options."""
+
+    name: str
+    path: str
+    replicas: ReplicaOptions = field(default_factory=ReplicaOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """One request as a replica receives it: text or token ids, never both."""
+
+    request_id: str
+    params: SamplingParams
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    stream: bool = True
+    """False: the replica sends only the final chunk, with whole completions."""
+    submitted_at: float = 0.0
+    """time.time() when the front process accepted the request (for the queue-time metric)."""
+
+
+@dataclass
+class CompletionChunk:
+    """What one completion gained (stream) or holds (final, unary)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Chunk:
+    """One message of a request's stream from a replica."""
+
+    request_id: str
+    completions: list[CompletionChunk]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    """Tokens generated so far, over all completions."""
+    finished: bool
+    queue_seconds: float | None = None
+    """Set on the first chunk: how long the request waited before a replica took it."""
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """A replica's load, as it reports it."""
+
+    replica_id: str
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    kv_cache_blocks: int
+    max_model_len: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What config.json and the folder say about a model, read without loading weights."""
+
+    model_type: str
+    vocab_size: int
+    context_length: int
+    has_tokenizer: bool
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """A model's load across its replicas."""
+
+    replicas: int = 0
+    requests_in_flight: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    """Used blocks over all blocks of the reporting replicas."""
+    kv_cache_blocks: int = 0
+    load_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, stats: list[ReplicaStats], in_flight: int) -> ModelLoad:
+        blocks = sum(s.kv_cache_blocks for s in stats)
+        used = sum(s.kv_cache_usage * s.kv_cache_blocks for s in stats)
+        return cls(
+            replicas=len(stats),
+            requests_in_flight=in_flight,
+            running=sum(s.running for s in stats),
+            waiting=sum(s.waiting for s in stats),
+            kv_cache_usage=used / blocks if blocks else 0.0,
+            kv_cache_blocks=blocks,
+            load_seconds=max((s.load_seconds for s in stats), default=0.0),
+        )
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What GetModelInfo reports."""
+
+    spec: ModelSpec
+    facts: ModelFacts
+    load: ModelLoad
+    context_length: int

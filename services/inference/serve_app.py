@@ -1,0 +1,213 @@
+"""Models as Ray Serve applications: one deployment per model, one engine per replica.
+
+    backend = ServeBackend(store, limits, ray_num_cpus=0, dashboard=True, dashboard_port=8265)
+    await backend.start()                      # ray.init() locally, or attach to RAY_ADDRESS
+    handle = await backend.deploy(ModelSpec("tiny", "models/tiny/1"))
+    async for chunk in handle.stream(request): ...
+
+Each model is the application `llmp-inference-<name>`: a `ModelDeployment` with autoscaling
+between min and max replicas (0 allowed: the first request then waits for a cold start),
+`max_ongoing_requests` per replica and `max_queued_requests` beyond them, so overload is refused
+(Serve's BackPressureError becomes RESOURCE_EXHAUSTED) instead of queued forever; Serve calls
+`check_health` and replaces a replica whose engine failed. A replica hosts one `ModelServer`; the
+engine's stream drives its step loop. Cancelling a handle call cancels the replica's generator,
+which aborts the request in the engine.
+
+Replicas report their load (running/waiting sequences, KV-cache usage) a few times a second to the
+model's `StatsBoard`, a small named actor that the front process reads for GetModelInfo and the
+metrics: a handle call cannot reach every replica, and would queue behind busy ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.errors import LlmpError, ResourceExhausted, Unavailable
+from services.inference.engine import SamplingLimits
+from services.inference.model_server import ModelServer
+from services.inference.schema import Chunk, GenerateInput, ModelSpec, ReplicaStats
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "llmp-inference"
+APP_PREFIX = "llmp-inference-"
+REPORT_SECONDS = 0.25
+"""How often a replica reports its load."""
+STALE_SECONDS = 5.0
+"""A replica silent this long is taken for gone."""
+
+
+def app_name(model: str) -> str:
+    return APP_PREFIX + model
+
+
+def board_name(model: str) -> str:
+    return f"{APP_PREFIX}{model}-stats"
+
+
+@ray.remote(num_cpus=0)
+class StatsBoard:
+    """The latest load report of each replica of one model."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, tuple[float, ReplicaStats]] = {}
+
+    def report(self, stats: ReplicaStats) -> None:
+        self.reports[stats.replica_id] = (time.monotonic(), stats)
+
+    def current(self) -> list[ReplicaStats]:
+        now = time.monotonic()
+        self.reports = {k: v for k, v in self.reports.items() if now - v[0] < STALE_SECONDS}
+        return [stats for _, stats in self.reports.values()]
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
+class ModelDeployment:
+    """One replica: a ModelServer, and a thread that reports its load to the model's board."""
+
+    def __init__(self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits) -> None:
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.server = ModelServer(spec, ArtifactStore(artifacts_root), limits, replica)
+        self.board = ray.get_actor(board_name(spec.name), namespace=NAMESPACE)
+        self._stop = threading.Event()
+        threading.Thread(target=self._report, name="llmp-stats", daemon=True).start()
+        log.info("replica %s of %s loaded in %.2fs", replica, spec.name, self.server.load_seconds)
+
+    async def generate(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
+        async for chunk in self.server.generate(request):
+            yield chunk
+
+    def check_health(self) -> None:
+        self.server.check_health()
+
+    def _report(self) -> None:
+        while not self._stop.wait(REPORT_SECONDS):
+            self.board.report.remote(self.server.stats())
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def deployment_options(spec: ModelSpec) -> dict[str, Any]:
+    """Serve options of the model's deployment (Serve needs max_queued_requests >= 1 or -1)."""
+    r = spec.replicas
+    target = r.target_ongoing_requests or max(1.0, r.max_ongoing_requests / 2)
+    return {
+        "name": "model",
+        "autoscaling_config": {
+            "min_replicas": r.min_replicas,
+            "max_replicas": r.max_replicas,
+            "target_ongoing_requests": target,
+        },
+        "max_ongoing_requests": r.max_ongoing_requests,
+        # 0 cannot be said to Serve; the front's admission control then holds the bound.
+        "max_queued_requests": r.max_queued_requests or -1,
+        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+    }
+
+
+def domain_error(error: BaseException) -> BaseException:
+    """A Ray or Serve failure as the llmp error a caller should see (others unchanged)."""
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    if isinstance(cause, LlmpError):
+        return cause
+    if isinstance(cause, BackPressureError):
+        return ResourceExhausted(f"the model's replicas are busy and its queue is full ({cause.message})")
+    if isinstance(cause, DeploymentUnavailableError | ActorDiedError | ActorUnavailableError):
+        return Unavailable(f"the model's replicas are unavailable: {cause}")
+    return error
+
+
+class ServeModel:
+    """A model served by its Ray Serve application, through a deployment handle."""
+
+    def __init__(self, name: str, handle: Any, board: Any) -> None:
+        self.name, self.handle, self.board = name, handle, board
+
+    async def stream(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
+        response = self.handle.options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for chunk in response:
+                finished = chunk.finished
+                yield chunk
+        except Exception as e:
+            raise domain_error(e) from None
+        finally:
+            if not finished:
+                response.cancel()
+
+    async def stats(self) -> list[ReplicaStats]:
+        return await self.board.current.remote()
+
+
+class ServeBackend:
+    """A Ray Serve application per model, on a local Ray or the cluster at RAY_ADDRESS."""
+
+    name = "ray-serve"
+
+    def __init__(
+        self, store: ArtifactStore, limits: SamplingLimits, *, ray_num_cpus: int, dashboard: bool, dashboard_port: int
+    ) -> None:
+        self.store, self.limits = store, limits
+        self.ray_num_cpus, self.dashboard, self.dashboard_port = ray_num_cpus, dashboard, dashboard_port
+        self.dashboard_url = ""
+        self.started_ray = False
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._connect)
+        await asyncio.to_thread(serve.start, proxy_location="Disabled")
+
+    def _connect(self) -> None:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(namespace=NAMESPACE)
+            log.info("attached to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+            return
+        context = ray.init(
+            namespace=NAMESPACE,
+            num_cpus=self.ray_num_cpus or None,
+            include_dashboard=self.dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=self.dashboard_port,
+        )
+        self.started_ray = True
+        self.dashboard_url = f"http://{context.dashboard_url}" if self.dashboard and context.dashboard_url else ""
+        log.info("started a local Ray%s", f"; dashboard on {self.dashboard_url}" if self.dashboard_url else "")
+
+    async def deploy(self, spec: ModelSpec) -> ServeModel:
+        board = StatsBoard.options(  # type: ignore[attr-defined]
+            name=board_name(spec.name), get_if_exists=True, lifetime="detached"
+        ).remote()
+        deployment = ModelDeployment.options(**deployment_options(spec))  # type: ignore[attr-defined]
+        app = deployment.bind(spec, str(self.store.root), self.limits)
+        try:
+            handle = await asyncio.to_thread(serve.run, app, name=app_name(spec.name), route_prefix=None)
+        except Exception:
+            log.exception("model %s failed to deploy", spec.name)
+            await self.remove(spec.name)
+            raise Unavailable(f"model {spec.name!r} failed to deploy; see the service and Ray Serve logs") from None
+        return ServeModel(spec.name, handle, board)
+
+    async def remove(self, name: str) -> None:
+        await asyncio.to_thread(serve.delete, app_name(name))
+        with contextlib.suppress(ValueError):  # no board: nothing to remove
+            ray.kill(ray.get_actor(board_name(name), namespace=NAMESPACE))
+
+    async def close(self) -> None:
+        """Shut down what this process started (a local Ray); leave a cluster's applications running."""
+        if self.started_ray:
+            await asyncio.to_thread(serve.shutdown)
+        ray.shutdown()

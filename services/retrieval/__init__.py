@@ -1,0 +1,1 @@
+"""The retrieval service: embeddings, chunking, Qdrant collections, hybrid search, RAG context."""

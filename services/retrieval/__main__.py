@@ -1,0 +1,41 @@
+"""Run the retrieval service: `python -m services.retrieval [--port 50052] [--config llmp.yaml]`.
+
+Collections live in the embedded Qdrant under LLMP_HOME/qdrant, or in the Qdrant server that
+LLMP_QDRANT_URL names; models and documents are read from the artifact store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from llmp.retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.config import CommonConfig
+from libs.common.rpc.server import Registration, Server
+from libs.common.service import ServiceSpec, configure
+from services.retrieval.config import RetrievalConfig
+from services.retrieval.core import RetrievalCore
+from services.retrieval.servicer import SERVICE_NAME, RetrievalServicer
+from services.retrieval.vectorstores import VECTORSTORES
+
+SPEC = ServiceSpec(name="retrieval", module="services.retrieval", default_port=50052)
+
+
+def build(common: CommonConfig, config: RetrievalConfig) -> tuple[Server, RetrievalCore]:
+    store = VECTORSTORES.create({"type": "qdrant", "url": common.qdrant_url, "path": str(common.home_path / "qdrant")})
+    core = RetrievalCore(config, ArtifactStore(common.artifacts_path), store)
+    servicer = RetrievalServicer(core)
+    registration = Registration(pb_grpc.add_RetrievalServiceServicer_to_server, servicer, SERVICE_NAME)
+    return Server("retrieval", config, [registration]), core
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common, config = configure("retrieval", RetrievalConfig, argv)
+    server, core = build(common, config)
+    asyncio.run(server.run(drain=core.drain))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Settings of the retrieval service (section `retrieval` of the config file, LLMP_RETRIEVAL_*)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libs.common.config import ServiceConfig, doc
+
+
+@dataclass
+class RetrievalConfig(ServiceConfig):
+    port: int = doc("gRPC port", 50052)
+    metrics_port: int = doc("Prometheus port; -1 turns metrics off", 51052)
+    max_batch: int = doc("most texts in one Embed call or documents in one Ingest call", 1024)
+    max_document_bytes: int = doc("largest single document (UTF-8 bytes)", 8 << 20)
+    max_top_k: int = doc("most hits one search returns", 1000)
+    embedder_cache: int = doc("embedders kept loaded in memory", 4)

@@ -1,0 +1,450 @@
+"""The retrieval service's core: everything it does, as a plain Python class with no transport.
+
+The gRPC servicer is a thin adapter over this class, and tests call it directly too. Methods
+raise `libs.common.errors` exceptions for bad input. Ingest checks, chunks and embeds every
+document before it writes anything; a document is then written by upserting its new chunks
+(ids derived from document id and position, tagged with a fresh ingest id) and deleting the
+chunks of its previous version, so a retry never duplicates and a re-ingest replaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from libs.common.artifacts import ArtifactStore, check_name
+from libs.common.clients.tokenizer import TokenizerClient
+from libs.common.errors import AlreadyExists, InvalidArgument
+from services.retrieval.chunkers import CHUNKERS, KINDS, Chunk, Chunker
+from services.retrieval.config import RetrievalConfig
+from services.retrieval.embedders import BM25, EMBEDDERS, DenseEmbedder, Encoder
+from services.retrieval.ranking import RRF_K, mmr, rrf
+from services.retrieval.tokens import LocalTokens, ServiceTokens, TokenCounter
+from services.retrieval.vectorstores import DISTANCES, Found, Layout, Point, VectorStore, parse_filter
+
+MODES = ("dense", "sparse", "hybrid")
+DEFAULT_EMBEDDER = {"type": "sentence_transformers"}
+DEFAULT_SPARSE = {"type": "bm25"}
+DEFAULT_CHUNKER = {"type": "recursive"}
+CODE_SUFFIXES = {".py", ".pyi", ".js", ".ts", ".go", ".rs", ".java", ".c", ".h", ".cc", ".cpp", ".sh", ".rb"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
+MAX_ID_CHARS = 512
+POINT_NAMESPACE = uuid.UUID("6f1c2b1e-3c1a-4c53-9a0e-52b1d0f6a0c4")
+DEFAULT_TEMPLATE = (
+    "Answer the question using only the numbered sources below, and cite them as [n].\n\n"
+    "{context}\n\nQuestion: {question}\nAnswer:"
+)
+
+
+@dataclass(frozen=True)
+class DocumentInput:
+    id: str = ""
+    text: str = ""
+    path: str = ""
+    kind: str = ""
+    source: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    id: str
+    source: str
+    kind: str
+    metadata: dict[str, Any]
+    chunks: list[Chunk]
+
+
+@dataclass(frozen=True)
+class Ingested:
+    id: str
+    chunks: int
+    #: Chunks the previous version of the document had (0 on first ingest).
+    replaced: int
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    spec: dict[str, Any]
+    dim: int
+    points: int
+
+
+@dataclass(frozen=True)
+class Mmr:
+    diversity: float = 0.5
+    #: Hits fetched before reranking; 0: 4 x top_k.
+    candidates: int = 0
+
+
+@dataclass(frozen=True)
+class Query:
+    collection: str
+    query: str
+    top_k: int = 10
+    mode: str = "dense"
+    filter: dict[str, Any] | None = None
+    mmr: Mmr | None = None
+    rrf_k: int = 0
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float
+    document_id: str
+    source: str
+    chunk_index: int
+    start: int
+    end: int
+    text: str
+    section: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Citation:
+    number: int
+    source: str
+    document_id: str
+    start: int
+    end: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Context:
+    prompt: str
+    citations: list[Citation]
+    tokens: int
+    dropped: int
+
+
+def point_id(document_id: str, index: int) -> str:
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{document_id}\x00{index}"))
+
+
+def kind_of(path: str) -> str:
+    suffix = PurePosixPath(path).suffix.lower()
+    return "markdown" if suffix in MARKDOWN_SUFFIXES else "code" if suffix in CODE_SUFFIXES else "text"
+
+
+def document_filter(document_id: str) -> dict[str, Any]:
+    return {"must": [{"key": "document_id", "match": {"value": document_id}}]}
+
+
+class RetrievalCore:
+    def __init__(self, config: RetrievalConfig, artifacts: ArtifactStore, store: VectorStore) -> None:
+        self.config = config
+        self.artifacts = artifacts
+        self.store = store
+        self._encoders: OrderedDict[str, Encoder] = OrderedDict()
+        self._lock = threading.Lock()
+        self._tokenizer_client: TokenizerClient | None = None
+
+    # -- plugins -----------------------------------------------------------------------------
+    def encoder(self, spec: dict[str, Any], field: str = "embedder") -> Encoder:
+        """A loaded embedder for `spec`, kept in a small LRU cache (models are slow to load)."""
+        key = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            if key in self._encoders:
+                self._encoders.move_to_end(key)
+                return self._encoders[key]
+            built: Encoder = EMBEDDERS.create(spec, field=field, artifacts=self.artifacts)
+            self._encoders[key] = built
+            while len(self._encoders) > self.config.embedder_cache:
+                self._encoders.popitem(last=False)
+            return built
+
+    def dense_embedder(self, spec: dict[str, Any], field: str = "embedder") -> DenseEmbedder:
+        built = self.encoder(spec, field)
+        if not isinstance(built, DenseEmbedder):
+            raise InvalidArgument(f"{spec.get('type')!r} is not a dense embedder", field=field)
+        return built
+
+    def sparse_encoder(self, spec: dict[str, Any], field: str = "sparse_embedder") -> BM25:
+        built = self.encoder(spec, field)
+        if not isinstance(built, BM25):
+            raise InvalidArgument(f"{spec.get('type')!r} is not a sparse embedder", field=field)
+        return built
+
+    def token_counter(self, tokenizer: str, embedder: DenseEmbedder, field: str) -> TokenCounter:
+        """The named tokenizer of the tokenizer service, or the embedder's own tokeniser."""
+        if not tokenizer:
+            return LocalTokens(embedder.tokenizer)
+        if self._tokenizer_client is None:
+            self._tokenizer_client = TokenizerClient()
+        return ServiceTokens(self._tokenizer_client, tokenizer, field)
+
+    def chunker(self, spec: dict[str, Any]) -> tuple[Chunker, str]:
+        """The chunker of a spec, and the tokenizer service name it asks for ("" for none)."""
+        params = dict(spec)
+        tokenizer = params.pop("tokenizer", "")
+        if not isinstance(tokenizer, str):
+            raise InvalidArgument("must be a tokenizer name", field="chunker.tokenizer")
+        return CHUNKERS.create(params, field="chunker"), tokenizer
+
+    # -- collections -------------------------------------------------------------------------
+    def spec(self, collection: str) -> dict[str, Any]:
+        check_name(collection, "collection")
+        return self.store.metadata(collection)
+
+    def create_collection(
+        self,
+        name: str,
+        embedder: dict[str, Any] | None = None,
+        distance: str = "",
+        hnsw_m: int = 0,
+        ef_construct: int = 0,
+        quantization: bool = False,
+        sparse: bool = False,
+        sparse_embedder: dict[str, Any] | None = None,
+        chunker: dict[str, Any] | None = None,
+        dim: int = 0,
+    ) -> CollectionInfo:
+        check_name(name)
+        distance = distance or "cosine"
+        if distance not in DISTANCES:
+            raise InvalidArgument(f"must be one of {', '.join(DISTANCES)}", field="distance")
+        embedder = embedder or DEFAULT_EMBEDDER
+        built = self.dense_embedder(embedder)
+        if dim and dim != built.dim:
+            raise InvalidArgument(f"dimension mismatch: {embedder['type']} makes {built.dim}-dim vectors", field="dim")
+        sparse_spec = (sparse_embedder or DEFAULT_SPARSE) if sparse else None
+        if sparse_spec:
+            self.sparse_encoder(sparse_spec)
+        chunker = chunker or DEFAULT_CHUNKER
+        self.chunker(chunker)
+        if self.store.exists(name):
+            raise AlreadyExists(f"collection {name!r} already exists", field="name")
+        layout = Layout(built.dim, distance, hnsw_m, ef_construct, quantization, sparse)
+        spec = {
+            "embedder": embedder,
+            "dim": built.dim,
+            "distance": distance,
+            "hnsw": {"m": hnsw_m, "ef_construct": ef_construct},
+            "quantization": quantization,
+            "sparse": sparse,
+            "sparse_embedder": sparse_spec,
+            "chunker": chunker,
+        }
+        self.store.create(name, layout, spec)
+        return CollectionInfo(name, spec, built.dim, 0)
+
+    def describe(self, name: str) -> CollectionInfo:
+        spec = self.spec(name)
+        return CollectionInfo(name, spec, int(spec["dim"]), self.store.count(name))
+
+    def list_collections(self) -> list[CollectionInfo]:
+        return [self.describe(n) for n in self.store.names()]
+
+    def delete_collection(self, name: str) -> bool:
+        self.spec(name)
+        return self.store.drop(name)
+
+    # -- embeddings --------------------------------------------------------------------------
+    def _check_texts(self, texts: Sequence[str], field: str) -> None:
+        if not texts:
+            raise InvalidArgument("at least one text is required", field=field)
+        if len(texts) > self.config.max_batch:
+            raise InvalidArgument(f"at most {self.config.max_batch} per call", field=field)
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument("empty text", field=f"{field}[{i}]")
+            if len(text.encode()) > self.config.max_document_bytes:
+                raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}[{i}]")
+
+    def embed(
+        self, texts: Sequence[str], embedder: dict[str, Any] | None = None, collection: str = ""
+    ) -> tuple[np.ndarray, int, str]:
+        """[len(texts), dim] rows, the tokens counted, and the embedder's type name."""
+        self._check_texts(texts, "texts")
+        spec = self.spec(collection)["embedder"] if collection else (embedder or DEFAULT_EMBEDDER)
+        built = self.dense_embedder(spec)
+        return built.embed(texts), sum(built.count_tokens(texts)), str(spec["type"])
+
+    # -- ingest ------------------------------------------------------------------------------
+    def _read(self, doc: DocumentInput, field: str) -> str:
+        if bool(doc.text) == bool(doc.path):
+            raise InvalidArgument("give exactly one of text and path", field=field)
+        if doc.text:
+            return doc.text
+        path = self.artifacts.path(doc.path, field=f"{field}.path")
+        if not path.is_file():
+            raise InvalidArgument(f"{doc.path!r} is not a file in the artifact store", field=f"{field}.path")
+        if path.stat().st_size > self.config.max_document_bytes:
+            raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}.path")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{doc.path!r} is not UTF-8 text", field=f"{field}.path") from None
+
+    def _prepare(self, doc: DocumentInput, field: str, chunker: Chunker, tokens: TokenCounter) -> Prepared:
+        text = self._read(doc, field)
+        if not text.strip():
+            raise InvalidArgument("empty document", field=f"{field}.text")
+        if len(text.encode()) > self.config.max_document_bytes:
+            raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}.text")
+        doc_id = doc.id or doc.path
+        if not doc_id or len(doc_id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"an id of 1 to {MAX_ID_CHARS} characters is required", field=f"{field}.id")
+        kind = doc.kind or kind_of(doc.path)
+        if kind not in KINDS:
+            raise InvalidArgument(f"must be one of {', '.join(KINDS)}", field=f"{field}.kind")
+        chunks = chunker.split(text, kind, tokens)
+        return Prepared(doc_id, doc.source or doc.path or doc_id, kind, dict(doc.metadata), chunks)
+
+    def ingest(
+        self, collection: str, documents: Sequence[DocumentInput], chunker: dict[str, Any] | None = None
+    ) -> list[Ingested]:
+        spec = self.spec(collection)
+        if not documents:
+            raise InvalidArgument("at least one document is required", field="documents")
+        if len(documents) > self.config.max_batch:
+            raise InvalidArgument(f"at most {self.config.max_batch} per call", field="documents")
+        splitter, tokenizer = self.chunker(chunker or spec["chunker"])
+        dense = self.dense_embedder(spec["embedder"], "collection.embedder")
+        tokens = self.token_counter(tokenizer, dense, "chunker.tokenizer")
+        prepared = [self._prepare(d, f"documents[{i}]", splitter, tokens) for i, d in enumerate(documents)]
+        ids = [p.id for p in prepared]
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("document ids must be unique within a request", field="documents.id")
+        vectors = dense.embed([c.text for p in prepared for c in p.chunks])  # [chunks, dim]
+        if vectors.shape[1] != spec["dim"]:
+            raise InvalidArgument(
+                f"dimension mismatch: the embedder now makes {vectors.shape[1]}-dim vectors, "
+                f"the collection holds {spec['dim']}",
+                field="collection.embedder",
+            )
+        bm25 = self.sparse_encoder(spec["sparse_embedder"]) if spec["sparse"] else None
+        done, row = [], 0
+        for doc in prepared:
+            rows = vectors[row : row + len(doc.chunks)]
+            row += len(doc.chunks)
+            done.append(self._write(collection, doc, rows, bm25))
+        return done
+
+    def _write(self, collection: str, doc: Prepared, vectors: np.ndarray, bm25: BM25 | None) -> Ingested:
+        """Replace one document: upsert its chunks under a new ingest id, then drop the older ones."""
+        ingest = uuid.uuid4().hex
+        points = [
+            Point(
+                point_id(doc.id, c.index),
+                vector.tolist(),
+                {
+                    "document_id": doc.id,
+                    "source": doc.source,
+                    "kind": doc.kind,
+                    "chunk_index": c.index,
+                    "start": c.start,
+                    "end": c.end,
+                    "section": c.section,
+                    "text": c.text,
+                    "ingest": ingest,
+                    "metadata": doc.metadata,
+                },
+                bm25.document(c.text) if bm25 else None,
+            )
+            for c, vector in zip(doc.chunks, vectors, strict=True)
+        ]
+        previous = self.store.count(collection, document_filter(doc.id))
+        self.store.upsert(collection, points)
+        stale = document_filter(doc.id) | {"must_not": [{"key": "ingest", "match": {"value": ingest}}]}
+        self.store.delete(collection, stale)
+        return Ingested(doc.id, len(points), previous)
+
+    def delete_documents(self, collection: str, ids: Sequence[str]) -> int:
+        self.spec(collection)
+        if not ids:
+            raise InvalidArgument("at least one id is required", field="ids")
+        return sum(self.store.delete(collection, document_filter(i)) for i in ids)
+
+    # -- search ------------------------------------------------------------------------------
+    def _check_query(self, q: Query, spec: dict[str, Any]) -> None:
+        if not q.query.strip():
+            raise InvalidArgument("empty query", field="query")
+        if not 0 < q.top_k <= self.config.max_top_k:
+            raise InvalidArgument(f"must be 1..{self.config.max_top_k}", field="top_k")
+        if q.mode not in MODES:
+            raise InvalidArgument(f"must be one of {', '.join(MODES)}", field="mode")
+        if q.mode != "dense" and not spec["sparse"]:
+            raise InvalidArgument(f"collection {q.collection!r} has no sparse vectors", field="mode")
+        if q.mmr and not 0 <= q.mmr.diversity <= 1:
+            raise InvalidArgument("must be in [0, 1]", field="mmr.diversity")
+        parse_filter(q.filter)
+
+    def _retrieve(self, q: Query, spec: dict[str, Any], limit: int, vector: np.ndarray | None) -> list[Found]:
+        dense = self.store.dense(q.collection, vector.tolist(), limit, q.filter) if vector is not None else []
+        if q.mode == "dense":
+            return dense
+        bm25 = self.sparse_encoder(spec["sparse_embedder"])
+        sparse = self.store.sparse(q.collection, bm25.query(q.query), limit, q.filter)
+        if q.mode == "sparse":
+            return sparse
+        by_id = {f.id: f for f in [*sparse, *dense]}
+        fused = rrf([[f.id for f in dense], [f.id for f in sparse]], q.rrf_k or RRF_K)
+        return [Found(str(i), score, by_id[str(i)].payload) for i, score in fused[:limit]]
+
+    def search(self, q: Query) -> list[Hit]:
+        spec = self.spec(q.collection)
+        self._check_query(q, spec)
+        limit = max(q.top_k, q.mmr.candidates or 4 * q.top_k) if q.mmr else q.top_k
+        vector = None
+        if q.mode != "sparse" or q.mmr:
+            vector = self.dense_embedder(spec["embedder"], "collection.embedder").embed([q.query])[0]
+        found = self._retrieve(q, spec, limit, None if q.mode == "sparse" else vector)
+        if q.mmr and found and vector is not None:
+            stored = self.store.vectors(q.collection, [f.id for f in found])
+            order = mmr(vector, np.array([stored[f.id] for f in found]), q.top_k, q.mmr.diversity)
+            found = [found[i] for i in order]
+        return [self._hit(f) for f in found[: q.top_k]]
+
+    @staticmethod
+    def _hit(f: Found) -> Hit:
+        p = f.payload
+        return Hit(
+            f.score, p["document_id"], p["source"], p["chunk_index"], p["start"], p["end"], p["text"],
+            p.get("section", ""), p.get("metadata") or {},
+        )  # fmt: skip
+
+    # -- RAG context -------------------------------------------------------------------------
+    def build_context(self, q: Query, max_tokens: int = 1024, tokenizer: str = "", template: str = "") -> Context:
+        """Retrieve, then add numbered sources best first while the whole prompt fits `max_tokens`."""
+        template = template or DEFAULT_TEMPLATE
+        if "{context}" not in template or "{question}" not in template:
+            raise InvalidArgument("must contain {context} and {question}", field="template")
+        spec = self.spec(q.collection)
+        embedder = self.dense_embedder(spec["embedder"], "collection.embedder")
+        counter = self.token_counter(tokenizer, embedder, "tokenizer")
+        hits = self.search(q)
+
+        def render(blocks: list[str]) -> str:
+            return template.replace("{context}", "\n\n".join(blocks)).replace("{question}", q.query)
+
+        tokens = counter.count([render([])])[0]
+        if tokens > max_tokens:
+            raise InvalidArgument(f"the question and template alone take {tokens} tokens", field="max_tokens")
+        blocks: list[str] = []
+        citations: list[Citation] = []
+        for hit in hits:
+            number = len(citations) + 1
+            block = f"[{number}] {hit.source} (characters {hit.start}-{hit.end})\n{hit.text}"
+            size = counter.count([render([*blocks, block])])[0]
+            if size > max_tokens:
+                continue
+            blocks.append(block)
+            citations.append(Citation(number, hit.source, hit.document_id, hit.start, hit.end, hit.score))
+            tokens = size
+        return Context(render(blocks), citations, tokens, len(hits) - len(citations))
+
+    async def drain(self) -> None:
+        await asyncio.to_thread(self.store.close)

@@ -1,0 +1,146 @@
+"""gRPC adapter of the retrieval core: proto in -> core call -> proto out, nothing else.
+
+Blocking work (model inference, Qdrant calls) runs in worker threads so the event loop keeps
+serving other calls; torch and numpy release the GIL while they compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from llmp.retrieval.v1 import retrieval_pb2 as pb
+from llmp.retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+from services.retrieval.core import CollectionInfo, DocumentInput, Mmr, Query, RetrievalCore
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+
+
+def _ints(value: Any) -> Any:
+    """Struct numbers arrive as floats; give whole ones back as ints (sizes, counts)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+def struct_dict(message: Any, name: str) -> dict[str, Any] | None:
+    """A Struct field as a dict, or None when it was not set."""
+    if not message.HasField(name):
+        return None
+    return _ints(json_format.MessageToDict(getattr(message, name)))
+
+
+def struct_pb(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def info_pb(info: CollectionInfo) -> pb.CollectionInfo:
+    spec = {k: v for k, v in info.spec.items() if v is not None}
+    return pb.CollectionInfo(name=info.name, spec=struct_pb(spec), dim=info.dim, points=info.points)
+
+
+def query_of(request: pb.SearchRequest) -> Query:
+    mmr = None
+    if request.HasField("mmr"):
+        mmr = Mmr(request.mmr.diversity, request.mmr.candidates)
+    return Query(
+        collection=request.collection,
+        query=request.query,
+        top_k=request.top_k or 10,
+        mode=request.mode or "dense",
+        filter=struct_dict(request, "filter"),
+        mmr=mmr,
+        rrf_k=request.rrf_k,
+    )
+
+
+def document_of(d: pb.Document) -> DocumentInput:
+    return DocumentInput(d.id, d.text, d.path, d.kind, d.source, struct_dict(d, "metadata") or {})
+
+
+class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
+    def __init__(self, core: RetrievalCore) -> None:
+        self.core = core
+
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        vectors, tokens, name = await asyncio.to_thread(
+            self.core.embed, list(request.texts), struct_dict(request, "embedder"), request.collection
+        )
+        return pb.EmbedResponse(
+            vectors=[pb.Vector(values=row) for row in vectors.tolist()],
+            dim=vectors.shape[1],
+            tokens=tokens,
+            embedder=name,
+        )
+
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context: Any) -> pb.CollectionInfo:
+        info = await asyncio.to_thread(
+            self.core.create_collection,
+            name=request.name,
+            embedder=struct_dict(request, "embedder"),
+            distance=request.distance,
+            hnsw_m=request.hnsw.m,
+            ef_construct=request.hnsw.ef_construct,
+            quantization=request.quantization,
+            sparse=request.sparse,
+            sparse_embedder=struct_dict(request, "sparse_embedder"),
+            chunker=struct_dict(request, "chunker"),
+            dim=request.dim,
+        )
+        return info_pb(info)
+
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context: Any) -> pb.ListCollectionsResponse:
+        infos = await asyncio.to_thread(self.core.list_collections)
+        return pb.ListCollectionsResponse(collections=[info_pb(i) for i in infos])
+
+    async def DescribeCollection(self, request: pb.DescribeCollectionRequest, context: Any) -> pb.CollectionInfo:
+        return info_pb(await asyncio.to_thread(self.core.describe, request.name))
+
+    async def DeleteCollection(self, request: pb.DeleteCollectionRequest, context: Any) -> pb.DeleteCollectionResponse:
+        return pb.DeleteCollectionResponse(deleted=await asyncio.to_thread(self.core.delete_collection, request.name))
+
+    async def Ingest(self, request: pb.IngestRequest, context: Any) -> pb.IngestResponse:
+        done = await asyncio.to_thread(
+            self.core.ingest,
+            request.collection,
+            [document_of(d) for d in request.documents],
+            struct_dict(request, "chunker"),
+        )
+        return pb.IngestResponse(
+            documents=[pb.IngestedDocument(**dataclasses.asdict(d)) for d in done],
+            chunks=sum(d.chunks for d in done),
+        )
+
+    async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Any) -> pb.DeleteDocumentsResponse:
+        chunks = await asyncio.to_thread(self.core.delete_documents, request.collection, list(request.ids))
+        return pb.DeleteDocumentsResponse(chunks=chunks)
+
+    async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
+        hits = await asyncio.to_thread(self.core.search, query_of(request))
+        return pb.SearchResponse(
+            hits=[pb.Hit(**{**dataclasses.asdict(h), "metadata": struct_pb(h.metadata)}) for h in hits]
+        )
+
+    async def BuildContext(self, request: pb.BuildContextRequest, context: Any) -> pb.BuildContextResponse:
+        built = await asyncio.to_thread(
+            self.core.build_context,
+            query_of(request.search),
+            request.max_tokens or 1024,
+            request.tokenizer,
+            request.template,
+        )
+        return pb.BuildContextResponse(
+            prompt=built.prompt,
+            citations=[pb.Citation(**dataclasses.asdict(c)) for c in built.citations],
+            tokens=built.tokens,
+            dropped=built.dropped,
+        )

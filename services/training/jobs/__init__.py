@@ -1,0 +1,87 @@
+"""Job types and what a job gets to run with.
+
+Each job type is a class with two methods: `check(config, context)` refuses bad input at
+submission (raising InvalidArgument / NotFound naming the field) and returns the config to store,
+with references pinned (e.g. "tokenizer" -> "tokenizer:3"); `run(job, context)` runs the job to
+its end and returns DONE, or CANCEL / PREEMPT when it stopped early because it was asked to.
+Types are listed in an explicit name -> "module:Class" table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.clients.tokenizer import TokenizerClient
+from libs.common.errors import InvalidArgument
+from libs.common.plugins import import_object
+from services.training.dataprep.stage import field_prefix
+from services.training.jobstore import JobRecord, JobStore
+from services.training.registry import ModelRegistry
+
+DONE = "done"
+C = TypeVar("C")
+
+JOB_TYPES: dict[str, str] = {
+    "pretrain": "services.training.jobs.pretrain:PretrainJob",
+}
+
+
+@dataclass
+class JobContext:
+    """The services and settings every job runs with."""
+
+    store: JobStore
+    registry: ModelRegistry
+    artifacts: ArtifactStore
+    tokenizer: TokenizerClient
+    redis_url: str
+    worker_memory_bytes: int
+    ray_storage: str
+
+
+class JobType(Protocol):
+    def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]: ...
+
+    def run(self, job: JobRecord, context: JobContext) -> str: ...
+
+
+def job_type(name: str) -> JobType:
+    if name not in JOB_TYPES:
+        raise InvalidArgument(f"unknown job type {name!r}; expected one of {sorted(JOB_TYPES)}", field="type")
+    job: JobType = import_object(JOB_TYPES[name])()
+    return job
+
+
+def _is_a(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_is_a(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def parse_config(cls: type[C], data: dict[str, Any]) -> C:
+    """A job's config dataclass from submitted data; every error names its field as `config.<name>`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in fields:
+            raise InvalidArgument(f"unknown setting; expected one of {sorted(fields)}", field=f"config.{key}")
+        if not _is_a(value, hints[key]):
+            expected = getattr(hints[key], "__name__", hints[key])
+            raise InvalidArgument(f"{value!r} is not a valid {expected}", field=f"config.{key}")
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise InvalidArgument("is required", field=f"config.{name}")
+    with field_prefix("config"):
+        return cls(**data)

@@ -1,0 +1,229 @@
+"""The causal-LM training loop each Ray Train worker runs, and `fit`, which starts it on the workers.
+
+Every worker holds a full replica (DDP through `ray.train.torch.prepare_model`) and reads its own
+rows of the packed data. One optimiser step is `grad_accum_steps` micro-batches of
+`micro_batch_size` sequences per worker, so a step sees
+`grad_accum_steps * micro_batch_size * num_workers * seq_len` tokens; gradients are all-reduced
+only on the last micro-batch. The learning rate warms up linearly, then follows a cosine down to
+`min_lr_ratio` of its peak.
+
+Rank 0 reports progress (step, loss, tokens/s, ETA) to the job store, writes a checkpoint every
+`checkpoint_every` steps together with the held-out loss, and the finished model at the end. It
+also reads the job's stop request each step and shares it with the other ranks, so all stop at the
+same step, after a checkpoint. A restarted worker group (`FailureConfig`) or a resumed job starts
+from the latest checkpoint; the sampling order depends only on the step, so it carries on exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.nn.parallel import DistributedDataParallel
+from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+
+from libs.common.artifacts import ArtifactStore
+from services.training import checkpoints
+from services.training.checkpoints import TrainState
+from services.training.dataprep import load_packed
+from services.training.jobs import JobContext
+from services.training.jobs.pretrain import PretrainConfig
+from services.training.jobstore import JobRecord, JobStore
+
+MAX_WORKER_RESTARTS = 2
+
+
+def fit(job: JobRecord, context: JobContext, dataset: Path, model_config: LlamaConfig) -> None:
+    """Run `train_loop` on the job's Ray Train workers until it finishes or is asked to stop."""
+    cfg = PretrainConfig(**job.config)
+    attempt = context.store.get(job.job_id).attempts
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job_id": job.job_id,
+            "config": job.config,
+            "model": model_config.to_dict(),
+            "dataset": str(dataset),
+            "artifacts": str(context.artifacts.root),
+            "redis_url": context.redis_url,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False),
+        run_config=RunConfig(
+            name=f"{job.job_id}-{attempt}",
+            storage_path=context.ray_storage,
+            failure_config=FailureConfig(max_failures=MAX_WORKER_RESTARTS),
+        ),
+    )
+    trainer.fit()
+
+
+class Batches:
+    """Rows of the packed data set: a shuffled endless stream for training, a held-out tail for evaluation."""
+
+    def __init__(self, dataset: Path, eval_fraction: float, seed: int) -> None:
+        _, shards = load_packed(dataset)
+        rows = np.concatenate([np.asarray(s) for s in shards]).astype(np.int64)  # (sequences, seq_len)
+        held = max(1, round(len(rows) * eval_fraction))
+        self.train, self.heldout = rows[:-held], rows[-held:]
+        self.seed = seed
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _row(self, k: int) -> int:
+        """The k-th row of the stream: epoch e is a permutation seeded with seed + e."""
+        epoch, i = divmod(k, len(self.train))
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(len(self.train)))
+        return int(self._order[1][i])
+
+    def batch(self, first: int, size: int) -> torch.Tensor:
+        """Rows first .. first+size-1 of the stream, as a (size, seq_len) tensor."""
+        return torch.from_numpy(self.train[[self._row(first + i) for i in range(size)]])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms' gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95))
+
+
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Batches, cfg: PretrainConfig, step: int
+) -> float:
+    """One optimiser step over grad_accum_steps micro-batches; returns this worker's mean loss."""
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    total = 0.0
+    for micro in range(cfg.grad_accum_steps):
+        first = ((step * cfg.grad_accum_steps + micro) * world + rank) * cfg.micro_batch_size
+        batch = data.batch(first, cfg.micro_batch_size)
+        last = micro == cfg.grad_accum_steps - 1
+        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        with sync:
+            loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum_steps
+            loss.backward()
+        total += loss.item()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Batches, batch_size: int) -> float:
+    """Mean loss per held-out sequence, over all workers (each takes every world-th row)."""
+    context = ray.train.get_context()
+    rows = data.heldout[context.get_world_rank() :: context.get_world_size()]
+    inner = unwrap(model)
+    inner.eval()
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss * sequences, sequences)
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(rows[start : start + batch_size])
+        sums += torch.tensor([inner(input_ids=batch, labels=batch).loss.item() * len(batch), len(batch)])
+    inner.train()
+    dist.all_reduce(sums)
+    return float(sums[0] / sums[1])
+
+
+def agree(loss: float, stop: bool) -> tuple[float, bool]:
+    """All workers' mean loss, and whether any was told to stop (only rank 0 reads the request)."""
+    values = torch.tensor([loss, float(stop)], dtype=torch.float64)
+    dist.all_reduce(values)
+    return float(values[0]) / dist.get_world_size(), bool(values[1] > 0)
+
+
+class Reporter:
+    """Rank 0's progress reports: mean loss and throughput over each window of log_every steps."""
+
+    def __init__(self, store: JobStore, job_id: str, cfg: PretrainConfig, tokens_per_step: int) -> None:
+        self.store, self.job_id, self.cfg, self.tokens_per_step = store, job_id, cfg, tokens_per_step
+        self.losses: list[float] = []
+        self.started = time.perf_counter()
+
+    def step(self, state: TrainState, loss: float, learning_rate: float) -> None:
+        self.losses.append(loss)
+        if state.step % self.cfg.log_every and state.step != self.cfg.max_steps:
+            return
+        seconds = time.perf_counter() - self.started
+        per_step = seconds / len(self.losses)
+        self.store.report_progress(
+            self.job_id,
+            {
+                "step": state.step,
+                "total_steps": self.cfg.max_steps,
+                "loss": sum(self.losses) / len(self.losses),
+                "learning_rate": learning_rate,
+                "tokens_per_second": self.tokens_per_step / per_step,
+                "eta_seconds": per_step * (self.cfg.max_steps - state.step),
+                "tokens_seen": state.tokens_seen,
+            },
+        )
+        self.losses.clear()
+        self.started = time.perf_counter()
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The body every Ray Train worker runs (see the module docstring)."""
+    cfg = PretrainConfig(**loop_config["config"])
+    job_id = loop_config["job_id"]
+    store = JobStore.from_url(loop_config["redis_url"])
+    artifacts = ArtifactStore(loop_config["artifacts"])
+    rank = ray.train.get_context().get_world_rank()
+    data = Batches(Path(loop_config["dataset"]), cfg.eval_fraction, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    model = ray.train.torch.prepare_model(LlamaForCausalLM(LlamaConfig.from_dict(loop_config["model"])))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
+    )
+    state = TrainState()
+    latest = checkpoints.latest(artifacts, job_id)
+    if latest is not None:
+        state = checkpoints.restore(latest, unwrap(model), optimizer, scheduler)
+        if rank == 0:
+            store.log(job_id, f"resumed from {artifacts.relative(latest)} at step {state.step}")
+    tokens_per_step = cfg.grad_accum_steps * cfg.micro_batch_size * dist.get_world_size() * cfg.seq_len
+    reporter = Reporter(store, job_id, cfg, tokens_per_step)
+
+    while state.step < cfg.max_steps:
+        loss = train_step(model, optimizer, data, cfg, state.step)
+        scheduler.step()
+        state = TrainState(state.step + 1, state.tokens_seen + tokens_per_step)
+        loss, stop = agree(loss, rank == 0 and bool(store.stop_requested(job_id)))
+        if rank == 0:
+            reporter.step(state, loss, scheduler.get_last_lr()[0])
+        if stop or state.step % cfg.checkpoint_every == 0:
+            heldout = evaluate(model, data, cfg.micro_batch_size)
+            if rank == 0:
+                saved = checkpoints.save(
+                    artifacts, job_id, state, unwrap(model), optimizer, scheduler, cfg.keep_checkpoints
+                )
+                store.update(job_id, checkpoint=saved)
+                store.log(job_id, f"step {state.step}: held-out loss {heldout:.4f}; checkpoint {saved}")
+        if stop:
+            return
+    heldout = evaluate(model, data, cfg.micro_batch_size)
+    if rank == 0:
+        with artifacts.staging(checkpoints.final_dir(job_id), replace=True) as tmp:
+            unwrap(model).save_pretrained(tmp)  # type: ignore[operator]
+        metrics = {"eval_loss": heldout, "perplexity": math.exp(min(heldout, 50.0)), "train_loss": loss}
+        store.update(job_id, metrics={**metrics, "tokens_seen": state.tokens_seen, "steps": state.step})
+        store.log(job_id, f"finished: held-out loss {heldout:.4f}, perplexity {metrics['perplexity']:.1f}")

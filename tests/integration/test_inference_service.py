@@ -1,0 +1,183 @@
+"""The inference service as a real process over real gRPC, on a real local Ray Serve.
+
+One service process (local Ray with 2 CPUs, no dashboard) serves a tiny Llama from the artifact
+store: generation equal to the in-process engine's, cancellation and Abort freeing the KV cache,
+overload refused, bad input refused with the field named, health, reflection and SIGTERM drain.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from llmp.inference.v1 import inference_pb2 as pb
+from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
+
+from libs.common.artifacts import ArtifactStore
+from services.inference.engine import LLMEngine, SamplingParams, load_model
+from tests.conftest import ServiceProcess, start_service
+from tests.unit.inference.test_service_core import TINY, save_tiny_model
+
+pytestmark = pytest.mark.integration
+
+PROMPT = [5, 17, 99, 3, 42]
+LIGHT = pb.ReplicaOptions(num_cpus=0.5)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    home = tmp_path_factory.mktemp("llmp")
+    save_tiny_model(home / "artifacts")
+    env = {"LLMP_INFERENCE_RAY_NUM_CPUS": "2", "LLMP_INFERENCE_DASHBOARD": "false"}
+    service = start_service("inference", home, extra_env=env)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(service: ServiceProcess) -> Iterator[pb_grpc.InferenceServiceStub]:
+    with grpc.insecure_channel(service.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        stub.LoadModel(pb.LoadModelRequest(path=TINY, replicas=LIGHT), timeout=120)
+        yield stub
+
+
+def greedy(max_tokens: int, **fields: object) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model="tiny", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=max_tokens, temperature=0, ignore_eos=True, **fields
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.05)
+
+
+def idle(stub: pb_grpc.InferenceServiceStub, model: str = "tiny") -> bool:
+    load = stub.GetModelInfo(pb.GetModelInfoRequest(model=model)).load
+    return load.replicas >= 1 and load.kv_cache_usage == 0 and load.running == 0 and load.requests_in_flight == 0
+
+
+def test_health_and_reflection(service: ServiceProcess) -> None:
+    with grpc.insecure_channel(service.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        name = "llmp.inference.v1.InferenceService"
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        answer = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request])))
+        assert name in [s.name for s in answer.list_services_response.service]
+
+
+def test_model_and_server_info(stub: pb_grpc.InferenceServiceStub) -> None:
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny"))
+    assert (info.model_type, info.context_length, info.quantization, info.has_tokenizer) == ("llama", 128, "none", True)
+    assert info.replicas.max_ongoing_requests == 64 and info.replicas.num_cpus == 0.5
+    server = stub.GetServerInfo(pb.GetServerInfoRequest())
+    assert server.backend == "ray-serve" and list(server.models) == ["tiny"]
+    assert [m.name for m in stub.ListModels(pb.ListModelsRequest()).models] == ["tiny"]
+
+
+def test_generation_equals_the_in_process_engine(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
+    engine = LLMEngine(load_model(TINY, ArtifactStore(service.home / "artifacts")))
+    expected = engine.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    unary = stub.Generate(greedy(20))
+    assert list(unary.completions[0].token_ids) == expected.outputs[0].token_ids
+    assert unary.usage.prompt_tokens == len(PROMPT) and unary.usage.completion_tokens == 20
+    messages = list(stub.GenerateStream(greedy(20)))
+    assert len(messages) > 1
+    assert [t for m in messages for t in m.completions[0].token_ids] == expected.outputs[0].token_ids
+    assert "".join(m.completions[0].text for m in messages) == unary.completions[0].text
+    assert messages[-1].completions[0].finish_reason == "length" and messages[-1].usage.completion_tokens == 20
+    text = stub.Generate(pb.GenerateRequest(model="tiny", text="hello", max_tokens=4, temperature=0))
+    assert text.usage.prompt_tokens == 5 and len(text.completions[0].token_ids) == 4
+
+
+def test_cancelling_a_stream_frees_the_cache(stub: pb_grpc.InferenceServiceStub) -> None:
+    call = stub.GenerateStream(greedy(100))
+    next(call)
+    load = stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).load
+    assert load.requests_in_flight == 1
+    call.cancel()
+    wait_until(lambda: idle(stub))
+
+
+def test_abort_by_request_id(stub: pb_grpc.InferenceServiceStub) -> None:
+    call = stub.GenerateStream(greedy(100, request_id="abort-me"))
+    next(call)
+    stub.Abort(pb.AbortRequest(request_id="abort-me"))
+    last = list(call)[-1]
+    assert last.completions[0].finish_reason == "abort"
+    wait_until(lambda: idle(stub))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Abort(pb.AbortRequest(request_id="abort-me"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
+    strict = pb.ReplicaOptions(num_cpus=0.5, max_ongoing_requests=1, max_queued_requests=0)
+    stub.LoadModel(pb.LoadModelRequest(path=TINY, name="strict", replicas=strict), timeout=120)
+    long = stub.GenerateStream(pb.GenerateRequest(model="strict", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=100))
+    next(long)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(model="strict", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=2))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    long.cancel()
+    wait_until(lambda: idle(stub, "strict"))
+    stub.UnloadModel(pb.UnloadModelRequest(model="strict"), timeout=60)
+    assert [m.name for m in stub.ListModels(pb.ListModelsRequest()).models] == ["tiny"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "field"),
+    [
+        (pb.GenerateRequest(model="nope", text="hi"), grpc.StatusCode.NOT_FOUND, "model"),
+        (pb.GenerateRequest(model="tiny", text=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (pb.GenerateRequest(model="tiny"), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (pb.GenerateRequest(model="tiny", text="x" * 200), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (pb.GenerateRequest(model="tiny", text="hi", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (pb.GenerateRequest(model="tiny", text="hi", top_p=0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (pb.GenerateRequest(model="tiny", text="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (pb.GenerateRequest(model="tiny", text="hi", n=17), grpc.StatusCode.INVALID_ARGUMENT, "n"),
+        (pb.GenerateRequest(model="tiny", text="hi", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (pb.GenerateRequest(model="tiny", text="hi", max_tokens=127), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ],
+)
+def test_bad_input_names_the_field(
+    stub: pb_grpc.InferenceServiceStub, request_: pb.GenerateRequest, code: grpc.StatusCode, field: str
+) -> None:
+    for call in (stub.Generate, lambda r: list(stub.GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(request_)
+        assert e.value.code() == code and e.value.details().startswith(f"{field}:")
+    assert idle(stub)
+
+
+def test_bad_loads_are_refused(stub: pb_grpc.InferenceServiceStub) -> None:
+    cases = [
+        (pb.LoadModelRequest(path="models/missing/1"), grpc.StatusCode.NOT_FOUND),
+        (pb.LoadModelRequest(path="../../etc"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.LoadModelRequest(path=TINY), grpc.StatusCode.ALREADY_EXISTS),
+        (pb.LoadModelRequest(path=TINY, name="x", engine=pb.EngineOptions(dtype="int3")), grpc.StatusCode.UNAVAILABLE),
+    ]
+    for request, code in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.LoadModel(request, timeout=120)
+        assert e.value.code() == code, e.value.details()
+
+
+def test_sigterm_lets_a_running_stream_finish(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
+    call = stub.GenerateStream(greedy(60))
+    first = next(call)
+    service.proc.send_signal(signal.SIGTERM)
+    rest = list(call)
+    assert sum(len(m.completions[0].token_ids) for m in [first, *rest]) == 60
+    assert rest[-1].completions[0].finish_reason == "length"
+    assert service.proc.wait(60) == 0

@@ -1,0 +1,232 @@
+"""The inference core without Ray: models served in-process, checked against the engine itself."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.errors import InvalidArgument, LlmpError, NotFound, ResourceExhausted
+from services.inference.config import InferenceConfig
+from services.inference.core import InferenceCore, LocalBackend
+from services.inference.engine import LLMEngine, SamplingLimits, SamplingParams, load_model
+from services.inference.schema import Chunk, GenerateInput, ModelSpec, ReplicaOptions
+from services.inference.text import TextDeltas
+
+T = TypeVar("T")
+TINY = "models/tiny/1"
+
+
+def save_tiny_model(root: Path, relative: str = TINY) -> Path:
+    """A 2-layer Llama over a byte-level tokenizer (256 ids, one per byte), saved as the store keeps it."""
+    folder = root / relative
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=128,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
+    store = ArtifactStore(tmp_path_factory.mktemp("artifacts"))
+    save_tiny_model(store.root)
+    return store
+
+
+def make_core(store: ArtifactStore) -> InferenceCore:
+    config = InferenceConfig(max_tokens=64, max_n=4, drain_seconds=5)
+    return InferenceCore(config, store, LocalBackend(store, SamplingLimits(max_n=4, max_tokens=64)))
+
+
+def greedy(max_tokens: int = 12) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+def reference(store: ArtifactStore, prompt: list[int], params: SamplingParams) -> list[int]:
+    engine = LLMEngine(load_model(TINY, store))
+    return engine.generate([prompt], params)[0].outputs[0].token_ids
+
+
+async def collect(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [c async for c in chunks]
+
+
+def test_unary_and_streamed_generation_equal_the_engine(store: ArtifactStore) -> None:
+    prompt = [5, 17, 99, 3, 42]
+    expected = reference(store, prompt, greedy())
+
+    async def scenario() -> tuple[Chunk, list[Chunk], Chunk]:
+        core = make_core(store)
+        info = await core.load_model(ModelSpec("tiny", TINY))
+        assert (info.facts.model_type, info.context_length, info.facts.has_tokenizer) == ("llama", 128, True)
+        unary = await core.generate("tiny", GenerateInput("", greedy(), token_ids=tuple(prompt)))
+        streamed = await collect(core.stream("tiny", GenerateInput("", greedy(), token_ids=tuple(prompt))))
+        text = await core.generate("tiny", GenerateInput("", greedy(), text="hello"))
+        return unary, streamed, text
+
+    unary, streamed, text = run(scenario())
+    assert unary.completions[0].token_ids == expected
+    assert [t for c in streamed for t in c.completions[0].token_ids] == expected
+    assert "".join(c.completions[0].text for c in streamed) == unary.completions[0].text
+    assert streamed[-1].finished and streamed[-1].completion_tokens == len(expected)
+    assert text.prompt_tokens == 5 and text.completions[0].finish_reason == "length"
+
+
+def test_abort_and_a_closed_stream_free_the_cache(store: ArtifactStore) -> None:
+    async def scenario() -> tuple[Chunk, float, float]:
+        core = make_core(store)
+        await core.load_model(ModelSpec("tiny", TINY))
+        stream = core.stream("tiny", GenerateInput("r1", greedy(60), token_ids=(1, 2, 3)))
+        first = await anext(stream)
+        assert first.completions[0].token_ids and (await core.model_info("tiny")).load.kv_cache_usage > 0
+        core.abort("r1")
+        last = (await collect(stream))[-1]
+        usage_after_abort = await settled_usage(core)
+        closed = core.stream("tiny", GenerateInput("r2", greedy(60), token_ids=(1, 2, 3)))
+        await anext(closed)
+        await closed.aclose()  # the caller hung up
+        return last, usage_after_abort, await settled_usage(core)
+
+    last, after_abort, after_close = run(scenario())
+    assert last.finished and last.completions[0].finish_reason == "abort"
+    assert after_abort == 0 and after_close == 0
+
+
+async def settled_usage(core: InferenceCore) -> float:
+    """KV-cache usage once the engine has run the step that frees aborted requests."""
+    served = core._served("tiny")
+    engine = served.handle.server.engine  # type: ignore[attr-defined]
+    await wait_for(lambda: not engine.has_unfinished())
+    return (await core.model_info("tiny")).load.kv_cache_usage
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.parametrize(
+    ("model", "change", "field"),
+    [
+        ("nope", {}, "model"),
+        ("tiny", {"token_ids": None}, "prompt"),
+        ("tiny", {"token_ids": None, "text": ""}, "prompt"),
+        ("tiny", {"token_ids": (1, 999)}, "token_ids"),
+        ("tiny", {"params": SamplingParams(temperature=-1)}, "temperature"),
+        ("tiny", {"params": SamplingParams(top_p=0)}, "top_p"),
+        ("tiny", {"params": SamplingParams(top_p=1.5)}, "top_p"),
+        ("tiny", {"params": SamplingParams(n=5)}, "n"),
+        ("tiny", {"params": SamplingParams(max_tokens=65)}, "max_tokens"),
+        ("tiny", {"token_ids": tuple(range(128))}, "prompt"),
+    ],
+)
+def test_bad_requests_name_the_field(store: ArtifactStore, model: str, change: dict, field: str) -> None:
+    request = dataclasses.replace(GenerateInput("", SamplingParams(), token_ids=(1, 2)), **change)
+
+    async def scenario() -> LlmpError:
+        core = make_core(store)
+        await core.load_model(ModelSpec("tiny", TINY))
+        with pytest.raises(LlmpError) as e:
+            await core.generate(model, request)
+        assert core._served("tiny").in_flight == 0
+        return e.value
+
+    error = run(scenario())
+    assert error.field == field
+    assert isinstance(error, NotFound if field == "model" else InvalidArgument)
+
+
+def test_load_refuses_bad_models_and_options(store: ArtifactStore) -> None:
+    async def scenario() -> list[str | None]:
+        core = make_core(store)
+        fields = []
+        for spec in [
+            ModelSpec("missing", "models/missing/1"),
+            ModelSpec("escape", "../outside"),
+            ModelSpec("bad name!", TINY),
+            ModelSpec("tiny", TINY, ReplicaOptions(min_replicas=2, max_replicas=1)),
+        ]:
+            with pytest.raises(LlmpError) as e:
+                await core.load_model(spec)
+            fields.append(e.value.field)
+        assert core.model_names() == []
+        return fields
+
+    assert run(scenario()) == ["path", "path", "name", "replicas.max_replicas"]
+
+
+def test_overload_is_refused_not_queued(store: ArtifactStore) -> None:
+    async def scenario() -> None:
+        core = make_core(store)
+        await core.load_model(ModelSpec("tiny", TINY, ReplicaOptions(max_ongoing_requests=1, max_queued_requests=0)))
+        running = core.stream("tiny", GenerateInput("long", greedy(60), token_ids=(1, 2)))
+        await anext(running)
+        with pytest.raises(ResourceExhausted):
+            await core.generate("tiny", GenerateInput("", greedy(), token_ids=(1, 2)))
+        await running.aclose()
+        assert (await core.generate("tiny", GenerateInput("", greedy(2), token_ids=(1, 2)))).finished
+
+    run(scenario())
+
+
+def test_drain_waits_for_running_requests(store: ArtifactStore) -> None:
+    async def scenario() -> Chunk:
+        core = make_core(store)
+        await core.load_model(ModelSpec("tiny", TINY))
+        request = asyncio.ensure_future(core.generate("tiny", GenerateInput("", greedy(30), token_ids=(1, 2))))
+        await wait_for(lambda: core._served("tiny").in_flight == 1)
+        await core.drain()
+        assert request.done()
+        return request.result()
+
+    assert run(scenario()).completions[0].finish_reason == "length"
+
+
+def test_text_deltas_never_take_text_back() -> None:
+    deltas = TextDeltas(stop=["END"])
+    assert deltas.take("ab", finished=False) == ""  # could be the start of "END"
+    assert deltas.take("abcd", finished=False) == "ab"
+    assert deltas.take("abcdef\ufffd", finished=False) == "cd"  # U+FFFD: bytes of a character still to come
+    assert deltas.take("abcdefé", finished=True) == "efé"
+    assert TextDeltas().take(None, finished=True) == ""
+
+
+def test_serve_backpressure_becomes_resource_exhausted() -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    from services.inference.serve_app import domain_error
+
+    assert isinstance(domain_error(BackPressureError(num_queued_requests=1, max_queued_requests=1)), ResourceExhausted)
+    error = InvalidArgument("must be >= 0", field="temperature")
+    assert domain_error(error) is error

@@ -1,0 +1,32 @@
+"""A retrieval core over an embedded Qdrant in a temporary directory, with the packaged MiniLM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libs.common.artifacts import ArtifactStore
+from services.retrieval.config import RetrievalConfig
+from services.retrieval.core import RetrievalCore
+from services.retrieval.embedders import load_tokenizer, packaged_minilm
+from services.retrieval.tokens import LocalTokens
+from services.retrieval.vectorstores import QdrantStore
+
+
+@pytest.fixture(scope="session")
+def minilm_tokens() -> LocalTokens:
+    return LocalTokens(load_tokenizer(packaged_minilm()))
+
+
+def make_core(root: Path, **config: int) -> RetrievalCore:
+    store = QdrantStore(path=str(root / "qdrant"))
+    return RetrievalCore(RetrievalConfig(**config), ArtifactStore(root / "artifacts"), store)
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[RetrievalCore]:
+    c = make_core(tmp_path, max_document_bytes=20_000)
+    yield c
+    c.store.close()
