@@ -34,7 +34,10 @@ def build(common: CommonConfig, config: RetrievalConfig) -> tuple[Server, Retrie
 def main(argv: Sequence[str] | None = None) -> None:
     common, config = configure("retrieval", RetrievalConfig, argv)
     server, core = build(common, config)
-    asyncio.run(server.run(drain=core.drain))
+    try:
+        asyncio.run(server.run())
+    finally:
+        core.close()
 
 
 if __name__ == "__main__":

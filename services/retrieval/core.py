@@ -9,7 +9,6 @@ chunks of its previous version, so a retry never duplicates and a re-ingest repl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import uuid
@@ -446,5 +445,6 @@ class RetrievalCore:
             tokens = size
         return Context(render(blocks), citations, tokens, len(hits) - len(citations))
 
-    async def drain(self) -> None:
-        await asyncio.to_thread(self.store.close)
+    def close(self) -> None:
+        """Release the vector store (the embedded Qdrant's directory lock) once serving has stopped."""
+        self.store.close()

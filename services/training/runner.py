@@ -27,7 +27,7 @@ from libs.common.errors import FailedPrecondition, LlmpError
 from libs.common.planning import GB
 from services.training.config import TrainingConfig
 from services.training.jobs import DONE, JobContext, job_type
-from services.training.jobstore import CANCEL, CANCELLED, FAILED, RUNNING, SUCCEEDED, JobStore
+from services.training.jobstore import CANCEL, CANCELLED, FAILED, PREEMPT, RUNNING, SUCCEEDED, JobStore
 from services.training.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ def run_job(job_id: str, context: JobContext) -> None:
     try:
         outcome = job_type(job.type).run(job, context)
     except Exception as e:  # whatever a job raises ends it, with the reason on record
+        if store.stop_requested(job_id) == PREEMPT:  # Ray went away under it as the service stopped
+            store.log(job_id, f"interrupted by the service stopping ({type(e).__name__}); it resumes on restart")
+            return
         reason = e.message if isinstance(e, LlmpError) else f"{type(e).__name__}: {e}"
         log.exception("job %s failed", job_id)
         store.transition(job_id, FAILED, reason=reason[:MAX_REASON_CHARS])

@@ -105,8 +105,8 @@ def load_model(
     if is_prequantized(directory):
         if quantization is not None:
             raise InvalidArgument("the model is stored pre-quantised; omit it", field="quantization")
-        module, report = load_quantized(directory, config, dtype=dtype, device=device)
-        return LoadedModel(module, config, directory, report)
+        module, prequantized = load_quantized(directory, config, dtype=dtype, device=device)
+        return LoadedModel(module, config, directory, prequantized)
     loaded: Any = AutoModelForCausalLM.from_pretrained(
         directory,
         config=config,

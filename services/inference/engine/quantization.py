@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import safetensors.torch
 import torch
@@ -96,6 +96,9 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """qweight int8 [out, in]; scales [out, groups] bfloat16; w = q * scale."""
 
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: torch.Tensor | None) -> None:
         super().__init__(in_features, out_features, group_size, bias)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -134,6 +137,9 @@ class Int4Linear(QuantizedLinear):
     state dict always holds the portable layout (element 2i in the low nibble of byte i, 2i+1 in the
     high one), so files do not depend on the kernel's internals.
     """
+
+    qweight: torch.Tensor
+    scales_and_zeros: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: torch.Tensor | None) -> None:
         super().__init__(in_features, out_features, group_size, bias)
@@ -284,7 +290,7 @@ class Quantizer:
     def targets(self, model: PreTrainedModel) -> list[tuple[str, nn.Module]]:
         """The linear layers to quantise: all but the output head (unless lm_head) and unfit shapes."""
         head = model.get_output_embeddings()
-        found = []
+        found: list[tuple[str, nn.Module]] = []
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear | Conv1D) or (module is head and not self.lm_head):
                 continue
@@ -396,8 +402,8 @@ QUANTIZERS: Registry[Quantizer] = Registry(
 # -- model surgery and files --------------------------------------------------------------------------
 def linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W [out, in], b [out] or None) of an nn.Linear or a GPT-2 Conv1D (which stores W^T)."""
-    weight = layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
-    return weight.detach(), layer.bias
+    weight, bias = cast(torch.Tensor, layer.weight), cast(torch.Tensor | None, layer.bias)
+    return (weight.t() if isinstance(layer, Conv1D) else weight).detach(), bias
 
 
 def persistent_buffers(model: nn.Module) -> list[torch.Tensor]:

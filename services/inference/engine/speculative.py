@@ -133,7 +133,9 @@ class Speculator:
         asked = []
         for chunk in chunks:
             request = requests.get(chunk.seq_id)
-            n = min(self.drafter.num_tokens, request.max_tokens, room) if request is not None else 0
+            if request is None:
+                continue
+            n = min(self.drafter.num_tokens, request.max_tokens, room)
             end = chunk.start + len(chunk.token_ids)
             if n > 0 and self.cache.can_allocate(chunk.seq_id, end + n):
                 self.cache.allocate(chunk.seq_id, end + n)  # kept by the sequence even if drafts are rejected

@@ -194,7 +194,7 @@ class PretrainJob:
         }
 
     def run(self, job: JobRecord, context: JobContext) -> str:
-        from services.training.jobs import lm_loop
+        from services.training.jobs import lm_loop  # Ray Train and torch: needed to run, not to check
 
         cfg = parse_config(PretrainConfig, job.config)
         info = describe_tokenizer(context, cfg.tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pydoc_data.topics
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -88,8 +89,10 @@ def test_quantised_logits_stay_close_on_real_text(trained, store, full, method: 
     agreement = float((logits.argmax(-1) == full.argmax(-1)).float().mean())
     report = model.quantization
     assert report is not None
-    print(f"{method}: logits error {relative_error(logits, full):.4f}, greedy agreement {agreement:.3f}, "
-          f"{report.bytes_per_parameter:.4f} bytes/param ({report.model_bytes_per_parameter:.3f} whole model)")
+    print(
+        f"{method}: logits error {relative_error(logits, full):.4f}, greedy agreement {agreement:.3f}, "
+        f"{report.bytes_per_parameter:.4f} bytes/param ({report.model_bytes_per_parameter:.3f} whole model)"
+    )
     assert relative_error(logits, full) < max_error
     assert agreement >= min_agreement
     assert report.bytes_per_parameter <= max_bytes
@@ -150,7 +153,7 @@ def test_gpt2_conv1d_layers_are_quantised(store) -> None:
 
 
 def test_bad_specs_are_refused(trained, store) -> None:
-    with pytest.raises(InvalidArgument, match="quantization.type"):
+    with pytest.raises(InvalidArgument, match=r"quantization\.type"):
         load_model(trained, store, quantization={"type": "int3"})
     with pytest.raises(InvalidArgument, match="group_size"):
         load_model(trained, store, quantization={"type": "int4", "group_size": 33})

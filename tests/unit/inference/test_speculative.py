@@ -9,8 +9,14 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from libs.common.errors import InvalidArgument
-from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams, SchedulerConfig
-from services.inference.engine import speculative
+from services.inference.engine import (
+    EngineConfig,
+    KVCacheConfig,
+    LLMEngine,
+    SamplingParams,
+    SchedulerConfig,
+    speculative,
+)
 from services.inference.engine.drafters import DraftModelDrafter, NgramDrafter
 from services.inference.engine.speculative import Drafter, create_drafter, rejection_sample
 
@@ -21,8 +27,8 @@ PROMPTS = [prompt(5, seed=1), prompt(17, seed=2), REPETITIVE, prompt(9, seed=3),
 
 
 def engine(model, drafter: Drafter | None = None, *, blocks: int = 96, budget: int = 512) -> LLMEngine:
-    config = EngineConfig(KVCacheConfig(block_size=4, num_blocks=blocks), SchedulerConfig(max_num_batched_tokens=budget))
-    return LLMEngine(model, config, drafter=drafter)
+    scheduler = SchedulerConfig(max_num_batched_tokens=budget)
+    return LLMEngine(model, EngineConfig(KVCacheConfig(block_size=4, num_blocks=blocks), scheduler), drafter=drafter)
 
 
 def perturbed(model: PreTrainedModel, noise: float, seed: int) -> PreTrainedModel:
@@ -139,7 +145,7 @@ def test_acceptance_on_a_repetitive_prompt(models) -> None:
 
 def test_drafter_specs_and_vocabulary_mismatch_are_refused(models) -> None:
     assert isinstance(create_drafter({"type": "ngram", "num_tokens": 2}), NgramDrafter)
-    with pytest.raises(InvalidArgument, match="speculative.type"):
+    with pytest.raises(InvalidArgument, match=r"speculative\.type"):
         create_drafter({"type": "medusa"})
     with pytest.raises(InvalidArgument, match="artifact store"):
         create_drafter({"type": "draft_model", "model": "models/llama/1"})
@@ -167,6 +173,14 @@ def tiny16(seed: int) -> PreTrainedModel:
 @pytest.fixture(scope="module")
 def stat_models() -> tuple[PreTrainedModel, PreTrainedModel]:
     return tiny16(0), tiny16(3)  # the draft overlaps the target by ~25%: a wrong residual shows
+
+
+def stat_drafter(name: str, other: PreTrainedModel) -> Drafter | None:
+    if name == "ngram":
+        return NgramDrafter(2, max_ngram=1)
+    if name == "draft_model":
+        return DraftModelDrafter(other, 2, {"block_size": 4, "num_blocks": 4096})
+    return None
 
 
 def exact_pairs(model: PreTrainedModel) -> torch.Tensor:
@@ -214,8 +228,7 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", ["plain", "draft_model", "ngram"])
 def test_first_two_tokens_follow_the_target_distribution(stat_models, name: str) -> None:
     target, other = stat_models
-    drafter = {"plain": None, "draft_model": DraftModelDrafter(other, 2, {"block_size": 4, "num_blocks": 4096}),
-               "ngram": NgramDrafter(2, max_ngram=1)}[name]  # fmt: skip
+    drafter = stat_drafter(name, other)
     p_value = chi_square_p_value(sample_pairs(target, drafter), exact_pairs(target))
     print(f"{name}: chi-square p-value {p_value:.3g}")
     assert p_value > 1e-3
@@ -225,8 +238,7 @@ def test_the_test_rejects_a_wrong_acceptance_rule(stat_models, monkeypatch: pyte
     """Resampling from p instead of norm(max(0, p - q)) after a rejection over-weights p where q < p."""
     target, other = stat_models
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
-    drafter = DraftModelDrafter(other, 2, {"block_size": 4, "num_blocks": 4096})
-    p_value = chi_square_p_value(sample_pairs(target, drafter), exact_pairs(target))
+    p_value = chi_square_p_value(sample_pairs(target, stat_drafter("draft_model", other)), exact_pairs(target))
     print(f"wrong residual: chi-square p-value {p_value:.3g}")
     assert p_value < 1e-6
 
