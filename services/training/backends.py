@@ -52,38 +52,26 @@ class Backend(ABC):
 
 
 class LocalRayBackend(Backend):
-    """Drives each job from a thread; joins Ray when the first job starts, so the service is up at once."""
-
     def __init__(self, config: TrainingConfig, context: JobContext) -> None:
         super().__init__(config, context)
         self._drivers: dict[str, threading.Thread] = {}
-        self._ray_lock = threading.Lock()
 
     def open(self) -> None:
-        """Nothing to connect to yet: Ray starts with the first job (a local Ray takes seconds to start)."""
-
-    def _connect(self) -> None:
+        """Join Ray before serving any call: Ray forks its processes, which is unsafe under busy gRPC threads."""
         import ray
 
-        with self._ray_lock:
-            if ray.is_initialized():
-                return
-            address = os.environ.get("RAY_ADDRESS")
-            local: dict[str, Any] = {
-                "num_cpus": self.config.ray_num_cpus or None,
-                "include_dashboard": self.config.ray_dashboard,
-                "dashboard_host": "127.0.0.1",
-                "dashboard_port": LOCAL_DASHBOARD_PORT,
-            }
-            ray.init(address=address or None, **({} if address else local))
-            log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
-
-    def _drive(self, job_id: str) -> None:
-        self._connect()
-        run_job(job_id, self.context)
+        address = os.environ.get("RAY_ADDRESS")
+        local: dict[str, Any] = {
+            "num_cpus": self.config.ray_num_cpus or None,
+            "include_dashboard": self.config.ray_dashboard,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": LOCAL_DASHBOARD_PORT,
+        }
+        ray.init(address=address or None, **({} if address else local))
+        log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
 
     def start(self, job: JobRecord) -> None:
-        driver = threading.Thread(target=self._drive, args=(job.job_id,), name=job.job_id, daemon=True)
+        driver = threading.Thread(target=run_job, args=(job.job_id, self.context), name=job.job_id, daemon=True)
         self._drivers[job.job_id] = driver
         driver.start()
 

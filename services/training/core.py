@@ -75,7 +75,7 @@ class TrainingCore:
             if job.state == RUNNING:
                 where = job.checkpoint or "the start"
                 self.store.transition(job.job_id, PENDING, reason=f"its driver was lost; resuming from {where}")
-            self.backend.start(self.store.get(job.job_id))
+            self._start(self.store.get(job.job_id))
         return [job.job_id for job in lost]
 
     def drain(self) -> None:

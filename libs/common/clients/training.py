@@ -40,14 +40,14 @@ class TrainingClient:
         request = pb.ListJobsRequest(state=pb.Job.State.Value(state) if state else 0, type=job_type, limit=limit)
         return list(self.stub.ListJobs(request).jobs)
 
-    def watch(self, job_id: str) -> Iterator[pb.JobEvent]:
-        """The job's events from its first until it ends."""
-        return iter(self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id)))
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[pb.JobEvent]:
+        """The job's events from its first until it ends (DEADLINE_EXCEEDED after `timeout` seconds)."""
+        return iter(self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout))
 
-    def wait(self, job_id: str) -> pb.Job:
+    def wait(self, job_id: str, timeout: float | None = None) -> pb.Job:
         """Follow the job to its end; returns its final state."""
         final = self.get(job_id)
-        for event in self.watch(job_id):
+        for event in self.watch(job_id, timeout):
             final = event.job
         return final
 

@@ -67,13 +67,13 @@ class DraftModelDrafter(Drafter):
         kv_cache: KVCacheConfig | Mapping[str, Any] | None = None,
         store: ArtifactStore | None = None,
     ) -> None:
+        if num_tokens < 1:
+            raise ValueError("num_tokens must be >= 1")
         if isinstance(model, str):
             if store is None:
                 raise InvalidArgument("a draft model given by location needs an artifact store", field="model")
             model = load_model(model, store)
         module = model.module if isinstance(model, LoadedModel) else model
-        if num_tokens < 1:
-            raise ValueError("num_tokens must be >= 1")
         config = KVCacheConfig(**kv_cache) if isinstance(kv_cache, Mapping) else kv_cache or KVCacheConfig()
         param = next(module.parameters())
         self.cache = KVCache(

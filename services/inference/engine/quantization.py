@@ -60,7 +60,9 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W [out, in] stored quantised; `kernel` names the matmul that runs."""
 
-    kernel: str
+    fits_kernel: bool
+    """Whether the shape and grouping suit this format's CPU kernel."""
+    kernel_name: str
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -76,6 +78,12 @@ class QuantizedLinear(nn.Module):
     @property
     def num_weights(self) -> int:
         return self.in_features * self.out_features
+
+    @property
+    def kernel(self) -> str:
+        """The matmul this layer runs: the packed CPU kernel where it applies, else dequantise + matmul."""
+        on_cpu = next(self.buffers()).device.type == "cpu"
+        return self.kernel_name if self.fits_kernel and on_cpu else DEQUANTIZE
 
     def quantized_bytes(self) -> int:
         """Bytes of the quantised weight and its scales (and zeros), bias excluded."""
@@ -104,7 +112,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, self.num_groups, dtype=SCALE_DTYPE))
         # The int8 kernel takes one scale per output channel; its K must be a multiple of 16.
-        self.kernel = INT8_KERNEL if self.num_groups == 1 and in_features % 16 == 0 else DEQUANTIZE
+        self.fits_kernel, self.kernel_name = self.num_groups == 1 and in_features % 16 == 0, INT8_KERNEL
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int8Linear:
@@ -123,7 +131,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        if self.kernel == INT8_KERNEL and x.device.type == "cpu":
+        if self.kernel == INT8_KERNEL:
             y = torch._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales[:, 0])
         else:
             y = F.linear(x2, self.dequantize().to(x.dtype))
@@ -133,7 +141,7 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """qweight uint8 [out, in / 2], two 4-bit values per byte; scales_and_zeros [groups, out, 2] bfloat16.
 
-    On the kernel path `qweight` holds the kernel's own packed layout (same shape, same bytes); the
+    Where the kernel fits, `qweight` holds its packed layout (same shape, same bytes, on any device); the
     state dict always holds the portable layout (element 2i in the low nibble of byte i, 2i+1 in the
     high one), so files do not depend on the kernel's internals.
     """
@@ -146,8 +154,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.zeros(self.num_groups, out_features, 2, dtype=SCALE_DTYPE))
         # The kernel's packer needs out % 16 == 0 and its group sizes are fixed.
-        use_kernel = out_features % 16 == 0 and group_size in INT4_KERNEL_GROUPS
-        self.kernel = INT4_KERNEL if use_kernel else DEQUANTIZE
+        self.fits_kernel = out_features % 16 == 0 and group_size in INT4_KERNEL_GROUPS
+        self.kernel_name = INT4_KERNEL
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
@@ -164,13 +172,13 @@ class Int4Linear(QuantizedLinear):
 
     def _unpacked(self) -> torch.Tensor:
         """q uint8 [out, in] in [0, 15]."""
-        if self.kernel == INT4_KERNEL:
+        if self.fits_kernel:
             return unpack_int4_kernel_layout(self.qweight, self.in_features)
         return torch.stack([self.qweight & 15, self.qweight >> 4], -1).reshape(self.out_features, self.in_features)
 
     def _to_storage(self, q: torch.Tensor) -> torch.Tensor:
         """q uint8 [out, in] -> qweight in this layer's layout."""
-        if self.kernel == INT4_KERNEL:
+        if self.fits_kernel:
             return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).cpu(), 1).to(q.device)
         return q[:, 0::2] | (q[:, 1::2] << 4)
 
@@ -181,7 +189,7 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        if self.kernel == INT4_KERNEL and x.device.type == "cpu":
+        if self.kernel == INT4_KERNEL:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(KERNEL_DTYPE).contiguous(), self.qweight, self.group_size, self.scales_and_zeros
             )

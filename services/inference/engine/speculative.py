@@ -172,7 +172,3 @@ class Speculator:
     def release(self, seq_id: str) -> None:
         self._pending.pop(seq_id, None)
         self.drafter.release(seq_id)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0

@@ -35,6 +35,7 @@ from services.training.jobstore import JobRecord
 from services.training.registry import Lineage
 
 DATASETS = "datasets"
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 POSITIVE = (
     "hidden_size",
     "num_layers",
@@ -61,6 +62,8 @@ class PretrainConfig:
     """Corpus names (from UploadCorpus) or folders/files relative to the artifact store."""
     model_name: str
     """Name under which the finished model is registered."""
+    eos_token: str = ""
+    """Special token that ends each document; "" picks the first of EOS_TOKENS the tokeniser has."""
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -162,9 +165,21 @@ def describe_tokenizer(context: JobContext, ref: str) -> TokenizerInfo:
         if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
             raise NotFound(f"the tokeniser service has no tokenizer {ref!r}", field="config.tokenizer") from None
         raise Unavailable(f"the tokeniser service cannot be reached: {e.code().name}") from None
-    if not info.special_tokens:
-        raise InvalidArgument(f"{info.ref} has no special token to end documents with", field="config.tokenizer")
     return info
+
+
+def end_of_document_token(cfg: PretrainConfig, info: TokenizerInfo) -> str:
+    """The special token appended after every document: `eos_token`, else the first usual one present."""
+    if cfg.eos_token:
+        if cfg.eos_token not in info.special_tokens:
+            raise InvalidArgument(f"{cfg.eos_token!r} is not a special token of {info.ref}", field="config.eos_token")
+        return cfg.eos_token
+    found = next((t for t in EOS_TOKENS if t in info.special_tokens), None)
+    if found is None:
+        raise InvalidArgument(
+            f"{info.ref} has none of {EOS_TOKENS}; name its end-of-document token", field="config.eos_token"
+        )
+    return found
 
 
 class PretrainJob:
@@ -172,6 +187,7 @@ class PretrainJob:
         """Refuse what cannot run; returns the config with the tokeniser pinned to its version."""
         cfg = parse_config(PretrainConfig, config)
         info = describe_tokenizer(context, cfg.tokenizer)
+        end_of_document_token(cfg, info)
         paths = [corpus_path(context, ref, i) for i, ref in enumerate(cfg.corpus)]
         with field_prefix("config"):
             DataPrepConfig.from_dict(self._dataprep(cfg, paths, 0, info.vocab_size))
@@ -198,7 +214,8 @@ class PretrainJob:
 
         cfg = parse_config(PretrainConfig, job.config)
         info = describe_tokenizer(context, cfg.tokenizer)
-        eos_id = int(context.tokenizer.encode(cfg.tokenizer, info.special_tokens[0], add_special_tokens=False).ids[0])
+        eos = end_of_document_token(cfg, info)
+        eos_id = int(context.tokenizer.encode(cfg.tokenizer, eos, add_special_tokens=False).ids[0])
         dataset = self._prepare(job, cfg, context, eos_id, info.vocab_size)
         stop = context.store.stop_requested(job.job_id)
         if stop:
@@ -206,7 +223,10 @@ class PretrainJob:
         lm_loop.fit(job, context, dataset, cfg.model_config(info.vocab_size, eos_id))
         final = context.artifacts.path(checkpoints.final_dir(job.job_id))
         if not final.is_dir():
-            return context.store.stop_requested(job.job_id) or DONE
+            stop = context.store.stop_requested(job.job_id)
+            if not stop:
+                raise RuntimeError("training ended without writing the final model")
+            return stop
         self._register(job, cfg, context, final, info)
         return DONE
 

@@ -76,6 +76,7 @@ def test_a_valid_job_is_accepted_with_its_tokenizer_pinned(context: JobContext) 
         ({"batch": 8}, InvalidArgument, "config.batch"),
         ({"model_name": "../x"}, InvalidArgument, "config.model_name"),
         ({"stages": [{"type": "shuffle"}]}, InvalidArgument, "config.stages[0].type"),
+        ({"eos_token": "<pad>"}, InvalidArgument, "config.eos_token"),
         ({"tokenizer": "nope"}, NotFound, "config.tokenizer"),
         ({"corpus": ["nope"]}, NotFound, "config.corpus[0]"),
         ({"corpus": ["../../etc"]}, InvalidArgument, "config.corpus[0]"),
