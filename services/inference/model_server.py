@@ -8,19 +8,25 @@ cancelled or hung up) aborts it, which frees its batch slot and KV-cache blocks 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, LlmpError
 from services.inference.engine import (
+    DRAFTERS,
+    QUANTIZERS,
     EngineConfig,
     KVCacheConfig,
     LLMEngine,
+    LoadedModel,
     RequestOutput,
     SamplingLimits,
     SchedulerConfig,
+    create_drafter,
     load_model,
 )
 from services.inference.engine.model_loader import model_dir, read_config
@@ -40,10 +46,41 @@ def describe_model(store: ArtifactStore, path: str, engine: EngineOptions) -> Mo
     """Check a model folder and read its facts from config.json, without loading any weight."""
     directory = model_dir(path, store, field="path")
     config = read_config(directory, field="path")
+    for registry, value, field in (
+        (QUANTIZERS, engine.quantization, "engine.quantization"),
+        (DRAFTERS, engine.speculative, "engine.speculative"),
+    ):
+        spec = plugin_spec(value, field)  # refused here, before any replica starts
+        if spec is not None:
+            registry.get(spec if isinstance(spec, str) else str(spec.get("type", "")), field=f"{field}.type")
     context = getattr(config, "max_position_embeddings", 0) or 0
     if engine.max_model_len:
         context = min(context, engine.max_model_len) if context else engine.max_model_len
     return ModelFacts(config.model_type, config.vocab_size, context, (directory / TOKENIZER_FILE).is_file())
+
+
+def plugin_spec(value: str, field: str) -> dict[str, Any] | str | None:
+    """A plugin given as a bare name or a JSON spec; None when empty."""
+    value = value.strip()
+    if not value:
+        return None
+    if not value.startswith("{"):
+        return value
+    try:
+        spec = json.loads(value)
+    except ValueError as e:
+        raise InvalidArgument(f"not a valid JSON plugin spec: {e}", field=field) from None
+    if not isinstance(spec, dict):
+        raise InvalidArgument('a plugin spec is {"type": "<name>", ...params}', field=field)
+    return spec
+
+
+def model_bytes_per_parameter(model: LoadedModel) -> float:
+    """Weights (and quantisation scales) over parameters: 4 for fp32, about 1 for int8."""
+    if model.quantization is not None:
+        return model.quantization.model_bytes / model.quantization.num_parameters
+    params = list(model.module.parameters())
+    return sum(p.numel() * p.element_size() for p in params) / sum(p.numel() for p in params)
 
 
 def engine_config(options: EngineOptions, limits: SamplingLimits) -> EngineConfig:
@@ -64,10 +101,14 @@ class ModelServer:
         start = time.perf_counter()
         self.spec = spec
         self.replica_id = replica_id or spec.name
-        model = load_model(spec.path, store, dtype=spec.engine.dtype)
+        quantization = plugin_spec(spec.engine.quantization, "engine.quantization")
+        model = load_model(spec.path, store, dtype=spec.engine.dtype, quantization=quantization)
+        self.bytes_per_parameter = model_bytes_per_parameter(model)
         self.tokenizer = load_tokenizer(Path(model.path), store.root)
         detokenize = self._decode if self.tokenizer is not None else None
-        self.engine = LLMEngine(model, engine_config(spec.engine, limits), detokenize=detokenize)
+        speculative = plugin_spec(spec.engine.speculative, "engine.speculative")
+        drafter = create_drafter(speculative, store) if speculative is not None else None
+        self.engine = LLMEngine(model, engine_config(spec.engine, limits), detokenize=detokenize, drafter=drafter)
         self.load_seconds = time.perf_counter() - start
         self.failure: BaseException | None = None
 
@@ -110,6 +151,7 @@ class ModelServer:
             kv_cache_blocks=cache.num_blocks,
             max_model_len=self.engine.max_model_len,
             load_seconds=self.load_seconds,
+            bytes_per_parameter=self.bytes_per_parameter,
         )
 
     def check_health(self) -> None:
@@ -124,7 +166,17 @@ def chunk_of(out: RequestOutput, deltas: list[TextDeltas], *, whole: bool, queue
         new = c.token_ids if whole else c.new_token_ids
         logprobs = c.logprobs[len(c.logprobs) - len(new) :]  # one per token when asked for, else none
         finished = c.finish_reason is not None
-        completions.append(CompletionChunk(c.index, text.take(c.text, finished), list(new), logprobs, c.finish_reason))
+        completions.append(
+            CompletionChunk(
+                c.index,
+                text.take(c.text, finished),
+                list(new),
+                logprobs,
+                c.finish_reason,
+                c.num_draft_tokens,
+                c.num_accepted_tokens,
+            )
+        )
     return Chunk(
         request_id=out.request_id,
         completions=completions,

@@ -36,6 +36,10 @@ class EngineOptions:
     """0: the model's, capped by the KV cache."""
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    quantization: str = ""
+    """A quantizer plugin name or JSON spec; empty: full precision (or as stored)."""
+    speculative: str = ""
+    """A drafter plugin name or JSON spec; empty: no speculative decoding."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class CompletionChunk:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 @dataclass
@@ -99,6 +105,7 @@ class ReplicaStats:
     kv_cache_blocks: int
     max_model_len: int
     load_seconds: float
+    bytes_per_parameter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class ModelLoad:
     """Used blocks over all blocks of the reporting replicas."""
     kv_cache_blocks: int = 0
     load_seconds: float = 0.0
+    bytes_per_parameter: float = 0.0
 
     @classmethod
     def of(cls, stats: list[ReplicaStats], in_flight: int) -> ModelLoad:
@@ -136,6 +144,7 @@ class ModelLoad:
             kv_cache_usage=used / blocks if blocks else 0.0,
             kv_cache_blocks=blocks,
             load_seconds=max((s.load_seconds for s in stats), default=0.0),
+            bytes_per_parameter=max((s.bytes_per_parameter for s in stats), default=0.0),
         )
 
 

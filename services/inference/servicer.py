@@ -77,6 +77,8 @@ def model_spec(r: pb.LoadModelRequest) -> ModelSpec:
         max_model_len=ep.max_model_len,
         max_num_seqs=ep.max_num_seqs or ed.max_num_seqs,
         max_num_batched_tokens=ep.max_num_batched_tokens or ed.max_num_batched_tokens,
+        quantization=ep.quantization,
+        speculative=ep.speculative,
     )
     parts = r.path.split("/")
     default_name = parts[-2] if len(parts) >= 2 and parts[-1].isdigit() else parts[-1]
@@ -97,6 +99,8 @@ def response_pb(model: str, chunk: Chunk) -> pb.GenerateResponse:
                 token_ids=c.token_ids,
                 logprobs=[logprob_pb(lp) for lp in c.logprobs],
                 finish_reason=c.finish_reason or "",
+                draft_tokens=c.draft_tokens,
+                accepted_draft_tokens=c.accepted_draft_tokens,
             )
         )
     if chunk.finished:
@@ -118,7 +122,7 @@ def model_info_pb(status: ModelStatus) -> pb.ModelInfo:
         model_type=facts.model_type,
         context_length=status.context_length,
         dtype=spec.engine.dtype,
-        quantization="none",
+        quantization=spec.engine.quantization or "none",
         vocab_size=facts.vocab_size,
         has_tokenizer=facts.has_tokenizer,
         replicas=pb.ReplicaOptions(**vars(spec.replicas)),

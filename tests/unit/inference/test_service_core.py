@@ -18,7 +18,7 @@ from libs.common.errors import InvalidArgument, LlmpError, NotFound, ResourceExh
 from services.inference.config import InferenceConfig
 from services.inference.core import InferenceCore, LocalBackend
 from services.inference.engine import LLMEngine, SamplingLimits, SamplingParams, load_model
-from services.inference.schema import Chunk, GenerateInput, ModelSpec, ReplicaOptions
+from services.inference.schema import Chunk, EngineOptions, GenerateInput, ModelSpec, ReplicaOptions
 from services.inference.text import TextDeltas
 
 T = TypeVar("T")
@@ -230,3 +230,36 @@ def test_serve_backpressure_becomes_resource_exhausted() -> None:
     assert isinstance(domain_error(BackPressureError(num_queued_requests=1, max_queued_requests=1)), ResourceExhausted)
     error = InvalidArgument("must be >= 0", field="temperature")
     assert domain_error(error) is error
+
+
+def test_speculative_and_quantised_replicas_through_the_service(store: ArtifactStore) -> None:
+    prompt = [5, 17, 99, 3, 42, 5, 17, 99, 3, 42, 5, 17]  # repetitive: the n-gram drafter finds matches
+    expected = reference(store, prompt, greedy(24))
+
+    async def scenario() -> tuple[Chunk, Chunk, float, float]:
+        core = make_core(store)
+        engine = EngineOptions(speculative='{"type": "ngram", "num_tokens": 4}')
+        await core.load_model(ModelSpec("spec", TINY, engine=engine))
+        speculative = await core.generate("spec", GenerateInput("", greedy(24), token_ids=tuple(prompt)))
+        await core.load_model(ModelSpec("int8", TINY, engine=EngineOptions(quantization="int8")))
+        quantised = await core.generate("int8", GenerateInput("", greedy(24), token_ids=tuple(prompt)))
+        full = (await core.model_info("spec")).load.bytes_per_parameter
+        int8 = (await core.model_info("int8")).load.bytes_per_parameter
+        return speculative, quantised, full, int8
+
+    speculative, quantised, full, int8 = run(scenario())
+    completion = speculative.completions[0]
+    assert completion.token_ids == expected, "speculative decoding at temperature 0 changes nothing"
+    assert completion.draft_tokens > 0 and 0 <= completion.accepted_draft_tokens <= completion.draft_tokens
+    assert len(quantised.completions[0].token_ids) == 24
+    assert full == 4.0 and int8 < 2.0, "fp32 is 4 bytes per parameter; int8 layers cut it (embeddings stay fp32)"
+
+
+def test_bad_plugin_specs_name_the_field(store: ArtifactStore) -> None:
+    async def scenario(engine: EngineOptions) -> None:
+        await make_core(store).load_model(ModelSpec("bad", TINY, engine=engine))
+
+    with pytest.raises(InvalidArgument, match="quantization"):
+        run(scenario(EngineOptions(quantization="int3")))
+    with pytest.raises(InvalidArgument, match=r"engine\.speculative"):
+        run(scenario(EngineOptions(speculative="{not json")))
