@@ -27,6 +27,7 @@ from services.training.runner import run_job
 log = logging.getLogger(__name__)
 
 LOCAL_DASHBOARD_PORT = 8265
+RAY_START_ATTEMPTS = 2
 
 
 class Backend(ABC):
@@ -67,7 +68,15 @@ class LocalRayBackend(Backend):
             "dashboard_host": "127.0.0.1",
             "dashboard_port": LOCAL_DASHBOARD_PORT,
         }
-        ray.init(address=address or None, **({} if address else local))
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            try:
+                ray.init(address=address or None, **({} if address else local))
+                break
+            except Exception:  # a local raylet has a fixed 30 s to register, which a busy machine can miss
+                ray.shutdown()
+                if attempt == RAY_START_ATTEMPTS:
+                    raise
+                log.warning("Ray did not start (attempt %d of %d); trying again", attempt, RAY_START_ATTEMPTS)
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
 
     def start(self, job: JobRecord) -> None:
