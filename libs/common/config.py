@@ -35,6 +35,8 @@ class CommonConfig:
     log_format: str = doc("json or text", "json")
     redis_url: str = doc("Redis server; empty: the local one started by `llmp up`", "")
     redis_port: int = doc("port of the local Redis started by `llmp up`", 6379)
+    ray_port: int = doc("GCS port of the Ray head `llmp up` starts", 6380)
+    ray_dashboard_port: int = doc("Ray dashboard port, on 127.0.0.1", 8265)
     qdrant_url: str = doc("Qdrant server; empty: embedded", "")
     plugins_allow: list[str] = doc("third-party plugins allowed; empty: all", default_factory=list)
 

@@ -26,6 +26,8 @@ class ServiceSpec:
     name: str
     module: str
     default_port: int
+    needs_ray: bool = False
+    """The local stack starts a Ray head first and hands its address over in RAY_ADDRESS."""
 
 
 def configure(name: str, config_cls: type[C], argv: Sequence[str] | None = None) -> tuple[CommonConfig, C]:

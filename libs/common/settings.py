@@ -41,6 +41,8 @@ VARIABLES: dict[str, EnvVar] = {
         EnvVar("LLMP_LOG_FORMAT", "json", "log format: json (one object per line) or text"),
         EnvVar("LLMP_REDIS_URL", "", "Redis server to use; empty: `llmp up` starts a local one"),
         EnvVar("LLMP_REDIS_PORT", "6379", "port of the Redis that `llmp up` starts"),
+        EnvVar("LLMP_RAY_PORT", "6380", "GCS port of the Ray head that `llmp up` starts (unless RAY_ADDRESS is set)"),
+        EnvVar("LLMP_RAY_DASHBOARD_PORT", "8265", "port of Ray's dashboard, on 127.0.0.1"),
         EnvVar("LLMP_QDRANT_URL", "", "Qdrant server to use; empty: embedded Qdrant under LLMP_HOME"),
         EnvVar(
             "LLMP_PLUGINS_ALLOW", "", "comma-separated third-party plugins allowed (`kind:name` or `name`); empty: all"

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,10 +113,46 @@ class LocalStack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, "LLMP_HOME": str(self.home)},
+                env={**os.environ, **self._service_env()},
             )
         self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "address": target, "argv": argv}))
         return proc
+
+    def _service_env(self) -> dict[str, str]:
+        """What every process of the stack is told: where the state, Redis and Ray are."""
+        out = {"LLMP_HOME": str(self.home), "LLMP_REDIS_URL": self.redis_url()}
+        if os.environ.get("RAY_ADDRESS"):
+            out["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
+        elif self._running("ray"):
+            # `ray start` turns on Ray's token authentication and keeps the token in ~/.ray/auth_token.
+            out |= {"RAY_ADDRESS": f"127.0.0.1:{self.common.ray_port}", "RAY_AUTH_MODE": "token"}
+        return out
+
+    # -- ray ---------------------------------------------------------------------------------
+    def _start_ray(self, timeout: float) -> None:
+        """A Ray head in the foreground (`ray start --block`), so SIGTERM stops it like the rest."""
+        if os.environ.get("RAY_ADDRESS") or self._running("ray"):
+            return
+        argv = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.common.ray_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.common.ray_dashboard_port}",
+        ]
+        proc = self._spawn("ray", argv, f"127.0.0.1:{self.common.ray_port}")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and proc.poll() is None:
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", self.common.ray_port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise Unavailable(f"the Ray head did not start; see {self.log_dir / 'ray.log'}")
 
     # -- redis -------------------------------------------------------------------------------
     def redis_url(self) -> str:
@@ -159,6 +196,8 @@ class LocalStack:
         """Start what is not running yet and wait until everything is SERVING."""
         self._start_redis(timeout)
         specs = [s for s in installed_services() if not only or s.name in only]
+        if any(s.needs_ray and not self._running(s.name) for s in specs):
+            self._start_ray(timeout)
         started: list[tuple[ServiceSpec, subprocess.Popen[bytes]]] = []
         for spec in specs:
             if self._running(spec.name):
@@ -171,7 +210,7 @@ class LocalStack:
 
     def down(self, timeout: float = 60.0) -> list[str]:
         """SIGTERM every process (services first, Redis last), SIGKILL what outlives the timeout."""
-        names = [s.name for s in reversed(installed_services())] + ["redis"]
+        names = [s.name for s in reversed(installed_services())] + ["ray", "redis"]
         stopped = []
         for name in names:
             record = self._running(name)
@@ -189,16 +228,14 @@ class LocalStack:
 
     def status(self) -> list[Status]:
         rows = []
-        if not self.common.redis_url:
-            record = self._running("redis")
-            rows.append(
-                Status(
-                    "redis",
-                    "RUNNING" if record else "STOPPED",
-                    f"127.0.0.1:{self.common.redis_port}",
-                    record["pid"] if record else None,
-                )
-            )
+        for name, port, external in (
+            ("redis", self.common.redis_port, self.common.redis_url),
+            ("ray", self.common.ray_port, os.environ.get("RAY_ADDRESS")),
+        ):
+            record = self._running(name)
+            if not external and (record or name == "redis"):
+                state = "RUNNING" if record else "STOPPED"
+                rows.append(Status(name, state, f"127.0.0.1:{port}", record["pid"] if record else None))
         for spec in installed_services():
             record = self._running(spec.name)
             target = address(spec.name)

@@ -23,7 +23,7 @@ from services.inference.core import Backend, InferenceCore, LocalBackend
 from services.inference.engine import SamplingLimits
 from services.inference.servicer import SERVICE_NAME, InferenceServicer
 
-SPEC = ServiceSpec(name="inference", module="services.inference", default_port=50054)
+SPEC = ServiceSpec(name="inference", module="services.inference", default_port=50054, needs_ray=True)
 
 
 def make_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:

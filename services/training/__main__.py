@@ -18,7 +18,7 @@ from services.training.config import TrainingConfig
 from services.training.core import TrainingCore
 from services.training.servicer import SERVICE_NAME, TrainingServicer
 
-SPEC = ServiceSpec(name="training", module="services.training", default_port=50053)
+SPEC = ServiceSpec(name="training", module="services.training", default_port=50053, needs_ray=True)
 
 
 def build(common: CommonConfig, config: TrainingConfig) -> tuple[Server, TrainingCore]:

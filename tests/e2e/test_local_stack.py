@@ -40,7 +40,7 @@ def test_stack_up_use_and_down(tmp_path: Path) -> None:
         "COLUMNS": "200",
     }
     try:
-        up = llmp(env, "up")
+        up = llmp(env, "up", "--only", "tokenizer")
         assert "tokenizer" in up and "SERVING" in up
         assert redis.Redis(port=int(env["LLMP_REDIS_PORT"])).ping()
         status = llmp(env, "status")
