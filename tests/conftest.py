@@ -80,7 +80,7 @@ def start_service(name: str, home: Path, extra_env: dict[str, str] | None = None
             stderr=subprocess.STDOUT,
         )
     service = ServiceProcess(name, f"127.0.0.1:{port}", home, proc, log)
-    if not wait_serving(service.address, 60, is_alive=lambda: proc.poll() is None):
+    if not wait_serving(service.address, 240, is_alive=lambda: proc.poll() is None):
         proc.kill()
         raise RuntimeError(f"{name} did not start:\n{service.output()}")
     return service
