@@ -177,6 +177,7 @@ class ServeBackend:
             log.info("attached to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
             return
         context = ray.init(
+            address="local",  # a new Ray of our own, never another process's that happens to run here
             namespace=NAMESPACE,
             num_cpus=self.ray_num_cpus or None,
             include_dashboard=self.dashboard,

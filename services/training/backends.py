@@ -70,7 +70,8 @@ class LocalRayBackend(Backend):
         }
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             try:
-                ray.init(address=address or None, **({} if address else local))
+                # "local": a new Ray of our own, never another process's that happens to run here
+                ray.init(address=address or "local", **({} if address else local))
                 break
             except Exception:  # a local raylet has a fixed 30 s to register, which a busy machine can miss
                 ray.shutdown()

@@ -99,6 +99,10 @@ class BlockPool:
             else:
                 self._free.append(block)
 
+    def retain(self, block: int) -> None:
+        """Take one more reference on a block in use (a forked sequence shares it)."""
+        self._refs[block] += 1
+
     def lookup(self, key: bytes) -> int | None:
         """Take a reference on the block registered under `key`, if any."""
         block = self._block_of.get(key)
@@ -211,6 +215,30 @@ class KVCache:
             key = block_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
             self.pool.register(table.blocks[i], key)
             table.hashes.append(key)
+
+    def fork(self, parent: str, child: str, num_tokens: int) -> bool:
+        """Give `child` the cached keys/values of `parent`'s first `num_tokens` tokens (beam search).
+
+        Full blocks are shared, reference counted: no sequence writes into a full block again. The
+        partial last block is copied, since parent and child each write their next token into it.
+        False, with nothing changed, when the pool has no block for that copy.
+        """
+        table = self._tables.get(parent, BlockTable([], []))
+        full, partial = divmod(num_tokens, self.block_size)
+        if partial and self.pool.num_available == 0:
+            return False
+        shared = table.blocks[:full]
+        for block in shared:
+            self.pool.retain(block)
+        forked = self._tables[child] = BlockTable(list(shared), table.hashes[:full])
+        if partial:
+            copy = self.pool.allocate()
+            offsets = torch.arange(partial)
+            src, dst = table.blocks[full] * self.block_size + offsets, copy * self.block_size + offsets
+            self.key[:, dst] = self.key[:, src]  # [layers, partial, kv_heads, head_dim]
+            self.value[:, dst] = self.value[:, src]
+            forked.blocks.append(copy)
+        return True
 
     def free(self, seq_id: str) -> None:
         table = self._tables.pop(seq_id, None)

@@ -165,6 +165,7 @@ class SamplingLimits:
     max_tokens: int = 4096
     max_logprobs: int = 20
     max_stop_strings: int = 16
+    max_beam_width: int = 16
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,12 @@ class SamplingParams:
     """None: none; k >= 0: the chosen token's log-probability and the k most likely alternatives."""
     processors: tuple[Mapping[str, Any], ...] = ()
     """Extra plugin specs {"type": name, ...params}, applied after the penalties."""
+    beam_width: int = 1
+    """Beam search over this many beams (1: off); the n best finished beams are returned."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam scores sum(logprobs) / generated_len ** length_penalty."""
+    early_stopping: bool | str = False
+    """Beam search stop rule, as in transformers: True, False (a heuristic) or "never"."""
 
     @property
     def greedy(self) -> bool:
@@ -219,7 +226,18 @@ class SamplingParams:
                 f"must be in [0, {limits.max_logprobs}]",
             ),
             (self.seed is None or 0 <= self.seed < 2**63 - 2**16, "seed", "must be a non-negative 63-bit integer"),
+            (1 <= self.beam_width <= limits.max_beam_width, "beam_width", f"must be in [1, {limits.max_beam_width}]"),
+            (math.isfinite(self.length_penalty), "length_penalty", "must be finite"),
+            (self.early_stopping in (True, False, "never"), "early_stopping", 'must be true, false or "never"'),
         ]
+        if self.beam_width > 1:
+            checks += [
+                (self.n <= self.beam_width, "n", f"must be <= beam_width ({self.beam_width})"),
+                (self.greedy, "temperature", "must be 0 with beam search, which is deterministic"),
+                (len(self.specs()) == 1, "beam_width", "beam search takes no penalties, logit_bias or processors"),
+                (not self.stop, "stop", "stop strings are not supported with beam search"),
+                (self.logprobs is None, "logprobs", "are not returned with beam search"),
+            ]
         for ok, name, message in checks:
             if not ok:
                 raise InvalidArgument(f"{message} (got {getattr(self, name)!r})", field=name)

@@ -11,6 +11,9 @@ prompt is spread over several steps instead of stalling everyone's decoding. Seq
 leave between steps. When the cache has no block for a decoding sequence, the most recently
 arrived running sequence is preempted: its blocks are freed and it goes back to the head of the
 queue, to be recomputed later (cheaply, since its full blocks stay in the prefix cache).
+
+Beam search forks sequences: a new beam shares its parent's cache blocks (`fork`), and a beam
+that has computed everything waits, unscheduled, until its siblings' logits are in.
 """
 
 from __future__ import annotations
@@ -90,8 +93,24 @@ class Scheduler:
         self._abort.add(request_id)
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        (self.running if seq in self.running else self.waiting).remove(seq)
         self.cache.free(seq.seq_id)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Add `child`, which continues `parent`'s tokens (a new beam), sharing its computed cache.
+
+        Without room in the batch or for the copy of a partial block, the child waits at the head of
+        the queue and is recomputed (its full prompt blocks still come from the prefix cache).
+        """
+        if (
+            parent in self.running
+            and len(self.running) < self.config.max_num_seqs
+            and self.cache.fork(parent.seq_id, child.seq_id, parent.num_computed)
+        ):
+            child.num_computed = parent.num_computed
+            self.running.append(child)
+        else:
+            self.waiting.appendleft(child)
 
     def schedule(self) -> ScheduledStep:
         aborted = self._take_aborted()
@@ -101,6 +120,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq not in self.running:  # preempted earlier in this loop
+                continue
+            if seq.remaining == 0:  # a beam whose siblings have not produced their logits yet
                 continue
             if seq.remaining == 1 and not self._make_room(seq):
                 continue
