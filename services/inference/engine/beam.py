@@ -128,8 +128,14 @@ class BeamSearch:
                 live.append(parent)
                 continue
             child_id = f"{parent.request_id}/{next(self._ids)}"
-            tokens = [*parent.token_ids, token]
-            child = Sequence(child_id, parent.request_id, tokens, parent.prompt_len, arrival=parent.arrival)
+            child = Sequence(
+                child_id,
+                parent.request_id,
+                [*parent.token_ids, token],
+                parent.prompt_len,
+                arrival=parent.arrival,
+                cache_salt=parent.cache_salt,
+            )
             step.forked.append((parent, child))
             live.append(child)
         for parent_index, token in extended.items():  # after the forks copied the parents' tokens

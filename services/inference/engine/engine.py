@@ -8,10 +8,13 @@
 Each `step()` schedules (scheduler.py), runs one packed forward over the paged cache
 (model_runner.py, kv_cache.py), samples the sequences whose chunk reached their end
 (sampling.py) and reports progress per request. With a drafter, those chunks also carry drafted
-tokens that the same forward pass verifies (speculative.py). Requests are validated completely in
-`add_request`, so a bad one is refused before any engine work. `stream()` drives steps from an
-asyncio task, with the forward pass off the event loop; a stream the caller stops reading is
-aborted, which frees its slot and blocks at the next step.
+tokens that the same forward pass verifies (speculative.py). A request with beam_width > 1 runs
+beam search (beam.py): its beams are sequences of the batch that fork and share cache blocks, and
+its n best hypotheses are reported when the search ends. LoRA adapters, loaded and unloaded at
+run time, are chosen per request and applied per token of the packed step (lora.py). Requests are
+validated completely in `add_request`, so a bad one is refused before any engine work.
+`stream()` drives steps from an asyncio task, with the forward pass off the event loop; a stream
+the caller stops reading is aborted, which frees its slot and blocks at the next step.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from libs.common.errors import InvalidArgument
+from libs.common.artifacts import ArtifactStore
+from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.inference.engine.beam import BeamSearch
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
+from services.inference.engine.lora import LoraAdapters, adapter_dir
 from services.inference.engine.model_loader import LoadedModel
 from services.inference.engine.model_runner import Chunk, ModelRunner
 from services.inference.engine.sampling import (
@@ -93,6 +100,7 @@ class _Request:
     completions: list[CompletionOutput]
     emitted: list[int]  # tokens of each completion already reported
     unfinished: int  # completions without a finish reason
+    beams: BeamSearch | None = None  # set for beam search, whose live beams replace `sequences`
 
 
 class LLMEngine:
@@ -105,13 +113,17 @@ class LLMEngine:
         *,
         detokenize: Callable[[list[int]], str] | None = None,
         drafter: Drafter | None = None,
+        store: ArtifactStore | None = None,
     ) -> None:
+        """`store` is where `load_adapter` finds adapters; without one, none can be loaded."""
         module = model.module if isinstance(model, LoadedModel) else model
         self.config = config or EngineConfig()
         self.model_config = module.config
         param = next(module.parameters())
         self.cache = KVCache(module.config, self.config.kv_cache, dtype=param.dtype, device=param.device)
         self.runner = ModelRunner(module, self.cache)
+        self.store = store
+        self.adapters = LoraAdapters(module)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.detokenize = detokenize
         self.vocab_size: int = module.config.vocab_size
@@ -119,7 +131,8 @@ class LLMEngine:
         self.speculator = (
             Speculator(drafter, self.cache, token_budget=budget, vocab_size=self.vocab_size) if drafter else None
         )
-        model_len = getattr(module.config, "max_position_embeddings", None) or self.cache.capacity_tokens
+        scaled_len = model.max_model_len if isinstance(model, LoadedModel) else None
+        model_len = scaled_len or getattr(module.config, "max_position_embeddings", None) or self.cache.capacity_tokens
         self.max_model_len = min(self.config.max_model_len or model_len, model_len, self.cache.capacity_tokens)
         eos = module.config.eos_token_id
         self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -139,13 +152,22 @@ class LLMEngine:
         self._validate(prompt, params, request_id)
         rid = request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        samplers = [Sampler(params, seed + i) for i in range(params.n)]
-        seqs = [Sequence(f"{rid}/{i}", rid, list(prompt), len(prompt)) for i in range(params.n)]
+        beam = params.beam_width > 1
+        samplers = [] if beam else [Sampler(params, seed + i) for i in range(params.n)]
+        seqs = [Sequence(f"{rid}/{i}", rid, list(prompt), len(prompt)) for i in range(1 if beam else params.n)]
         completions = [CompletionOutput(i) for i in range(params.n)]
         request = _Request(rid, prompt, params, seqs, samplers, completions, [0] * params.n, params.n)
+        if beam:
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            request.beams = BeamSearch(seqs[0], params, stop_ids, params.max_tokens)
         with self._lock:
             if rid in self._requests:
                 raise InvalidArgument(f"{rid!r} is already running", field="request_id")
+            if params.adapter is not None:
+                if params.adapter not in self.adapters:
+                    raise NotFound(f"no adapter {params.adapter!r} is loaded", field="adapter")
+                for seq in seqs:  # its KV differs from the base model's for the same tokens
+                    seq.cache_salt = self.adapters.adapters[params.adapter].key
             self.scheduler.add(seqs)
             self._requests[rid] = request
             self._by_seq.update({s.seq_id: (request, i) for i, s in enumerate(seqs)})
@@ -166,10 +188,23 @@ class LLMEngine:
                 f"{len(prompt)} prompt tokens + {params.max_tokens} exceed the context of {self.max_model_len}",
                 field="max_tokens",
             )
+        if params.beam_width > 1:
+            self._validate_beams(len(prompt), params)
         if params.stop and self.detokenize is None:
             raise InvalidArgument("stop strings need a model served with its tokenizer", field="stop")
         if request_id is not None and not request_id:
             raise InvalidArgument("must not be empty", field="request_id")
+
+    def _validate_beams(self, prompt_len: int, params: SamplingParams) -> None:
+        if self.speculator is not None:
+            raise InvalidArgument("beam search does not run with speculative decoding", field="beam_width")
+        # Every beam at full length must fit at once, or beams could only advance by evicting each other.
+        blocks_per_beam = -(-(prompt_len + params.max_tokens) // self.cache.block_size)
+        if params.beam_width * blocks_per_beam > self.cache.num_blocks:
+            raise InvalidArgument(
+                f"{params.beam_width} beams of {prompt_len + params.max_tokens} tokens do not fit the KV cache",
+                field="beam_width",
+            )
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its slot and blocks are freed at the next step. False if it is not running."""
@@ -178,6 +213,21 @@ class LLMEngine:
                 return False
             self.scheduler.abort(request_id)
             return True
+
+    def load_adapter(self, name: str, location: str | Path) -> None:
+        """Load a peft LoRA folder (a store id or a path inside the store) for requests to name."""
+        if self.store is None:
+            raise FailedPrecondition("the engine was built without an artifact store", field="adapter")
+        directory = adapter_dir(location, self.store)
+        with self._lock:
+            self.adapters.load(name, directory)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; refused while a request uses it."""
+        with self._lock:
+            if any(r.params.adapter == name for r in self._requests.values()):
+                raise FailedPrecondition(f"adapter {name!r} is in use", field="adapter")
+            self.adapters.unload(name)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -189,9 +239,11 @@ class LLMEngine:
             scheduled = self.scheduler.schedule()
             touched = {s.request_id: self._finish(s, "abort", free=False) for s in scheduled.aborted}
             drafting = self._draft_requests(scheduled.chunks, scheduled.sequences) if self.speculator else {}
+            adapters = [self._by_seq[s.seq_id][0].params.adapter for s in scheduled.sequences]
         if scheduled.chunks:
             chunks = self.speculator.extend(scheduled.chunks, drafting) if self.speculator else scheduled.chunks
-            logits = self.runner.forward(chunks)  # [sampled + drafted, vocab]
+            with self.adapters.step([a for c, a in zip(chunks, adapters, strict=True) for _ in c.token_ids]):
+                logits = self.runner.forward(chunks)  # [sampled + drafted, vocab]
             with self._lock:
                 self.scheduler.advance(scheduled)
                 sampled = [(c, s) for c, s in zip(chunks, scheduled.sequences, strict=True) if c.sample]
@@ -216,6 +268,9 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> _Request:
         request, index = self._by_seq[seq.seq_id]
+        if request.beams is not None:
+            self._append_beam(request, request.beams, seq, logits)
+            return request
         ctx = SamplingContext(request.prompt_ids, seq.output_ids)
         token, logprob = request.samplers[index].sample(logits, ctx)
         self._push(request, index, seq, token, logprob)
@@ -236,6 +291,29 @@ class LLMEngine:
                 return request
         self.scheduler.accept(seq, accepted)
         return request
+
+    def _append_beam(self, request: _Request, beams: BeamSearch, seq: Sequence, logits: torch.Tensor) -> None:
+        """Hand a beam's logits [vocab] to the search; apply its selection once all live beams have them."""
+        step = beams.add(seq, logits)
+        if step is None:
+            return
+        for old in step.dropped:  # first, so that their blocks are free for the forks' copies
+            del self._by_seq[old.seq_id]
+            self.scheduler.finish(old)
+        for parent, child in step.forked:
+            self.scheduler.fork(parent, child)
+            self._by_seq[child.seq_id] = (request, 0)
+        if beams.done:
+            for completion, hypothesis in zip(request.completions, beams.finished, strict=False):
+                completion.token_ids = list(hypothesis.token_ids)
+                completion.text = self.detokenize(completion.token_ids) if self.detokenize else None
+            self._end_beams(request, [h.finish_reason for h in beams.finished])
+
+    def _end_beams(self, request: _Request, reasons: list[str]) -> None:
+        for completion, reason in zip(request.completions, reasons, strict=False):
+            completion.finish_reason = reason
+        request.unfinished = 0
+        del self._requests[request.request_id]
 
     def _push(self, request: _Request, index: int, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
         """Append a token to a sample; True if it finished the sample."""
@@ -266,6 +344,11 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, *, free: bool) -> _Request:
         request, index = self._by_seq.pop(seq.seq_id)
+        if request.beams is not None:  # only an abort ends a beam from outside the search
+            request.beams.discard(seq)
+            if not request.beams.live:
+                self._end_beams(request, [reason] * request.params.n)
+            return request
         request.completions[index].finish_reason = reason
         if free:
             self.scheduler.finish(seq)

@@ -9,7 +9,8 @@ Prefix caching: a block whose `block_size` tokens are all computed is registered
 its tokens chained with the hash of the block before it, so equal hashes mean equal prefixes. A
 new sequence whose prompt starts with registered blocks shares them (reference counted) instead
 of recomputing them. Freed registered blocks stay reusable until the pool needs them back, oldest
-first (LRU).
+first (LRU). A salt starts the chain where equal tokens give different keys and values (a LoRA
+adapter), so such sequences never share blocks.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ class KVCache:
         table = self._tables.setdefault(seq_id, BlockTable([], []))
         table.blocks.extend(self.pool.allocate() for _ in range(needed))
 
-    def match_prefix(self, seq_id: str, token_ids: list[int]) -> int:
+    def match_prefix(self, seq_id: str, token_ids: list[int], salt: bytes = b"") -> int:
         """Share the cached blocks of the longest cached prefix; returns the tokens they cover.
 
         At least one token is always left to compute, since its logits start the generation.
@@ -194,7 +195,7 @@ class KVCache:
         if not self.config.prefix_caching or seq_id in self._tables:
             return 0
         table = self._tables[seq_id] = BlockTable([], [])
-        parent = b""
+        parent = salt
         for i in range((len(token_ids) - 1) // self.block_size):
             key = block_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
             block = self.pool.lookup(key)
@@ -205,13 +206,13 @@ class KVCache:
             parent = key
         return len(table.blocks) * self.block_size
 
-    def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+    def commit(self, seq_id: str, token_ids: list[int], num_computed: int, salt: bytes = b"") -> None:
         """Register the sequence's blocks that became full with computed tokens."""
         if not self.config.prefix_caching:
             return
         table = self._tables[seq_id]
         for i in range(len(table.hashes), num_computed // self.block_size):
-            parent = table.hashes[-1] if table.hashes else b""
+            parent = table.hashes[-1] if table.hashes else salt
             key = block_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
             self.pool.register(table.blocks[i], key)
             table.hashes.append(key)

@@ -5,7 +5,8 @@ safetensors files only (never a pickle); `transformers` also maps renamed checkp
 GPT-NeoX's `embed_out`) and ties shared weights. Any weight missing, unexpected or of the wrong
 shape is an error rather than a silently random tensor. Locations are either ids relative
 to the artifact store or absolute paths that must resolve inside the store's root; a symlink
-that leads out of the root is refused like a `..` would be.
+that leads out of the root is refused like a `..` would be. RoPE scaling, when asked for, is set
+on the config before the model is built (rope.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, NotFound
 from services.inference.engine.quantization import QuantizationReport, is_prequantized, load_quantized, quantize
+from services.inference.engine.rope import apply_rope_scaling
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2", "gpt_neox")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +38,8 @@ class LoadedModel:
     path: Path
     quantization: QuantizationReport | None = None
     """Set for a quantised replica: its method, kernels and bytes per parameter."""
+    max_model_len: int | None = None
+    """Context in tokens when RoPE scaling extends it past the config's max_position_embeddings."""
 
     @property
     def num_parameters(self) -> int:
@@ -89,11 +93,13 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     quantization: Mapping[str, Any] | str | None = None,
+    rope_scaling: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     """Build the model from its config and load its safetensors weights; eval mode, no grad.
 
     `quantization` is a quantizer spec applied after loading; a directory saved pre-quantised
-    (quantization.json) is loaded as it is, and takes no spec.
+    (quantization.json) is loaded as it is, and takes no spec. `rope_scaling` is
+    {"rope_type": "linear" | "dynamic" | "yarn", "factor": f, ...}; it extends the context by f.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -102,11 +108,12 @@ def load_model(
     directory = model_dir(location, store)
     config = read_config(directory)
     check_weight_files(directory, store.root)
+    context = apply_rope_scaling(config, rope_scaling) if rope_scaling is not None else None
     if is_prequantized(directory):
         if quantization is not None:
             raise InvalidArgument("the model is stored pre-quantised; omit it", field="quantization")
         module, prequantized = load_quantized(directory, config, dtype=dtype, device=device)
-        return LoadedModel(module, config, directory, prequantized)
+        return LoadedModel(module, config, directory, prequantized, context)
     loaded: Any = AutoModelForCausalLM.from_pretrained(
         directory,
         config=config,
@@ -123,4 +130,4 @@ def load_model(
         raise InvalidArgument(f"weights do not match config.json: {problems}", field="model")
     module.eval().requires_grad_(False)
     report = quantize(module, quantization) if quantization is not None else None
-    return LoadedModel(module, config, directory, report)
+    return LoadedModel(module, config, directory, report, context)

@@ -200,6 +200,8 @@ class SamplingParams:
     """Beam search: a finished beam scores sum(logprobs) / generated_len ** length_penalty."""
     early_stopping: bool | str = False
     """Beam search stop rule, as in transformers: True, False (a heuristic) or "never"."""
+    adapter: str | None = None
+    """Name of a LoRA adapter loaded in the engine; None: the base model."""
 
     @property
     def greedy(self) -> bool:

@@ -51,6 +51,8 @@ class Sequence:
     num_cached: int = 0
     """Prompt tokens taken from the prefix cache at admission."""
     arrival: int = field(default_factory=lambda: next(_arrival))
+    cache_salt: bytes = b""
+    """Separates this sequence's prefix-cache entries from equal tokens computed otherwise (an adapter)."""
 
     @property
     def output_ids(self) -> list[int]:
@@ -104,7 +106,7 @@ class Scheduler:
         """
         if (
             parent in self.running
-            and len(self.running) < self.config.max_num_seqs
+            and self._batch_size() < self.config.max_num_seqs
             and self.cache.fork(parent.seq_id, child.seq_id, parent.num_computed)
         ):
             child.num_computed = parent.num_computed
@@ -129,7 +131,7 @@ class Scheduler:
             if seq.remaining > 1 and not self.cache.can_allocate(seq.seq_id, seq.num_computed + n):
                 continue
             budget -= self._add_chunk(step, seq, n)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._batch_size() < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not self._admit(seq, budget):
                 break
@@ -142,12 +144,16 @@ class Scheduler:
         """Record that the step's chunks are in the cache, registering blocks that became full."""
         for chunk, seq in zip(step.chunks, step.sequences, strict=True):
             seq.num_computed += len(chunk.token_ids)
-            self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed, seq.cache_salt)
 
     def accept(self, seq: Sequence, num_tokens: int) -> None:
         """Count verified draft tokens as computed: the step that verified them wrote their KV."""
         seq.num_computed += num_tokens
-        self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+        self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed, seq.cache_salt)
+
+    def _batch_size(self) -> int:
+        """Running sequences that take part in steps: a waiting beam must not hold a place its sibling needs."""
+        return sum(s.remaining > 0 for s in self.running)
 
     def _add_chunk(self, step: ScheduledStep, seq: Sequence, n: int) -> int:
         self.cache.allocate(seq.seq_id, seq.num_computed + n)
@@ -160,7 +166,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> bool:
         """Share cached prefix blocks and check that the first chunk fits; undo the sharing if not."""
         if seq.num_computed == 0:
-            seq.num_computed = seq.num_cached = self.cache.match_prefix(seq.seq_id, seq.token_ids)
+            seq.num_computed = seq.num_cached = self.cache.match_prefix(seq.seq_id, seq.token_ids, seq.cache_salt)
         if self.cache.can_allocate(seq.seq_id, seq.num_computed + min(seq.remaining, budget)):
             return True
         self.cache.free(seq.seq_id)
