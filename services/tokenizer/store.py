@@ -169,16 +169,13 @@ class TokenizerStore:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        base = self._load_base(resolved) if truncation or padding else None
+        base = self.load(resolved.id) if truncation or padding else None
         loaded = self._configure(base, truncation, padding) if base else self._read(resolved)
         with self._lock:
             self._cache[key] = loaded
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return loaded
-
-    def _load_base(self, ref: Ref) -> Loaded:
-        return self.load(ref.id)
 
     def _read(self, ref: Ref) -> Loaded:
         info = self._info(ref)

@@ -53,7 +53,6 @@ class TrainJob:
     status: JobStatus
     spec: dict[str, Any]
     files: list[str]
-    texts: list[str]
     workdir: Path
     meta: dict[str, Any]
     chat_template: str
@@ -117,7 +116,6 @@ class TrainingJobs:
             JobStatus(job_id, name, corpus_bytes=meta.get("corpus_bytes", 0)),
             spec,
             all_files,
-            texts,
             workdir,
             meta,
             chat_template,
