@@ -66,6 +66,11 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_RETRIEVAL_MAX_DOCUMENT_BYTES", str(8 << 20), "largest single document (UTF-8 bytes)"),
                 EnvVar("LLMP_RETRIEVAL_MAX_TOP_K", "1000", "most hits one search returns"),
                 EnvVar("LLMP_RETRIEVAL_EMBEDDER_CACHE", "4", "embedders kept loaded in memory"),
+                EnvVar(
+                    "LLMP_RETRIEVAL_FAULT_POINT",
+                    "",
+                    "test hook: the process kills itself at this ingest step (after_journal, after_upsert)",
+                ),
             ],
         ),
         *_service_vars(

@@ -15,3 +15,4 @@ class RetrievalConfig(ServiceConfig):
     max_document_bytes: int = doc("largest single document (UTF-8 bytes)", 8 << 20)
     max_top_k: int = doc("most hits one search returns", 1000)
     embedder_cache: int = doc("embedders kept loaded in memory", 4)
+    fault_point: str = doc("test hook: the process kills itself at this ingest step (after_journal, after_upsert)", "")

@@ -2,14 +2,24 @@
 
 The gRPC servicer is a thin adapter over this class, and tests call it directly too. Methods
 raise `libs.common.errors` exceptions for bad input. Ingest checks, chunks and embeds every
-document before it writes anything; a document is then written by upserting its new chunks
-(ids derived from document id and position, tagged with a fresh ingest id) and deleting the
-chunks of its previous version, so a retry never duplicates and a re-ingest replaces.
+document before it writes anything. A document is then replaced as one step, as search sees it:
+
+1. a journal record (collection, document, new generation, chunk count) is written to the store;
+2. the new chunks are upserted under ids of their own generation, hidden from search meanwhile;
+3. the chunks of every other generation of the document are deleted, then the record.
+
+A crash anywhere leaves a journal record that the next start settles: if every chunk of the new
+generation is stored, the older ones go (roll forward); otherwise the new ones go (roll back,
+the previous version stays whole). A retry of the same call replaces again, so retries never
+duplicate. Replacements of one document are serialised.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import threading
 import uuid
 from collections import OrderedDict
@@ -38,6 +48,10 @@ CODE_SUFFIXES = {".py", ".pyi", ".js", ".ts", ".go", ".rs", ".java", ".c", ".h",
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 MAX_ID_CHARS = 512
 POINT_NAMESPACE = uuid.UUID("6f1c2b1e-3c1a-4c53-9a0e-52b1d0f6a0c4")
+JOURNAL = "_llmp_ingest_journal"
+FAULT_POINTS = ("after_journal", "after_upsert")
+
+log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = (
     "Answer the question using only the numbered sources below, and cite them as [n].\n\n"
     "{context}\n\nQuestion: {question}\nAnswer:"
@@ -128,8 +142,12 @@ class Context:
     dropped: int
 
 
-def point_id(document_id: str, index: int) -> str:
-    return str(uuid.uuid5(POINT_NAMESPACE, f"{document_id}\x00{index}"))
+def point_id(document_id: str, generation: str, index: int) -> str:
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{document_id}\x00{generation}\x00{index}"))
+
+
+def journal_id(collection: str, document_id: str) -> str:
+    return str(uuid.uuid5(POINT_NAMESPACE, f"journal\x00{collection}\x00{document_id}"))
 
 
 def kind_of(path: str) -> str:
@@ -141,6 +159,21 @@ def document_filter(document_id: str) -> dict[str, Any]:
     return {"must": [{"key": "document_id", "match": {"value": document_id}}]}
 
 
+def generation_filter(document_id: str, generation: str, same: bool) -> dict[str, Any]:
+    """Chunks of `document_id` of generation `generation` (same) or of any other one."""
+    doc = {"key": "document_id", "match": {"value": document_id}}
+    gen = {"key": "ingest", "match": {"value": generation}}
+    return {"must": [doc, gen]} if same else {"must": [doc], "must_not": [gen]}
+
+
+def hiding(filter: dict[str, Any] | None, generations: Sequence[str]) -> dict[str, Any] | None:
+    """`filter` that also leaves out chunks of the given (in-flight) generations."""
+    if not generations:
+        return filter
+    hidden: dict[str, Any] = {"must_not": [{"key": "ingest", "match": {"any": list(generations)}}]}
+    return hidden | {"must": [filter]} if filter else hidden
+
+
 class RetrievalCore:
     def __init__(self, config: RetrievalConfig, artifacts: ArtifactStore, store: VectorStore) -> None:
         self.config = config
@@ -149,6 +182,39 @@ class RetrievalCore:
         self._encoders: OrderedDict[str, Encoder] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer_client: TokenizerClient | None = None
+        if config.fault_point and config.fault_point not in FAULT_POINTS:
+            raise ValueError(f"fault_point must be one of {FAULT_POINTS}, not {config.fault_point!r}")
+        self._documents_lock = threading.Lock()
+        self._document_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._in_flight: dict[str, set[str]] = {}  # collection -> generations being written
+        self.recover()
+
+    # -- the ingest journal ------------------------------------------------------------------
+    def recover(self) -> int:
+        """Settle replacements a crash interrupted (see the module docstring); returns how many."""
+        settled = 0
+        for key, entry in self.store.records(JOURNAL).items():
+            collection, doc, generation = entry["collection"], entry["document_id"], entry["generation"]
+            if self.store.exists(collection):
+                stored = self.store.count(collection, generation_filter(doc, generation, same=True))
+                complete = stored == entry["chunks"]
+                self.store.delete(collection, generation_filter(doc, generation, same=not complete))
+                log.warning(
+                    "settled an interrupted ingest of %r in %r: %s (%d of %d new chunks were stored)",
+                    doc, collection, "rolled forward" if complete else "rolled back", stored, entry["chunks"],
+                )  # fmt: skip
+            self.store.drop_record(JOURNAL, key)
+            settled += 1
+        return settled
+
+    def _document_lock(self, collection: str, doc: str) -> threading.Lock:
+        with self._documents_lock:
+            return self._document_locks.setdefault((collection, doc), threading.Lock())
+
+    def _fault(self, point: str) -> None:
+        """Test hook (LLMP_RETRIEVAL_FAULT_POINT): die here as a crash would, with no clean-up."""
+        if self.config.fault_point == point:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- plugins -----------------------------------------------------------------------------
     def encoder(self, spec: dict[str, Any], field: str = "embedder") -> Encoder:
@@ -333,11 +399,11 @@ class RetrievalCore:
         return done
 
     def _write(self, collection: str, doc: Prepared, vectors: np.ndarray, bm25: BM25 | None) -> Ingested:
-        """Replace one document: upsert its chunks under a new ingest id, then drop the older ones."""
+        """Replace one document by a new generation of its chunks, journalled (see the module docstring)."""
         ingest = uuid.uuid4().hex
         points = [
             Point(
-                point_id(doc.id, c.index),
+                point_id(doc.id, ingest, c.index),
                 vector.tolist(),
                 {
                     "document_id": doc.id,
@@ -355,11 +421,31 @@ class RetrievalCore:
             )
             for c, vector in zip(doc.chunks, vectors, strict=True)
         ]
-        previous = self.store.count(collection, document_filter(doc.id))
-        self.store.upsert(collection, points)
-        stale = document_filter(doc.id) | {"must_not": [{"key": "ingest", "match": {"value": ingest}}]}
-        self.store.delete(collection, stale)
+        key = journal_id(collection, doc.id)
+        with self._document_lock(collection, doc.id):
+            previous = self.store.count(collection, document_filter(doc.id))
+            entry = {"collection": collection, "document_id": doc.id, "generation": ingest, "chunks": len(points)}
+            self.store.put_record(JOURNAL, key, entry)
+            self._fault("after_journal")
+            with self._lock:
+                self._in_flight.setdefault(collection, set()).add(ingest)
+            try:
+                self.store.upsert(collection, points)
+                self._fault("after_upsert")
+            except BaseException:
+                self.store.delete(collection, generation_filter(doc.id, ingest, same=True))
+                self.store.drop_record(JOURNAL, key)
+                raise
+            finally:
+                with self._lock:
+                    self._in_flight[collection].discard(ingest)
+            self.store.delete(collection, generation_filter(doc.id, ingest, same=False))
+            self.store.drop_record(JOURNAL, key)
         return Ingested(doc.id, len(points), previous)
+
+    def _visible(self, collection: str, filter: dict[str, Any] | None) -> dict[str, Any] | None:
+        with self._lock:
+            return hiding(filter, sorted(self._in_flight.get(collection, ())))
 
     def delete_documents(self, collection: str, ids: Sequence[str]) -> int:
         self.spec(collection)
@@ -382,11 +468,12 @@ class RetrievalCore:
         parse_filter(q.filter)
 
     def _retrieve(self, q: Query, spec: dict[str, Any], limit: int, vector: np.ndarray | None) -> list[Found]:
-        dense = self.store.dense(q.collection, vector.tolist(), limit, q.filter) if vector is not None else []
+        filter = self._visible(q.collection, q.filter)
+        dense = self.store.dense(q.collection, vector.tolist(), limit, filter) if vector is not None else []
         if q.mode == "dense":
             return dense
         bm25 = self.sparse_encoder(spec["sparse_embedder"])
-        sparse = self.store.sparse(q.collection, bm25.query(q.query), limit, q.filter)
+        sparse = self.store.sparse(q.collection, bm25.query(q.query), limit, filter)
         if q.mode == "sparse":
             return sparse
         by_id = {f.id: f for f in [*sparse, *dense]}

@@ -1,7 +1,8 @@
 """Vector stores as plugins (group `llmp.vectorstores`); the built-in is Qdrant through qdrant-client.
 
 `qdrant` is embedded on disk (qdrant-client's local mode, one client per directory: this service
-owns it) unless `url` names a Qdrant server (LLMP_QDRANT_URL); both run the same calls. A
+owns it) unless `url` names a Qdrant server (LLMP_QDRANT_URL); both run the same calls. Names that
+begin with "_" (which users cannot choose) hold the service's own records and are not listed. A
 collection holds one named dense vector ("dense"), optionally one sparse vector ("sparse", with
 Qdrant's IDF modifier) per chunk, and its creation spec as collection metadata, so a restarted
 service finds everything it needs in the store itself. Local mode searches exactly (no HNSW);
@@ -87,6 +88,13 @@ class VectorStore(abc.ABC):
     def sparse(self, name: str, vector: SparseVector, limit: int, filter: dict[str, Any] | None) -> list[Found]: ...
     @abc.abstractmethod
     def vectors(self, name: str, ids: Sequence[str]) -> dict[str, list[float]]: ...
+    # A table of small records (no vectors), for the service's own bookkeeping such as the ingest journal.
+    @abc.abstractmethod
+    def put_record(self, table: str, id: str, payload: dict[str, Any]) -> None: ...
+    @abc.abstractmethod
+    def drop_record(self, table: str, id: str) -> None: ...
+    @abc.abstractmethod
+    def records(self, table: str) -> dict[str, dict[str, Any]]: ...
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -148,7 +156,7 @@ class QdrantStore(VectorStore):
         return bool(self._call("collection_exists", name))
 
     def names(self) -> list[str]:
-        return sorted(c.name for c in self._call("get_collections").collections)
+        return sorted(c.name for c in self._call("get_collections").collections if c.name[0] != "_")
 
     def _info(self, name: str) -> models.CollectionInfo:
         if not self.exists(name):
@@ -215,6 +223,26 @@ class QdrantStore(VectorStore):
     def vectors(self, name: str, ids: Sequence[str]) -> dict[str, list[float]]:
         records = self._call("retrieve", name, list(ids), with_payload=False, with_vectors=[DENSE])
         return {str(r.id): r.vector[DENSE] for r in records}
+
+    def put_record(self, table: str, id: str, payload: dict[str, Any]) -> None:
+        if not self._call("collection_exists", table):
+            self._call("create_collection", table, vectors_config={})
+        self._call("upsert", table, [models.PointStruct(id=id, vector={}, payload=payload)], wait=True)
+
+    def drop_record(self, table: str, id: str) -> None:
+        if self._call("collection_exists", table):
+            self._call("delete", table, models.PointIdsList(points=[id]), wait=True)
+
+    def records(self, table: str) -> dict[str, dict[str, Any]]:
+        if not self._call("collection_exists", table):
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        offset = None
+        while True:
+            batch, offset = self._call("scroll", table, limit=256, offset=offset, with_payload=True)
+            found.update({str(r.id): dict(r.payload or {}) for r in batch})
+            if offset is None:
+                return found
 
     def close(self) -> None:
         self._call("close")
