@@ -66,6 +66,13 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_RETRIEVAL_MAX_DOCUMENT_BYTES", str(8 << 20), "largest single document (UTF-8 bytes)"),
                 EnvVar("LLMP_RETRIEVAL_MAX_TOP_K", "1000", "most hits one search returns"),
                 EnvVar("LLMP_RETRIEVAL_EMBEDDER_CACHE", "4", "embedders kept loaded in memory"),
+                EnvVar("LLMP_RETRIEVAL_INGEST_BATCH", "64", "documents chunked and embedded together"),
+                EnvVar("LLMP_RETRIEVAL_MAX_CORPUS_DOCUMENTS", "1000000", "most documents one corpus ingest takes"),
+                EnvVar(
+                    "LLMP_RETRIEVAL_RAY", "auto", "Ray for corpus ingests: auto (join RAY_ADDRESS when set), local, off"
+                ),
+                EnvVar("LLMP_RETRIEVAL_RAY_MIN_DOCUMENTS", "2000", "corpus size for Ray Data in 'auto'"),
+                EnvVar("LLMP_RETRIEVAL_RAY_WORKERS", "2", "most Ray Data actors chunking and embedding one corpus"),
                 EnvVar(
                     "LLMP_RETRIEVAL_FAULT_POINT",
                     "",

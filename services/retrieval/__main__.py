@@ -1,7 +1,8 @@
 """Run the retrieval service: `python -m services.retrieval [--port 50052] [--config llmp.yaml]`.
 
 Collections live in the embedded Qdrant under LLMP_HOME/qdrant, or in the Qdrant server that
-LLMP_QDRANT_URL names; models and documents are read from the artifact store.
+LLMP_QDRANT_URL names; models and documents are read from the artifact store. With a Ray
+(RAY_ADDRESS, or LLMP_RETRIEVAL_RAY=local), large corpus ingests run on Ray Data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from libs.common.rpc.server import Registration, Server
 from libs.common.service import ServiceSpec, configure
 from services.retrieval.config import RetrievalConfig
 from services.retrieval.core import RetrievalCore
+from services.retrieval.corpus import join_ray
 from services.retrieval.servicer import SERVICE_NAME, RetrievalServicer
 from services.retrieval.vectorstores import VECTORSTORES
 
@@ -26,7 +28,7 @@ SPEC = ServiceSpec(name="retrieval", module="services.retrieval", default_port=5
 def build(common: CommonConfig, config: RetrievalConfig) -> tuple[Server, RetrievalCore]:
     store = VECTORSTORES.create({"type": "qdrant", "url": common.qdrant_url, "path": str(common.home_path / "qdrant")})
     core = RetrievalCore(config, ArtifactStore(common.artifacts_path), store)
-    servicer = RetrievalServicer(core)
+    servicer = RetrievalServicer(core, join_ray(config))
     registration = Registration(pb_grpc.add_RetrievalServiceServicer_to_server, servicer, SERVICE_NAME)
     return Server("retrieval", config, [registration]), core
 

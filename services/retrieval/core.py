@@ -16,6 +16,7 @@ duplicate. Replacements of one document are serialised.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -75,6 +76,15 @@ class Prepared:
     kind: str
     metadata: dict[str, Any]
     chunks: list[Chunk]
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    spec: dict[str, Any]
+    splitter: Chunker
+    dense: DenseEmbedder
+    tokens: TokenCounter
+    bm25: BM25 | None
 
 
 @dataclass(frozen=True)
@@ -174,49 +184,19 @@ def hiding(filter: dict[str, Any] | None, generations: Sequence[str]) -> dict[st
     return hidden | {"must": [filter]} if filter else hidden
 
 
-class RetrievalCore:
-    def __init__(self, config: RetrievalConfig, artifacts: ArtifactStore, store: VectorStore) -> None:
+class Preparer:
+    """Turns documents into chunks and vectors, touching no store: the ingest path's first half.
+
+    A Ray Data worker runs one of these; the service's core is one too.
+    """
+
+    def __init__(self, config: RetrievalConfig, artifacts: ArtifactStore) -> None:
         self.config = config
         self.artifacts = artifacts
-        self.store = store
         self._encoders: OrderedDict[str, Encoder] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer_client: TokenizerClient | None = None
-        if config.fault_point and config.fault_point not in FAULT_POINTS:
-            raise ValueError(f"fault_point must be one of {FAULT_POINTS}, not {config.fault_point!r}")
-        self._documents_lock = threading.Lock()
-        self._document_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._in_flight: dict[str, set[str]] = {}  # collection -> generations being written
-        self.recover()
 
-    # -- the ingest journal ------------------------------------------------------------------
-    def recover(self) -> int:
-        """Settle replacements a crash interrupted (see the module docstring); returns how many."""
-        settled = 0
-        for key, entry in self.store.records(JOURNAL).items():
-            collection, doc, generation = entry["collection"], entry["document_id"], entry["generation"]
-            if self.store.exists(collection):
-                stored = self.store.count(collection, generation_filter(doc, generation, same=True))
-                complete = stored == entry["chunks"]
-                self.store.delete(collection, generation_filter(doc, generation, same=not complete))
-                log.warning(
-                    "settled an interrupted ingest of %r in %r: %s (%d of %d new chunks were stored)",
-                    doc, collection, "rolled forward" if complete else "rolled back", stored, entry["chunks"],
-                )  # fmt: skip
-            self.store.drop_record(JOURNAL, key)
-            settled += 1
-        return settled
-
-    def _document_lock(self, collection: str, doc: str) -> threading.Lock:
-        with self._documents_lock:
-            return self._document_locks.setdefault((collection, doc), threading.Lock())
-
-    def _fault(self, point: str) -> None:
-        """Test hook (LLMP_RETRIEVAL_FAULT_POINT): die here as a crash would, with no clean-up."""
-        if self.config.fault_point == point:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    # -- plugins -----------------------------------------------------------------------------
     def encoder(self, spec: dict[str, Any], field: str = "embedder") -> Encoder:
         """A loaded embedder for `spec`, kept in a small LRU cache (models are slow to load)."""
         key = json.dumps(spec, sort_keys=True)
@@ -257,6 +237,118 @@ class RetrievalCore:
         if not isinstance(tokenizer, str):
             raise InvalidArgument("must be a tokenizer name", field="chunker.tokenizer")
         return CHUNKERS.create(params, field="chunker"), tokenizer
+
+    def _check_texts(self, texts: Sequence[str], field: str) -> None:
+        if not texts:
+            raise InvalidArgument("at least one text is required", field=field)
+        if len(texts) > self.config.max_batch:
+            raise InvalidArgument(f"at most {self.config.max_batch} per call", field=field)
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument("empty text", field=f"{field}[{i}]")
+            if len(text.encode()) > self.config.max_document_bytes:
+                raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}[{i}]")
+
+    def _read(self, doc: DocumentInput, field: str) -> str:
+        if bool(doc.text) == bool(doc.path):
+            raise InvalidArgument("give exactly one of text and path", field=field)
+        if doc.text:
+            return doc.text
+        path = self.artifacts.path(doc.path, field=f"{field}.path")
+        if not path.is_file():
+            raise InvalidArgument(f"{doc.path!r} is not a file in the artifact store", field=f"{field}.path")
+        if path.stat().st_size > self.config.max_document_bytes:
+            raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}.path")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{doc.path!r} is not UTF-8 text", field=f"{field}.path") from None
+
+    def _prepare(self, doc: DocumentInput, field: str, chunker: Chunker, tokens: TokenCounter) -> Prepared:
+        text = self._read(doc, field)
+        if not text.strip():
+            raise InvalidArgument("empty document", field=f"{field}.text")
+        if len(text.encode()) > self.config.max_document_bytes:
+            raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}.text")
+        doc_id = doc.id or doc.path
+        if not doc_id or len(doc_id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"an id of 1 to {MAX_ID_CHARS} characters is required", field=f"{field}.id")
+        kind = doc.kind or kind_of(doc.path)
+        if kind not in KINDS:
+            raise InvalidArgument(f"must be one of {', '.join(KINDS)}", field=f"{field}.kind")
+        chunks = chunker.split(text, kind, tokens)
+        return Prepared(doc_id, doc.source or doc.path or doc_id, kind, dict(doc.metadata), chunks)
+
+    def plan(self, spec: dict[str, Any], chunker: dict[str, Any] | None = None) -> IngestPlan:
+        """The parts that turn documents into a collection's chunks, vectors and sparse vectors."""
+        splitter, tokenizer = self.chunker(chunker or spec["chunker"])
+        dense = self.dense_embedder(spec["embedder"], "collection.embedder")
+        tokens = self.token_counter(tokenizer, dense, "chunker.tokenizer")
+        bm25 = self.sparse_encoder(spec["sparse_embedder"]) if spec["sparse"] else None
+        return IngestPlan(spec, splitter, dense, tokens, bm25)
+
+    def prepare(self, plan: IngestPlan, documents: Sequence[DocumentInput], first: int = 0) -> list[Prepared]:
+        """Read, check and chunk documents; nothing is written. `first` numbers them in error fields."""
+        prepared = [
+            self._prepare(d, f"documents[{first + i}]", plan.splitter, plan.tokens) for i, d in enumerate(documents)
+        ]
+        ids = [p.id for p in prepared]
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("document ids must be unique within a request", field="documents.id")
+        return prepared
+
+    def vectors(self, plan: IngestPlan, prepared: Sequence[Prepared]) -> list[np.ndarray]:
+        """Each document's chunk vectors, [chunks, dim], embedded in one batch."""
+        vectors = plan.dense.embed([c.text for p in prepared for c in p.chunks])  # [chunks, dim]
+        if vectors.shape[1] != plan.spec["dim"]:
+            raise InvalidArgument(
+                f"dimension mismatch: the embedder now makes {vectors.shape[1]}-dim vectors, "
+                f"the collection holds {plan.spec['dim']}",
+                field="collection.embedder",
+            )
+        bounds = np.cumsum([0, *(len(p.chunks) for p in prepared)])
+        return [vectors[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+class RetrievalCore(Preparer):
+    def __init__(self, config: RetrievalConfig, artifacts: ArtifactStore, store: VectorStore) -> None:
+        super().__init__(config, artifacts)
+        if config.fault_point and config.fault_point not in FAULT_POINTS:
+            raise ValueError(f"fault_point must be one of {FAULT_POINTS}, not {config.fault_point!r}")
+        self._documents_lock = threading.Lock()
+        self._document_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._in_flight: dict[str, set[str]] = {}  # collection -> generations being written
+        self.store = store
+        self.recover()
+
+    # -- the ingest journal ------------------------------------------------------------------
+    def recover(self) -> int:
+        """Settle replacements a crash interrupted (see the module docstring); returns how many."""
+        settled = 0
+        for key, entry in self.store.records(JOURNAL).items():
+            collection, doc, generation = entry["collection"], entry["document_id"], entry["generation"]
+            if self.store.exists(collection):
+                stored = self.store.count(collection, generation_filter(doc, generation, same=True))
+                complete = stored == entry["chunks"]
+                self.store.delete(collection, generation_filter(doc, generation, same=not complete))
+                log.warning(
+                    "settled an interrupted ingest of %r in %r: %s (%d of %d new chunks were stored)",
+                    doc, collection, "rolled forward" if complete else "rolled back", stored, entry["chunks"],
+                )  # fmt: skip
+            self.store.drop_record(JOURNAL, key)
+            settled += 1
+        return settled
+
+    def _document_lock(self, collection: str, doc: str) -> threading.Lock:
+        with self._documents_lock:
+            return self._document_locks.setdefault((collection, doc), threading.Lock())
+
+    def _fault(self, point: str) -> None:
+        """Test hook (LLMP_RETRIEVAL_FAULT_POINT): die here as a crash would, with no clean-up."""
+        if self.config.fault_point == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- plugins -----------------------------------------------------------------------------
 
     # -- collections -------------------------------------------------------------------------
     def spec(self, collection: str) -> dict[str, Any]:
@@ -317,16 +409,6 @@ class RetrievalCore:
         return self.store.drop(name)
 
     # -- embeddings --------------------------------------------------------------------------
-    def _check_texts(self, texts: Sequence[str], field: str) -> None:
-        if not texts:
-            raise InvalidArgument("at least one text is required", field=field)
-        if len(texts) > self.config.max_batch:
-            raise InvalidArgument(f"at most {self.config.max_batch} per call", field=field)
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidArgument("empty text", field=f"{field}[{i}]")
-            if len(text.encode()) > self.config.max_document_bytes:
-                raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}[{i}]")
 
     def embed(
         self, texts: Sequence[str], embedder: dict[str, Any] | None = None, collection: str = ""
@@ -338,35 +420,6 @@ class RetrievalCore:
         return built.embed(texts), sum(built.count_tokens(texts)), str(spec["type"])
 
     # -- ingest ------------------------------------------------------------------------------
-    def _read(self, doc: DocumentInput, field: str) -> str:
-        if bool(doc.text) == bool(doc.path):
-            raise InvalidArgument("give exactly one of text and path", field=field)
-        if doc.text:
-            return doc.text
-        path = self.artifacts.path(doc.path, field=f"{field}.path")
-        if not path.is_file():
-            raise InvalidArgument(f"{doc.path!r} is not a file in the artifact store", field=f"{field}.path")
-        if path.stat().st_size > self.config.max_document_bytes:
-            raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}.path")
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InvalidArgument(f"{doc.path!r} is not UTF-8 text", field=f"{field}.path") from None
-
-    def _prepare(self, doc: DocumentInput, field: str, chunker: Chunker, tokens: TokenCounter) -> Prepared:
-        text = self._read(doc, field)
-        if not text.strip():
-            raise InvalidArgument("empty document", field=f"{field}.text")
-        if len(text.encode()) > self.config.max_document_bytes:
-            raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field=f"{field}.text")
-        doc_id = doc.id or doc.path
-        if not doc_id or len(doc_id) > MAX_ID_CHARS:
-            raise InvalidArgument(f"an id of 1 to {MAX_ID_CHARS} characters is required", field=f"{field}.id")
-        kind = doc.kind or kind_of(doc.path)
-        if kind not in KINDS:
-            raise InvalidArgument(f"must be one of {', '.join(KINDS)}", field=f"{field}.kind")
-        chunks = chunker.split(text, kind, tokens)
-        return Prepared(doc_id, doc.source or doc.path or doc_id, kind, dict(doc.metadata), chunks)
 
     def ingest(
         self, collection: str, documents: Sequence[DocumentInput], chunker: dict[str, Any] | None = None
@@ -376,29 +429,12 @@ class RetrievalCore:
             raise InvalidArgument("at least one document is required", field="documents")
         if len(documents) > self.config.max_batch:
             raise InvalidArgument(f"at most {self.config.max_batch} per call", field="documents")
-        splitter, tokenizer = self.chunker(chunker or spec["chunker"])
-        dense = self.dense_embedder(spec["embedder"], "collection.embedder")
-        tokens = self.token_counter(tokenizer, dense, "chunker.tokenizer")
-        prepared = [self._prepare(d, f"documents[{i}]", splitter, tokens) for i, d in enumerate(documents)]
-        ids = [p.id for p in prepared]
-        if len(set(ids)) != len(ids):
-            raise InvalidArgument("document ids must be unique within a request", field="documents.id")
-        vectors = dense.embed([c.text for p in prepared for c in p.chunks])  # [chunks, dim]
-        if vectors.shape[1] != spec["dim"]:
-            raise InvalidArgument(
-                f"dimension mismatch: the embedder now makes {vectors.shape[1]}-dim vectors, "
-                f"the collection holds {spec['dim']}",
-                field="collection.embedder",
-            )
-        bm25 = self.sparse_encoder(spec["sparse_embedder"]) if spec["sparse"] else None
-        done, row = [], 0
-        for doc in prepared:
-            rows = vectors[row : row + len(doc.chunks)]
-            row += len(doc.chunks)
-            done.append(self._write(collection, doc, rows, bm25))
-        return done
+        plan = self.plan(spec, chunker)
+        prepared = self.prepare(plan, documents)
+        vectors = self.vectors(plan, prepared)
+        return [self.write(collection, doc, rows, plan.bm25) for doc, rows in zip(prepared, vectors, strict=True)]
 
-    def _write(self, collection: str, doc: Prepared, vectors: np.ndarray, bm25: BM25 | None) -> Ingested:
+    def write(self, collection: str, doc: Prepared, vectors: np.ndarray, bm25: BM25 | None) -> Ingested:
         """Replace one document by a new generation of its chunks, journalled (see the module docstring)."""
         ingest = uuid.uuid4().hex
         points = [

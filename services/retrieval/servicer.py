@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 from llmp.retrieval.v1 import retrieval_pb2 as pb
 from llmp.retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
+from services.retrieval import corpus
 from services.retrieval.core import CollectionInfo, DocumentInput, Mmr, Query, RetrievalCore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name
@@ -68,8 +71,9 @@ def document_of(d: pb.Document) -> DocumentInput:
 
 
 class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
-    def __init__(self, core: RetrievalCore) -> None:
+    def __init__(self, core: RetrievalCore, ray_joined: bool = False) -> None:
         self.core = core
+        self.ray_joined = ray_joined
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
         vectors, tokens, name = await asyncio.to_thread(
@@ -119,6 +123,33 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             documents=[pb.IngestedDocument(**dataclasses.asdict(d)) for d in done],
             chunks=sum(d.chunks for d in done),
         )
+
+    async def IngestCorpus(self, request: pb.IngestCorpusRequest, context: Any) -> AsyncIterator[pb.IngestProgress]:
+        config = self.core.config
+        documents = await asyncio.to_thread(
+            corpus.list_corpus,
+            self.core.artifacts,
+            request.path,
+            list(request.patterns),
+            config.max_document_bytes,
+            config.max_corpus_documents,
+        )
+        engine = corpus.choose_engine(request.engine, len(documents), config, self.ray_joined)
+        stop = threading.Event()
+        progress = corpus.ingest_corpus(
+            self.core,
+            request.collection,
+            documents,
+            struct_dict(request, "chunker"),
+            engine,
+            request.batch_documents,
+            stop.is_set,
+        )
+        try:
+            while (step := await asyncio.to_thread(next, progress, None)) is not None:
+                yield pb.IngestProgress(**dataclasses.asdict(step))
+        finally:
+            stop.set()  # a cancelled or disconnected call stops after the batch in hand
 
     async def DeleteDocuments(self, request: pb.DeleteDocumentsRequest, context: Any) -> pb.DeleteDocumentsResponse:
         chunks = await asyncio.to_thread(self.core.delete_documents, request.collection, list(request.ids))

@@ -8,7 +8,7 @@ hits = client.search("docs", "how do I ...", top_k=5, mode="hybrid")
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -67,6 +67,16 @@ class RetrievalClient:
         return self.stub.Ingest(
             pb.IngestRequest(collection=collection, documents=list(documents), chunker=struct(chunker))
         )
+
+    def ingest_corpus(
+        self, collection: str, path: str, patterns: Iterable[str] = (), chunker: dict[str, Any] | None = None,
+        engine: str = "", batch_documents: int = 0,
+    ) -> Iterator[pb.IngestProgress]:  # fmt: skip
+        request = pb.IngestCorpusRequest(
+            collection=collection, path=path, patterns=list(patterns), chunker=struct(chunker), engine=engine,
+            batch_documents=batch_documents,
+        )  # fmt: skip
+        return iter(self.stub.IngestCorpus(request))
 
     def search(
         self, collection: str, query: str, top_k: int = 10, mode: str = "dense", filter: dict[str, Any] | None = None,
