@@ -20,13 +20,20 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, TypeVar
 
+import psutil
+
 from libs.common.artifacts import ArtifactStore, check_name
-from libs.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from libs.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from libs.common.planning.memory import GIB
 from services.inference import metrics
 from services.inference.config import InferenceConfig
 from services.inference.engine import SamplingLimits
+from services.inference.engine.kv_cache import KVCacheConfig
+from services.inference.engine.lora import adapter_dir
+from services.inference.engine.lora import read_config as read_adapter_config
 from services.inference.model_server import ModelServer, describe_model
 from services.inference.schema import (
     Chunk,
@@ -40,6 +47,7 @@ from services.inference.schema import (
 )
 
 T = TypeVar("T")
+KV_BLOCK_TOKENS = KVCacheConfig().block_size
 
 
 class ModelHandle(Protocol):
@@ -109,6 +117,11 @@ class _Served:
     handle: ModelHandle
     in_flight: int = 0
     stats: list[ReplicaStats] = field(default_factory=list)
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Served adapter name -> its folder in the artifact store."""
+    drafted: int = 0
+    accepted: int = 0
+    cold_start: float = 0.0
 
     @property
     def capacity(self) -> int:
@@ -124,6 +137,7 @@ class InferenceCore:
         self.limits = SamplingLimits(max_n=config.max_n, max_tokens=config.max_tokens)
         self._models: dict[str, _Served] = {}
         self._aborts: dict[str, asyncio.Event] = {}
+        self._adapter_of: dict[str, str] = {}  # running request id -> its adapter
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -135,6 +149,7 @@ class InferenceCore:
             raise AlreadyExists(f"model {spec.name!r} is loaded; unload it first", field="name")
         check_options(spec)
         facts = await asyncio.to_thread(describe_model, self.store, spec.path, spec.engine)
+        check_memory(spec, facts)
         self._models[spec.name] = _Served(spec, facts, _Pending())
         try:
             self._models[spec.name].handle = await self.backend.deploy(spec)
@@ -154,7 +169,28 @@ class InferenceCore:
         served.stats = await served.handle.stats()
         metrics.record_replicas(name, served.stats)
         context = min((s.max_model_len for s in served.stats), default=served.facts.context_length)
-        return ModelStatus(served.spec, served.facts, ModelLoad.of(served.stats, served.in_flight), context)
+        load = ModelLoad.of(served.stats, served.in_flight, served.drafted, served.accepted, served.cold_start)
+        return ModelStatus(served.spec, served.facts, load, context, tuple(sorted(served.adapters)))
+
+    async def load_adapter(self, model: str, name: str, path: str) -> ModelStatus:
+        """Serve the peft adapter folder `path` as `name` on `model`; replicas load it on first use."""
+        served = self._served(model)
+        check_name(name, "name")
+        if name in served.adapters:
+            raise AlreadyExists(f"adapter {name!r} is loaded on {model!r}; unload it first", field="name")
+        directory = await asyncio.to_thread(adapter_dir, path, self.store)
+        await asyncio.to_thread(check_adapter, directory, served.facts)
+        served.adapters[name] = self.store.relative(directory)
+        return await self.model_info(model)
+
+    async def unload_adapter(self, model: str, name: str) -> ModelStatus:
+        served = self._served(model)
+        if name not in served.adapters:
+            raise NotFound(f"no adapter {name!r} is loaded on {model!r}", field="name")
+        if any(a == name for a in self._adapter_of.values()):
+            raise FailedPrecondition(f"adapter {name!r} is in use by running requests", field="name")
+        del served.adapters[name]
+        return await self.model_info(model)
 
     def model_names(self) -> list[str]:
         return sorted(self._models)
@@ -175,9 +211,15 @@ class InferenceCore:
         request = self._admit(served, request)
         abort = self._aborts[request.request_id]
         timer = metrics.RequestTimer(model, request.stream)
+        # A model allowed to scale to zero may have no replica: this request then waits for one to start.
+        cold = served.spec.replicas.min_replicas == 0 and not await served.handle.stats()
         last: Chunk | None = None
         try:
             async for last in _until_set(abort, served.handle.stream(request)):
+                if cold:
+                    served.cold_start = timer.elapsed()
+                    metrics.COLD_START.labels(model).observe(served.cold_start)
+                    cold = False
                 timer.chunk(last)
                 yield last
             if last is None or not last.finished:
@@ -185,7 +227,10 @@ class InferenceCore:
                 yield last
         finally:
             self._release(served, request.request_id)
-            timer.done([c.finish_reason or "abort" for c in last.completions] if last else ["abort"])
+            if last is not None:
+                served.drafted += sum(c.draft_tokens for c in last.completions)
+                served.accepted += sum(c.accepted_draft_tokens for c in last.completions)
+            timer.done(last)
 
     async def generate(self, model: str, request: GenerateInput) -> Chunk:
         """Run the request to its end; the one chunk holds whole completions."""
@@ -205,6 +250,9 @@ class InferenceCore:
         if request.token_ids and not all(0 <= t < served.facts.vocab_size for t in request.token_ids):
             raise InvalidArgument(f"token ids must be in [0, {served.facts.vocab_size})", field="token_ids")
         request.params.validate(served.facts.vocab_size, self.limits)
+        adapter = request.params.adapter
+        if adapter and adapter not in served.adapters:
+            raise NotFound(f"no adapter {adapter!r} is loaded on {served.spec.name!r}", field="adapter")
         rid = request.request_id or uuid.uuid4().hex
         if rid in self._aborts:
             raise AlreadyExists(f"a request {rid!r} is running", field="request_id")
@@ -213,11 +261,15 @@ class InferenceCore:
         served.in_flight += 1
         self._aborts[rid] = asyncio.Event()
         self._idle.clear()
-        return dataclasses.replace(request, request_id=rid, submitted_at=time.time())
+        if adapter:
+            self._adapter_of[rid] = adapter
+        path = served.adapters.get(adapter or "", "")
+        return dataclasses.replace(request, request_id=rid, submitted_at=time.time(), adapter_path=path)
 
     def _release(self, served: _Served, request_id: str) -> None:
         served.in_flight -= 1
         del self._aborts[request_id]
+        self._adapter_of.pop(request_id, None)
         if not self._aborts:
             self._idle.set()
 
@@ -259,6 +311,37 @@ def check_options(spec: ModelSpec) -> None:
     for ok, name, message in checks:
         if not ok:
             raise InvalidArgument(message, field=name)
+
+
+def check_memory(spec: ModelSpec, facts: ModelFacts) -> None:
+    """Refuse a model whose weights and KV cache cannot fit one replica's memory (the memory planner's figures)."""
+    kv = spec.engine.kv_cache_bytes
+    block = facts.kv_bytes_per_token * KV_BLOCK_TOKENS
+    if kv < block:
+        raise InvalidArgument(
+            f"{kv} bytes hold no KV-cache block of {KV_BLOCK_TOKENS} tokens ({block} bytes)",
+            field="engine.kv_cache_bytes",
+        )
+    budget = spec.replicas.memory_bytes or psutil.virtual_memory().available
+    where = "replicas.memory_bytes" if spec.replicas.memory_bytes else "free memory on this node"
+    need = facts.weight_bytes + kv
+    if need > budget:
+        raise ResourceExhausted(
+            f"model {spec.name!r} needs {need / GIB:.2f} GiB per replica: "
+            f"{facts.weight_bytes / GIB:.2f} GiB of weights "
+            f"({facts.parameters:,} parameters as {spec.engine.quantization or spec.engine.dtype}) + "
+            f"{kv / GIB:.2f} GiB of KV cache ({kv // facts.kv_bytes_per_token:,} tokens); {where} is "
+            f"{budget / GIB:.2f} GiB",
+            field="replicas.memory_bytes",
+        )
+
+
+def check_adapter(directory: Path, facts: ModelFacts) -> None:
+    """A peft LoRA folder the engine can serve on this model (its rank and targets; weights read later)."""
+    config = read_adapter_config(directory)
+    base = config.get("base_model_name_or_path") or ""
+    if not isinstance(config.get("r"), int) or config["r"] < 1:
+        raise InvalidArgument(f"adapter_config.json has no LoRA rank r >= 1 (base {base!r})", field="path")
 
 
 def aborted(request: GenerateInput, last: Chunk | None, generated: int) -> Chunk:

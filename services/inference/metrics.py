@@ -7,6 +7,8 @@ known). Queue time is how long a request waited before a replica took it (the re
 its clock with the front's stamp). Running and waiting sequences and KV-cache usage are reported
 by each replica to its model's stats board (serve_app.py) and copied into gauges here whenever
 the front reads them (GetModelInfo, ListModels, and once a second while requests run).
+Speculative decoding's drafted and accepted tokens are counted from each request's final message,
+and a cold start (a request reaching a model scaled to zero) is timed to its first output.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ GENERATION_TOKENS = Counter("llmp_generation_tokens", "Tokens generated", ["mode
 REQUESTS_FINISHED = Counter("llmp_request_success", "Requests finished, by finish reason", ["model", "finish_reason"])
 RUNNING = Gauge("llmp_num_requests_running", "Sequences in a replica's running batch", ["model", "replica"])
 WAITING = Gauge("llmp_num_requests_waiting", "Sequences waiting in a replica's engine", ["model", "replica"])
+SPEC_DRAFT_TOKENS = Counter(
+    "llmp_spec_decode_num_draft_tokens", "Tokens proposed by the drafter (speculative decoding)", ["model"]
+)
+SPEC_ACCEPTED_TOKENS = Counter(
+    "llmp_spec_decode_num_accepted_tokens", "Drafted tokens the target model accepted", ["model"]
+)
+COLD_START = Histogram(
+    "llmp_cold_start_seconds",
+    "From a request reaching a model scaled to zero until its first output",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
 KV_CACHE_USAGE = Gauge(
     "llmp_kv_cache_usage_perc", "Fraction of a replica's KV-cache blocks in use", ["model", "replica"]
 )
@@ -65,12 +79,20 @@ class RequestTimer:
         self.tokens += new
         self.prompt_tokens = chunk.prompt_tokens
 
-    def done(self, finish_reasons: list[str]) -> None:
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def done(self, last: Chunk | None) -> None:
+        """`last`: the request's final chunk (None: it ended before any), whose counts are totals."""
         E2E_LATENCY.labels(self.model).observe(time.perf_counter() - self.start)
         PROMPT_TOKENS.labels(self.model).inc(self.prompt_tokens)
         GENERATION_TOKENS.labels(self.model).inc(self.tokens)
-        for reason in finish_reasons:
-            REQUESTS_FINISHED.labels(self.model, reason).inc()
+        for c in last.completions if last else []:
+            REQUESTS_FINISHED.labels(self.model, c.finish_reason or "abort").inc()
+            SPEC_DRAFT_TOKENS.labels(self.model).inc(c.draft_tokens)
+            SPEC_ACCEPTED_TOKENS.labels(self.model).inc(c.accepted_draft_tokens)
+        if last is None:
+            REQUESTS_FINISHED.labels(self.model, "abort").inc()
 
 
 _replicas_of: dict[str, set[str]] = {}

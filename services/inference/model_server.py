@@ -8,14 +8,19 @@ cancelled or hung up) aborts it, which frees its batch slot and KV-cache blocks 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, LlmpError
+from libs.common.planning.memory import FORMATS, ModelShape, kv_cache_bytes_per_token, weight_bytes
 from services.inference.engine import (
     DRAFTERS,
     QUANTIZERS,
@@ -30,6 +35,7 @@ from services.inference.engine import (
     load_model,
 )
 from services.inference.engine.model_loader import model_dir, read_config
+from services.inference.engine.rope import apply_rope_scaling
 from services.inference.schema import (
     Chunk,
     CompletionChunk,
@@ -41,22 +47,51 @@ from services.inference.schema import (
 )
 from services.inference.text import TOKENIZER_FILE, TextDeltas, load_tokenizer
 
+DTYPE_FORMATS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+MAX_LOADED_ADAPTERS = 8
+"""Adapters a replica keeps loaded; the least recently used beyond this are unloaded."""
+
 
 def describe_model(store: ArtifactStore, path: str, engine: EngineOptions) -> ModelFacts:
-    """Check a model folder and read its facts from config.json, without loading any weight."""
+    """Check a model folder and options and read its facts from config.json, without loading any weight."""
     directory = model_dir(path, store, field="path")
     config = read_config(directory, field="path")
+    quantizer: str | None = None
     for registry, value, field in (
         (QUANTIZERS, engine.quantization, "engine.quantization"),
         (DRAFTERS, engine.speculative, "engine.speculative"),
     ):
         spec = plugin_spec(value, field)  # refused here, before any replica starts
         if spec is not None:
-            registry.get(spec if isinstance(spec, str) else str(spec.get("type", "")), field=f"{field}.type")
+            name = spec if isinstance(spec, str) else str(spec.get("type", ""))
+            registry.get(name, field=f"{field}.type")
+            quantizer = name if registry is QUANTIZERS else quantizer
     context = getattr(config, "max_position_embeddings", 0) or 0
+    rope = json_spec(engine.rope_scaling, "engine.rope_scaling")
+    if rope is not None:
+        context = apply_rope_scaling(config, rope)
     if engine.max_model_len:
         context = min(context, engine.max_model_len) if context else engine.max_model_len
-    return ModelFacts(config.model_type, config.vocab_size, context, (directory / TOKENIZER_FILE).is_file())
+    shape = ModelShape.from_hf_config(config.to_dict())
+    params = shape.param_count()
+    served_format = quantizer or DTYPE_FORMATS.get(engine.dtype, "fp32")
+    return ModelFacts(
+        config.model_type,
+        config.vocab_size,
+        context,
+        (directory / TOKENIZER_FILE).is_file(),
+        parameters=params,
+        weight_bytes=int(weight_bytes(params, served_format if served_format in FORMATS else "fp32")),
+        kv_bytes_per_token=kv_cache_bytes_per_token(shape, DTYPE_FORMATS.get(engine.dtype, "fp32")),
+    )
+
+
+def json_spec(value: str, field: str) -> dict[str, Any] | None:
+    """A JSON object option; None when empty."""
+    spec = plugin_spec(value, field)
+    if isinstance(spec, str):
+        raise InvalidArgument("must be a JSON object", field=field)
+    return spec
 
 
 def plugin_spec(value: str, field: str) -> dict[str, Any] | str | None:
@@ -102,15 +137,35 @@ class ModelServer:
         self.spec = spec
         self.replica_id = replica_id or spec.name
         quantization = plugin_spec(spec.engine.quantization, "engine.quantization")
-        model = load_model(spec.path, store, dtype=spec.engine.dtype, quantization=quantization)
+        rope = json_spec(spec.engine.rope_scaling, "engine.rope_scaling")
+        model = load_model(spec.path, store, dtype=spec.engine.dtype, quantization=quantization, rope_scaling=rope)
         self.bytes_per_parameter = model_bytes_per_parameter(model)
         self.tokenizer = load_tokenizer(Path(model.path), store.root)
         detokenize = self._decode if self.tokenizer is not None else None
         speculative = plugin_spec(spec.engine.speculative, "engine.speculative")
         drafter = create_drafter(speculative, store) if speculative is not None else None
-        self.engine = LLMEngine(model, engine_config(spec.engine, limits), detokenize=detokenize, drafter=drafter)
+        self.engine = LLMEngine(
+            model, engine_config(spec.engine, limits), detokenize=detokenize, drafter=drafter, store=store
+        )
         self.load_seconds = time.perf_counter() - start
         self.failure: BaseException | None = None
+        self._adapters: OrderedDict[str, None] = OrderedDict()  # loaded adapter folders, least recent first
+        self._adapters_lock = threading.Lock()
+
+    def _use_adapter(self, path: str) -> None:
+        """Load the adapter folder `path` (its engine name) unless loaded; unload the least used beyond the cap."""
+        with self._adapters_lock:
+            if path in self._adapters:
+                self._adapters.move_to_end(path)
+                return
+            self.engine.load_adapter(path, path)
+            self._adapters[path] = None
+            for old in list(self._adapters)[:-MAX_LOADED_ADAPTERS]:
+                try:
+                    self.engine.unload_adapter(old)
+                except LlmpError:  # in use: stays loaded for now
+                    continue
+                del self._adapters[old]
 
     def _decode(self, ids: list[int]) -> str:
         assert self.tokenizer is not None
@@ -129,9 +184,13 @@ class ModelServer:
         """Stream the request's progress (or only its end when request.stream is False)."""
         queue_seconds: float | None = max(0.0, time.time() - request.submitted_at) if request.submitted_at else None
         prompt = self._prompt(request)
-        deltas = [TextDeltas(request.params.stop) for _ in range(request.params.n)]
+        params = request.params
+        if params.adapter:  # the front's name for it -> the folder, which is the engine's name
+            await asyncio.to_thread(self._use_adapter, request.adapter_path)
+            params = dataclasses.replace(params, adapter=request.adapter_path)
+        deltas = [TextDeltas(params.stop) for _ in range(params.n)]
         try:
-            async for out in self.engine.stream(prompt, request.params, request_id=request.request_id):
+            async for out in self.engine.stream(prompt, params, request_id=request.request_id):
                 if request.stream or out.finished:
                     yield chunk_of(out, deltas, whole=not request.stream, queue_seconds=queue_seconds)
                     queue_seconds = None

@@ -24,6 +24,8 @@ class ReplicaOptions:
     """0: refuse what the replicas cannot start at once."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    memory_bytes: int = 0
+    """Memory one replica may use (a Ray resource); 0: what the node has free."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class EngineOptions:
     """A quantizer plugin name or JSON spec; empty: full precision (or as stored)."""
     speculative: str = ""
     """A drafter plugin name or JSON spec; empty: no speculative decoding."""
+    rope_scaling: str = ""
+    """JSON {"rope_type": "linear" | "dynamic" | "yarn", "factor": f, ...}; empty: as trained."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class GenerateInput:
     """False: the replica sends only the final chunk, with whole completions."""
     submitted_at: float = 0.0
     """time.time() when the front process accepted the request (for the queue-time metric)."""
+    adapter_path: str = ""
+    """The store folder of params.adapter, which a replica loads on first use."""
 
 
 @dataclass
@@ -116,6 +122,10 @@ class ModelFacts:
     vocab_size: int
     context_length: int
     has_tokenizer: bool
+    parameters: int = 0
+    weight_bytes: int = 0
+    """Of the weights as served (dtype or quantisation), by the memory planner."""
+    kv_bytes_per_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,9 +141,14 @@ class ModelLoad:
     kv_cache_blocks: int = 0
     load_seconds: float = 0.0
     bytes_per_parameter: float = 0.0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    cold_start_seconds: float = 0.0
 
     @classmethod
-    def of(cls, stats: list[ReplicaStats], in_flight: int) -> ModelLoad:
+    def of(
+        cls, stats: list[ReplicaStats], in_flight: int, drafted: int = 0, accepted: int = 0, cold_start: float = 0.0
+    ) -> ModelLoad:
         blocks = sum(s.kv_cache_blocks for s in stats)
         used = sum(s.kv_cache_usage * s.kv_cache_blocks for s in stats)
         return cls(
@@ -145,6 +160,9 @@ class ModelLoad:
             kv_cache_blocks=blocks,
             load_seconds=max((s.load_seconds for s in stats), default=0.0),
             bytes_per_parameter=max((s.bytes_per_parameter for s in stats), default=0.0),
+            draft_tokens=drafted,
+            accepted_draft_tokens=accepted,
+            cold_start_seconds=cold_start,
         )
 
 
@@ -156,3 +174,4 @@ class ModelStatus:
     facts: ModelFacts
     load: ModelLoad
     context_length: int
+    adapters: tuple[str, ...] = ()

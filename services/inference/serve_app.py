@@ -115,7 +115,11 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
         "max_ongoing_requests": r.max_ongoing_requests,
         # 0 cannot be said to Serve; the front's admission control then holds the bound.
         "max_queued_requests": r.max_queued_requests or -1,
-        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": r.num_cpus,
+            "num_gpus": r.num_gpus,
+            **({"memory": r.memory_bytes} if r.memory_bytes else {}),
+        },
     }
 
 

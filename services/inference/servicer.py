@@ -9,6 +9,7 @@ from typing import Any
 from llmp.inference.v1 import inference_pb2 as pb
 from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
 
+from libs.common.errors import InvalidArgument
 from services.inference.core import InferenceCore
 from services.inference.engine import SamplingParams, TokenLogprob
 from services.inference.schema import (
@@ -46,7 +47,18 @@ def sampling_params(r: pb.GenerateRequest) -> SamplingParams:
         stop=tuple(r.stop),
         ignore_eos=r.ignore_eos,
         logprobs=_set(r, "logprobs", None),
+        beam_width=max(1, r.beam_width),
+        length_penalty=_set(r, "length_penalty", defaults.length_penalty),
+        early_stopping=early_stopping(r.early_stopping),
+        adapter=r.adapter or None,
     )
+
+
+def early_stopping(value: str) -> bool | str:
+    rules: dict[str, bool | str] = {"": False, "false": False, "true": True, "never": "never"}
+    if value.lower() not in rules:
+        raise InvalidArgument('must be "true", "false" or "never"', field="early_stopping")
+    return rules[value.lower()]
 
 
 def generate_input(r: pb.GenerateRequest) -> GenerateInput:
@@ -70,6 +82,7 @@ def model_spec(r: pb.LoadModelRequest) -> ModelSpec:
         max_queued_requests=_set(rp, "max_queued_requests", rd.max_queued_requests),
         num_cpus=_set(rp, "num_cpus", rd.num_cpus),
         num_gpus=rp.num_gpus,
+        memory_bytes=rp.memory_bytes,
     )
     engine = EngineOptions(
         kv_cache_bytes=ep.kv_cache_bytes or ed.kv_cache_bytes,
@@ -79,6 +92,7 @@ def model_spec(r: pb.LoadModelRequest) -> ModelSpec:
         max_num_batched_tokens=ep.max_num_batched_tokens or ed.max_num_batched_tokens,
         quantization=ep.quantization,
         speculative=ep.speculative,
+        rope_scaling=ep.rope_scaling,
     )
     parts = r.path.split("/")
     default_name = parts[-2] if len(parts) >= 2 and parts[-1].isdigit() else parts[-1]
@@ -125,6 +139,7 @@ def model_info_pb(status: ModelStatus) -> pb.ModelInfo:
         quantization=spec.engine.quantization or "none",
         vocab_size=facts.vocab_size,
         has_tokenizer=facts.has_tokenizer,
+        adapters=status.adapters,
         replicas=pb.ReplicaOptions(**vars(spec.replicas)),
         engine=pb.EngineOptions(**vars(spec.engine)),
         load=pb.ModelLoad(**vars(load)),
@@ -155,6 +170,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: Any) -> pb.UnloadModelResponse:
         await self.core.unload_model(request.model)
         return pb.UnloadModelResponse()
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: Any) -> pb.ModelInfo:
+        return model_info_pb(await self.core.load_adapter(request.model, request.name, request.path))
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: Any) -> pb.ModelInfo:
+        return model_info_pb(await self.core.unload_adapter(request.model, request.name))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         return model_info_pb(await self.core.model_info(request.model))

@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmp.inference.v1 import inference_pb2 as pb
 from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from libs.common.artifacts import ArtifactStore
 from services.inference.engine import LLMEngine, SamplingParams, load_model
@@ -171,6 +174,53 @@ def test_bad_loads_are_refused(stub: pb_grpc.InferenceServiceStub) -> None:
         with pytest.raises(grpc.RpcError) as e:
             stub.LoadModel(request, timeout=120)
         assert e.value.code() == code, e.value.details()
+
+
+def test_beams_adapters_and_admission_over_grpc(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
+    base = AutoModelForCausalLM.from_pretrained(service.home / "artifacts" / TINY)
+    torch.manual_seed(5)
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(service.home / "artifacts" / "adapters" / "style" / "1")
+
+    info = stub.LoadAdapter(pb.LoadAdapterRequest(model="tiny", name="style", path="adapters/style/1"))
+    assert list(info.adapters) == ["style"]
+    plain = stub.Generate(greedy(8)).completions[0].token_ids
+    styled = stub.Generate(greedy(8, adapter="style")).completions[0].token_ids
+    assert len(styled) == 8 and styled != plain
+    beams = stub.Generate(greedy(8, beam_width=3, n=2, length_penalty=0.5, early_stopping="true"))
+    assert [len(c.token_ids) for c in beams.completions] == [8, 8]
+    assert beams.completions[0].token_ids != beams.completions[1].token_ids
+
+    refused = [
+        (greedy(8, adapter="nope"), grpc.StatusCode.NOT_FOUND, "adapter"),
+        (greedy(8, beam_width=2, n=3), grpc.StatusCode.INVALID_ARGUMENT, "n"),
+        (greedy(8, early_stopping="sometimes"), grpc.StatusCode.INVALID_ARGUMENT, "early_stopping"),
+    ]
+    for request, code, field in refused:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(request)
+        assert e.value.code() == code and e.value.details().startswith(f"{field}:"), e.value.details()
+    assert list(stub.UnloadAdapter(pb.UnloadAdapterRequest(model="tiny", name="style")).adapters) == []
+
+    too_big = pb.LoadModelRequest(path=TINY, name="big", replicas=pb.ReplicaOptions(memory_bytes=2**20))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LoadModel(too_big, timeout=120)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "GiB of weights" in e.value.details()
+    assert "big" not in [m.name for m in stub.ListModels(pb.ListModelsRequest()).models]
+    wait_until(lambda: idle(stub))  # replicas report their load a few times a second
+
+
+def test_a_model_scaled_to_zero_starts_on_the_first_request(stub: pb_grpc.InferenceServiceStub) -> None:
+    zero = pb.ReplicaOptions(min_replicas=0, max_replicas=1, num_cpus=0.5)
+    info = stub.LoadModel(pb.LoadModelRequest(path=TINY, name="cold", replicas=zero), timeout=120)
+    assert info.load.replicas == 0 and info.load.cold_start_seconds == 0
+    request = pb.GenerateRequest(model="cold", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=4, temperature=0)
+    reply = stub.Generate(request, timeout=180)
+    assert len(reply.completions[0].token_ids) == 4
+    cold = stub.GetModelInfo(pb.GetModelInfoRequest(model="cold")).load.cold_start_seconds
+    assert cold > 0
+    print(f"cold start of a scaled-to-zero replica: {cold:.2f} s")
+    stub.UnloadModel(pb.UnloadModelRequest(model="cold"), timeout=120)
 
 
 def test_sigterm_lets_a_running_stream_finish(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
