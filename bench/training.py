@@ -1,0 +1,214 @@
+"""Training benchmarks, each against a reference measured in the same run, printed as ratios.
+
+The same Llama (RoPE, GQA, SwiGLU, RMSNorm; `transformers`' LlamaForCausalLM), the same packed
+token rows of the Python standard library's source, the same micro-batches and AdamW, trained:
+
+1. by a plain PyTorch loop in this process — the reference;
+2. through Ray Train (TorchTrainer, 1 worker) — target >= 0.9x the plain loop's tokens/s;
+3. through Ray Train with 2 workers under DDP, each with half the cores — scaling against 1 worker
+   on the same cores (on a 2-core machine this compares data parallelism with intra-op threads,
+   not adding hardware).
+
+Model FLOPs utilisation: 6 x parameters (+ attention's 12 x layers x hidden x seq) per token times
+tokens/s, over the fp32 matmul rate `torch.mm` reaches at the model's own shapes in this run.
+Loss curves (every LOG_EVERY steps) are printed for each run.
+
+Run: python -m bench training [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from libs.common import corpora
+
+QUICK = "--quick" in sys.argv or os.environ.get("LLMP_BENCH_QUICK") == "1"
+VOCAB = 4096
+SEQ = 128 if QUICK else 256
+MICRO_BATCH = 4 if QUICK else 8
+WARMUP_STEPS = 2 if QUICK else 3
+STEPS = 6 if QUICK else 24
+LOG_EVERY = 2 if QUICK else 4
+MODEL = dict(hidden_size=128 if QUICK else 256, num_hidden_layers=2 if QUICK else 4, num_attention_heads=4)
+
+
+def model_config() -> LlamaConfig:
+    hidden = MODEL["hidden_size"]
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=MODEL["num_hidden_layers"],
+        num_attention_heads=MODEL["num_attention_heads"],
+        num_key_value_heads=2,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+
+
+def token_rows() -> torch.Tensor:
+    """Packed (rows, SEQ) tokens of stdlib source under a byte-level BPE trained here."""
+    texts = [text for _, text in corpora.stdlib_source(limit=60 if QUICK else 300)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"]))
+    ids = [t for e in tokenizer.encode_batch(texts) for t in [*e.ids, 0]]
+    usable = len(ids) // SEQ * SEQ
+    return torch.tensor(ids[:usable]).view(-1, SEQ)
+
+
+def settings(rows: torch.Tensor, workers: int, threads: int, in_ray: bool) -> dict[str, Any]:
+    """Everything a run needs, passed explicitly: Ray's workers do not see this process's flags."""
+    return {
+        "rows": rows,
+        "model": model_config().to_dict(),
+        "ray": in_ray,
+        "threads": threads,
+        "global_batches": workers,
+        "warmup": WARMUP_STEPS,
+        "steps": STEPS,
+        "micro_batch": MICRO_BATCH,
+        "log_every": LOG_EVERY,
+    }
+
+
+def train(config: dict[str, Any]) -> dict[str, Any]:
+    """Train for WARMUP_STEPS + STEPS; tokens/s over the timed steps, and the loss curve.
+
+    Runs as is (the plain loop) or as a Ray Train worker's body, where the model is wrapped for DDP
+    and each worker takes its own rows of every step's batch.
+    """
+    torch.set_num_threads(config["threads"])
+    rows: torch.Tensor = config["rows"]
+    warmup, steps, micro, log_every = config["warmup"], config["steps"], config["micro_batch"], config["log_every"]
+    in_ray = config["ray"]
+    rank, world = 0, 1
+    torch.manual_seed(0)
+    model: torch.nn.Module = LlamaForCausalLM(LlamaConfig.from_dict(config["model"]))
+    if in_ray:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    losses: list[tuple[int, float]] = []
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        order = torch.randint(0, len(rows), (micro * config["global_batches"],), generator=gen)
+        batch = rows[order[rank::world]]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == warmup + steps - 1:
+            losses.append((step, loss.item()))
+    seconds = time.perf_counter() - start
+    tokens = steps * micro * config["global_batches"] * rows.shape[1]
+    result = {"tokens_per_second": tokens / seconds, "losses": losses}
+    if in_ray and rank == 0:
+        Path(config["out"]).write_text(json.dumps(result))
+    return result
+
+
+def through_ray(rows: torch.Tensor, workers: int, storage: str) -> dict[str, Any]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    config = settings(rows, workers, threads, in_ray=True) | {"out": f"{storage}/result-{workers}.json"}
+    trainer = TorchTrainer(
+        train,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"bench-{workers}", storage_path=storage),
+    )
+    trainer.fit()
+    return json.loads(Path(config["out"]).read_text())
+
+
+def matmul_rate(threads: int) -> float:
+    """fp32 FLOP/s of torch.mm at the MLP's shapes (the largest matmuls of a step), best of 5."""
+    torch.set_num_threads(threads)
+    hidden = MODEL["hidden_size"]
+    a, b = torch.randn(MICRO_BATCH * SEQ, hidden), torch.randn(hidden, int(hidden * 8 / 3) // 64 * 64)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b)
+        best = max(best, 10 * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_token(config: LlamaConfig) -> float:
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * SEQ
+
+
+def curve(losses: list[tuple[int, float]]) -> str:
+    return " ".join(f"{step}:{loss:.2f}" for step, loss in losses)
+
+
+def main() -> None:
+    import ray
+
+    cores = os.cpu_count() or 1
+    print(f"training benchmarks ({'quick' if QUICK else 'full'}; {cores} cores, load {os.getloadavg()[0]:.1f}):")
+    rows = token_rows()
+    config = model_config()
+    per_token = flops_per_token(config)
+    params = (per_token - 12 * config.num_hidden_layers * config.hidden_size * SEQ) / 6
+    print(f"  model {params / 1e6:.1f}M parameters, {len(rows)} rows of {SEQ} tokens, micro-batch {MICRO_BATCH}")
+
+    # The reference loop and the matmul rate run in fresh processes too, like Ray's workers: the
+    # tokenizer trained here leaves thread pools in this one that would slow them down.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        plain = pool.submit(train, settings(rows, 1, cores, in_ray=False)).result()
+        peak = pool.submit(matmul_rate, cores).result()
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            one = through_ray(rows, 1, str(Path(storage)))
+            two = through_ray(rows, 2, str(Path(storage))) if cores >= 2 else None
+    finally:
+        ray.shutdown()
+
+    def show(label: str, ours: float, reference: float, target: str = "") -> None:
+        print(f"  {label:52} {ours:9.0f} vs {reference:9.0f} tokens/s   ratio {ours / reference:.3f}  {target}")
+
+    show("Ray Train (1 worker) vs plain PyTorch loop", one["tokens_per_second"], plain["tokens_per_second"], ">= 0.9")
+    if two is not None:
+        show("Ray Train 2 workers vs 1 worker, same cores", two["tokens_per_second"], one["tokens_per_second"])
+        efficiency = two["tokens_per_second"] / (2 * one["tokens_per_second"])
+        print(f"  scaling efficiency 2 workers (vs 2 x 1 worker): {efficiency:.1%} (on {cores} cores shared by both)")
+    for label, run in (("plain", plain), ("ray 1 worker", one), ("ray 2 workers", two)):
+        if run is not None:
+            mfu = run["tokens_per_second"] * per_token / peak
+            print(f"  MFU {label:14} {mfu:6.1%} of the measured matmul rate {peak / 1e9:.1f} GFLOP/s")
+    for label, run in (("plain", plain), ("ray 1 worker", one), ("ray 2 workers", two)):
+        if run is not None:
+            print(f"  loss curve {label:14} {curve(run['losses'])}")
+
+
+if __name__ == "__main__":
+    main()
