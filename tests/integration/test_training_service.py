@@ -12,10 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from click.testing import CliRunner
 from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForCausalLM
 
 from libs.common import corpora
+from libs.common.cli import training as cli_training
 from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.clients.training import TrainingClient
 from tests.conftest import ServiceProcess, start_service
@@ -140,6 +142,22 @@ def test_pretraining_runs_on_two_workers_and_registers_a_loadable_model(stack: S
     with torch.no_grad():
         assert loaded(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 1000)
     assert [m.ref for m in client.models("tiny")] == ["tiny-topics:1"]
+
+
+def test_the_command_line_lists_shows_and_refuses(stack: Stack) -> None:
+    runner = CliRunner()
+    env = {"LLMP_TRAINING_ADDRESS": stack.training.address}
+    listed = runner.invoke(cli_training.group, ["list", "--type", "pretrain"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert all(j.job_id in listed.output for j in stack.client.list_jobs(job_type="pretrain"))
+    shown = runner.invoke(cli_training.group, ["model", "tiny-topics:latest"], env=env)
+    assert shown.exit_code == 0 and '"ref": "tiny-topics:1"' in shown.output
+    before = len(stack.client.list_jobs())
+    refused = runner.invoke(
+        cli_training.group, ["submit", "pretrain", "tokenizer=topics-bpe", "corpus=[topics]", "max_steps=-3"], env=env
+    )
+    assert refused.exit_code != 0 and "INVALID_ARGUMENT" in str(refused.exception)
+    assert len(stack.client.list_jobs()) == before  # the refusal started nothing
 
 
 def test_bad_input_is_refused_before_anything_starts(stack: Stack) -> None:
