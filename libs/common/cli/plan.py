@@ -9,18 +9,19 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from libs.common import config as cfg
+from libs.common.config import CommonConfig
 from libs.common.planning import (
     FORMATS,
     GB,
     GIB,
-    ChinchillaLaw,
     ModelShape,
     kv_cache_bytes,
     kv_cache_bytes_per_token,
-    optimal_by_ratio,
     seed_checks,
     training_memory,
 )
+from libs.common.planning.scaling import SweepFit, compute_plan
 from libs.common.planning.seed_check import LLAMA_2_7B, LLAMA_3_8B, LLAMA_70B
 
 console = Console()
@@ -74,25 +75,33 @@ def memory(preset: str, config: Path | None, tokens: int, batch: int, show_seed:
 @group.command()
 @click.option("--flops", type=float, required=True, help="training budget in FLOPs (e.g. 1e21)")
 @click.option("--ratio", default=20.0, show_default=True, help="tokens per parameter for the rule of thumb")
+@click.option("--fit", "fit", default="", help="a sweep's fit: its fit.json, or the sweep job's id (local store)")
 @click.option("--seed", "show_seed", is_flag=True, help="also check the seed document's figures")
-def compute(flops: float, ratio: float, show_seed: bool) -> None:
+def compute(flops: float, ratio: float, fit: str, show_seed: bool) -> None:
     """Compute-optimal parameters and tokens for a FLOP budget (C = 6 N D)."""
-    law = ChinchillaLaw()
     table = Table("method", "parameters", "tokens", "tokens/param", "predicted loss", title=f"C = {flops:.3g} FLOPs")
-    for method, alloc in (
-        (f"{ratio:g} tokens per parameter", optimal_by_ratio(flops, ratio)),
-        ("Chinchilla fitted law", law.optimal(flops)),
-    ):
+    for row in compute_plan(flops, ratio, _sweep_fit(fit) if fit else None):
+        alloc = row.allocation
         table.add_row(
-            method,
+            row.method,
             f"{alloc.params / 1e9:.3f}B",
             f"{alloc.tokens / 1e9:.1f}B",
             f"{alloc.tokens_per_param:.1f}",
-            f"{law.loss(alloc.params, alloc.tokens):.3f}",
+            "" if row.predicted_loss is None else f"{row.predicted_loss:.3f}",
         )
     console.print(table)
     if show_seed:
         _print_seed_checks()
+
+
+def _sweep_fit(ref: str) -> SweepFit:
+    """A fit file, else the fit a sweep job stored in the local artifact store (sweeps/<job_id>/fit.json)."""
+    path = Path(ref)
+    if not path.is_file():
+        path = cfg.load(CommonConfig, "common").artifacts_path / "sweeps" / ref / "fit.json"
+    if not path.is_file():
+        raise click.BadParameter(f"no fit file and no sweep job {ref!r} in the artifact store", param_hint="--fit")
+    return SweepFit.from_json(path.read_text())
 
 
 def _print_seed_checks() -> None:

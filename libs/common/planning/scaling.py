@@ -19,8 +19,11 @@ such as the ladder of small models a sweep job trains.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -136,3 +139,178 @@ def fit_power_law(
 def _require_positive(value: float, field: str) -> None:
     if not value > 0:
         raise InvalidArgument("must be > 0", field=field)
+
+
+@dataclass(frozen=True)
+class SizeLaw:
+    """L(N) = E + A / N^alpha: held-out loss against parameters, along one tokens-per-parameter path.
+
+    A ladder trained at a fixed ratio (e.g. 20 tokens per parameter) cannot separate the N and D
+    terms of the Chinchilla form (D moves with N), so this is what such a ladder identifies.
+    """
+
+    E: float
+    A: float
+    alpha: float
+    rmse: float = 0.0
+    """Root-mean-square error of log L over the points fitted."""
+
+    def loss(self, params: float) -> float:
+        return self.E + self.A / params**self.alpha
+
+
+def _log_residual_fit(
+    residuals: Any, starts: list[np.ndarray], bounds: tuple[list[float], list[float]]
+) -> tuple[np.ndarray, float]:
+    """The best of several bounded least-squares runs (the fits have local minima)."""
+    best = None
+    for start in starts:
+        result = least_squares(residuals, start, bounds=bounds)
+        if best is None or result.cost < best.cost:
+            best = result
+    assert best is not None
+    return best.x, float(np.sqrt(np.mean(best.fun**2)))
+
+
+def _check_points(columns: list[np.ndarray], minimum: int) -> None:
+    if any(c.shape != columns[0].shape or c.ndim != 1 for c in columns):
+        raise InvalidArgument("the points' columns must be 1-D and of equal length", field="losses")
+    if columns[0].size < minimum:
+        raise InvalidArgument(f"need at least {minimum} points, got {columns[0].size}", field="losses")
+    if any((c <= 0).any() for c in columns):
+        raise InvalidArgument("parameters, tokens and losses must be positive", field="losses")
+
+
+def fit_size_law(params: list[float] | np.ndarray, losses: list[float] | np.ndarray) -> SizeLaw:
+    """Least-squares fit of L(N) = E + A / N^alpha in log space, E bounded to [0, min(loss)).
+
+    N is rescaled by its geometric mean inside the fit to keep it well conditioned; several
+    starting values of E are tried and the best fit kept.
+    """
+    n, loss = np.asarray(params, dtype=float), np.asarray(losses, dtype=float)
+    _check_points([n, loss], 3)
+    scale = float(np.exp(np.log(n).mean()))
+    x = n / scale
+    floor = float(loss.min())
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        log_a, alpha, e = p
+        return np.log(e + np.exp(log_a) * x ** (-alpha)) - np.log(loss)
+
+    starts = []
+    for share in (0.0, 0.5, 0.9):
+        e = share * floor
+        slope, intercept = np.polyfit(np.log(x), np.log(loss - e), 1)
+        starts.append(np.array([intercept, max(-slope, 1e-3), e]))
+    bounds = ([-np.inf, 0.0, 0.0], [np.inf, 10.0, floor * (1 - 1e-9)])
+    (log_a, alpha, e), rmse = _log_residual_fit(residuals, starts, bounds)
+    return SizeLaw(E=float(e), A=float(math.exp(log_a) * scale**alpha), alpha=float(alpha), rmse=rmse)
+
+
+def fit_chinchilla(
+    params: list[float] | np.ndarray, tokens: list[float] | np.ndarray, losses: list[float] | np.ndarray
+) -> ChinchillaLaw:
+    """Fit L(N, D) = E + A / N^alpha + B / D^beta (the Chinchilla paper's approach 3) in log space.
+
+    Needs at least five points and two different tokens-per-parameter ratios among them: with one
+    ratio D is a multiple of N and the two power terms cannot be told apart.
+    """
+    n, d, loss = (np.asarray(v, dtype=float) for v in (params, tokens, losses))
+    _check_points([n, d, loss], 5)
+    if np.unique(np.round(np.log(d / n), 6)).size < 2:
+        raise InvalidArgument("the points share one tokens-per-parameter ratio; L(N, D) needs two", field="tokens")
+    sn, sd = float(np.exp(np.log(n).mean())), float(np.exp(np.log(d).mean()))
+    x, y = n / sn, d / sd
+    floor = float(loss.min())
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        log_a, log_b, alpha, beta, e = p
+        return np.log(e + np.exp(log_a) * x ** (-alpha) + np.exp(log_b) * y ** (-beta)) - np.log(loss)
+
+    starts = [
+        np.array([math.log(share * floor / 2), math.log(share * floor / 2), a, b, (1 - share) * floor])
+        for share in (0.2, 0.5, 0.8)
+        for a, b in ((0.3, 0.3), (0.6, 0.2), (0.2, 0.6))
+    ]
+    bounds = ([-np.inf, -np.inf, 0.0, 0.0, 0.0], [np.inf, np.inf, 10.0, 10.0, floor * (1 - 1e-9)])
+    (log_a, log_b, alpha, beta, e), _ = _log_residual_fit(residuals, starts, bounds)
+    return ChinchillaLaw(
+        E=float(e),
+        A=float(math.exp(log_a) * sn**alpha),
+        B=float(math.exp(log_b) * sd**beta),
+        alpha=float(alpha),
+        beta=float(beta),
+    )
+
+
+@dataclass(frozen=True)
+class SweepFit:
+    """What a scaling sweep measured and fitted; stored as JSON (sweeps/<job_id>/fit.json)."""
+
+    params: list[float]
+    """Non-embedding parameters of each model of the ladder."""
+    tokens: list[float]
+    losses: list[float]
+    """Final held-out loss (nats per token) of each model."""
+    size_law: SizeLaw
+    chinchilla: ChinchillaLaw | None = None
+    """Set when the points allowed the L(N, D) form (see fit_chinchilla)."""
+
+    @classmethod
+    def fit(cls, params: list[float], tokens: list[float], losses: list[float]) -> SweepFit:
+        chinchilla = None
+        ratios = {round(math.log(t / p), 6) for p, t in zip(params, tokens, strict=True)}
+        if len(params) >= 5 and len(ratios) >= 2:
+            chinchilla = fit_chinchilla(params, tokens, losses)
+        return cls(list(params), list(tokens), list(losses), fit_size_law(params, losses), chinchilla)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SweepFit:
+        try:
+            data = json.loads(text)
+            chinchilla = data.get("chinchilla")
+            return cls(
+                params=data["params"],
+                tokens=data["tokens"],
+                losses=data["losses"],
+                size_law=SizeLaw(**data["size_law"]),
+                chinchilla=ChinchillaLaw(**chinchilla) if chinchilla else None,
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InvalidArgument(f"not a sweep fit: {e}", field="fit") from None
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One way of splitting a budget, as `llmp plan compute` prints it."""
+
+    method: str
+    allocation: Allocation
+    predicted_loss: float | None
+    """Under the law the row comes from; None where that law cannot say."""
+
+
+def compute_plan(flops: float, tokens_per_param: float = 20.0, sweep: SweepFit | None = None) -> list[PlanRow]:
+    """The rule of thumb, the Chinchilla paper's law and, given a sweep, our own fits, for one budget.
+
+    The rule's and the paper's rows predict losses with the paper's law (its data, its tokeniser).
+    A sweep's L(N) was measured along its own tokens-per-parameter path, so it predicts the loss of
+    the rule's split only; its L(N, D), when the sweep had one, gives its own optimum.
+    """
+    paper = ChinchillaLaw()
+    by_rule = optimal_by_ratio(flops, tokens_per_param)
+    rows = [
+        PlanRow(f"{tokens_per_param:g} tokens per parameter", by_rule, paper.loss(by_rule.params, by_rule.tokens)),
+        PlanRow("Chinchilla fitted law", (best := paper.optimal(flops)), paper.loss(best.params, best.tokens)),
+    ]
+    if sweep is not None:
+        ratio = float(np.exp(np.mean(np.log(np.asarray(sweep.tokens) / np.asarray(sweep.params)))))
+        along = optimal_by_ratio(flops, ratio)
+        rows.append(PlanRow(f"sweep L(N) at {ratio:.3g} tokens/param", along, sweep.size_law.loss(along.params)))
+        if sweep.chinchilla is not None:
+            own = sweep.chinchilla.optimal(flops)
+            rows.append(PlanRow("sweep L(N, D)", own, sweep.chinchilla.loss(own.params, own.tokens)))
+    return rows

@@ -1,4 +1,9 @@
-"""The causal-LM training loop each Ray Train worker runs, and `fit`, which starts it on the workers.
+"""The training loop each Ray Train worker runs for the language-model jobs, and `fit`, which starts it.
+
+What is trained is an `Objective`: it builds the model on each worker, gives the loss of a
+micro-batch of packed token rows and the held-out sums it is judged by. Causal-LM pretraining,
+masked-LM pretraining, distillation and each model of a scaling sweep are objectives over this
+one loop.
 
 Every worker holds a full replica (DDP through `ray.train.torch.prepare_model`) and reads its own
 rows of the packed data. One optimiser step is `grad_accum_steps` micro-batches of
@@ -11,14 +16,23 @@ Rank 0 reports progress (step, loss, tokens/s, ETA) to the job store, writes a c
 `checkpoint_every` steps together with the held-out loss, and the finished model at the end. It
 also reads the job's stop request each step and shares it with the other ranks, so all stop at the
 same step, after a checkpoint. A restarted worker group (`FailureConfig`) or a resumed job starts
-from the latest checkpoint; the sampling order depends only on the step, so it carries on exactly.
+from the latest checkpoint; the sampling order (and an objective's randomness, seeded by the
+position in the stream) depends only on the step, so it carries on exactly.
+
+A run's files live under `checkpoints/<run_id>/` (run_id is the job id, or `<job_id>/<part>` for
+a job that trains several models): step checkpoints, `final/` (the model as a Hugging Face
+folder) and `final.json` (its held-out metrics), which `fit` returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,34 +51,107 @@ from services.training import checkpoints
 from services.training.checkpoints import TrainState
 from services.training.dataprep import load_packed
 from services.training.jobs import JobContext
-from services.training.jobs.pretrain import PretrainConfig
+from services.training.jobs.pretrain import LoopConfig
 from services.training.jobstore import JobRecord, JobStore
 
 MAX_WORKER_RESTARTS = 2
+Sums = dict[str, tuple[float, float]]
+"""Held-out results of one batch: name -> (sum, count); the loop adds them over batches and workers."""
 
 
-def fit(job: JobRecord, context: JobContext, dataset: Path, model_config: LlamaConfig) -> None:
-    """Run `train_loop` on the job's Ray Train workers until it finishes or is asked to stop."""
-    cfg = PretrainConfig(**job.config)
+class Objective(ABC):
+    """What a job trains. Built on the driver (small, picklable), used on every worker."""
+
+    @abstractmethod
+    def build(self) -> torch.nn.Module:
+        """The model to train (a transformers PreTrainedModel), built on the worker; load frozen helpers here."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor, position: int) -> torch.Tensor:
+        """Training loss of a micro-batch; `position` (its first row in the stream) seeds any randomness."""
+
+    @abstractmethod
+    def heldout(self, model: torch.nn.Module, batch: torch.Tensor) -> Sums:
+        """Held-out sums of a batch; "loss" is the one logged at checkpoints."""
+
+    def metrics(self, heldout: dict[str, float]) -> dict[str, float]:
+        """The finished model's metrics from the held-out means."""
+        return {f"eval_{name}": value for name, value in heldout.items()}
+
+
+class CausalLM(Objective):
+    """Next-token prediction with a Llama model (pretraining, and each model of a sweep)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        self.config = config.to_dict()
+
+    def build(self) -> torch.nn.Module:
+        return LlamaForCausalLM(LlamaConfig.from_dict(self.config))
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor, position: int) -> torch.Tensor:
+        loss: torch.Tensor = model(input_ids=batch, labels=batch).loss
+        return loss
+
+    def heldout(self, model: torch.nn.Module, batch: torch.Tensor) -> Sums:
+        return {"loss": (model(input_ids=batch, labels=batch).loss.item() * len(batch), len(batch))}
+
+    def metrics(self, heldout: dict[str, float]) -> dict[str, float]:
+        return {"eval_loss": heldout["loss"], "perplexity": math.exp(min(heldout["loss"], 50.0))}
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one run sits in its job's progress: a sweep's models report one count of steps."""
+
+    first_step: int = 0
+    """Steps of the job done before this run."""
+    total_steps: int = 0
+    """Steps of the whole job; 0: this run's max_steps."""
+    later_steps: float = 0.0
+    """Work left after this run, in steps of this run (for the ETA)."""
+
+
+def fit(
+    job: JobRecord,
+    context: JobContext,
+    dataset: Path,
+    objective: Objective,
+    loop: LoopConfig,
+    run_id: str = "",
+    span: Span = Span(),
+) -> dict[str, float] | None:
+    """Run `train_loop` on the job's Ray Train workers; the final metrics, or None if it stopped early."""
+    run_id = run_id or job.job_id
     attempt = context.store.get(job.job_id).attempts
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "job_id": job.job_id,
-            "config": job.config,
-            "model": model_config.to_dict(),
+            "run_id": run_id,
+            "loop": asdict(loop),
+            "objective": objective,
+            "span": asdict(span),
             "dataset": str(dataset),
             "artifacts": str(context.artifacts.root),
             "redis_url": context.redis_url,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False),
+        scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=False),
         run_config=RunConfig(
-            name=f"{job.job_id}-{attempt}",
+            name=f"{run_id.replace('/', '-')}-{attempt}",
             storage_path=context.ray_storage,
             failure_config=FailureConfig(max_failures=MAX_WORKER_RESTARTS),
         ),
     )
     trainer.fit()
+    return finished(context.artifacts, run_id)
+
+
+def finished(artifacts: ArtifactStore, run_id: str) -> dict[str, float] | None:
+    """The metrics of a run that wrote its final model, else None."""
+    if not artifacts.path(checkpoints.final_dir(run_id)).is_dir():
+        return None
+    metrics: dict[str, float] = json.loads(artifacts.path(f"{checkpoints.job_dir(run_id)}/final.json").read_text())
+    return metrics
 
 
 class Batches:
@@ -94,7 +181,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms' gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -105,7 +192,12 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.
 
 
 def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Batches, cfg: PretrainConfig, step: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    data: Batches,
+    cfg: LoopConfig,
+    step: int,
 ) -> float:
     """One optimiser step over grad_accum_steps micro-batches; returns this worker's mean loss."""
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -116,7 +208,7 @@ def train_step(
         last = micro == cfg.grad_accum_steps - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
-            loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum_steps
+            loss = objective.loss(model, batch, first) / cfg.grad_accum_steps
             loss.backward()
         total += loss.item()
     if cfg.grad_clip:
@@ -127,19 +219,25 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Batches, batch_size: int) -> float:
-    """Mean loss per held-out sequence, over all workers (each takes every world-th row)."""
+def evaluate(model: torch.nn.Module, objective: Objective, data: Batches, batch_size: int) -> dict[str, float]:
+    """Held-out means over all workers (each takes every world-th row)."""
     context = ray.train.get_context()
     rows = data.heldout[context.get_world_rank() :: context.get_world_size()]
     inner = unwrap(model)
     inner.eval()
-    sums = torch.zeros(2, dtype=torch.float64)  # (loss * sequences, sequences)
+    totals: dict[str, list[float]] = {}
     for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(rows[start : start + batch_size])
-        sums += torch.tensor([inner(input_ids=batch, labels=batch).loss.item() * len(batch), len(batch)])
+        for name, (value, count) in objective.heldout(
+            inner, torch.from_numpy(rows[start : start + batch_size])
+        ).items():
+            running = totals.setdefault(name, [0.0, 0.0])
+            running[0] += value
+            running[1] += count
     inner.train()
+    names = sorted(totals) or ["loss"]
+    sums = torch.tensor([totals.get(n, [0.0, 0.0]) for n in names], dtype=torch.float64)  # (names, 2)
     dist.all_reduce(sums)
-    return float(sums[0] / sums[1])
+    return {name: float(sums[i, 0] / max(float(sums[i, 1]), 1.0)) for i, name in enumerate(names)}
 
 
 def agree(loss: float, stop: bool) -> tuple[float, bool]:
@@ -152,8 +250,8 @@ def agree(loss: float, stop: bool) -> tuple[float, bool]:
 class Reporter:
     """Rank 0's progress reports: mean loss and throughput over each window of log_every steps."""
 
-    def __init__(self, store: JobStore, job_id: str, cfg: PretrainConfig, tokens_per_step: int) -> None:
-        self.store, self.job_id, self.cfg, self.tokens_per_step = store, job_id, cfg, tokens_per_step
+    def __init__(self, store: JobStore, job_id: str, cfg: LoopConfig, tokens_per_step: int, span: Span) -> None:
+        self.store, self.job_id, self.cfg, self.tokens_per_step, self.span = store, job_id, cfg, tokens_per_step, span
         self.losses: list[float] = []
         self.started = time.perf_counter()
 
@@ -166,12 +264,12 @@ class Reporter:
         self.store.report_progress(
             self.job_id,
             {
-                "step": state.step,
-                "total_steps": self.cfg.max_steps,
+                "step": self.span.first_step + state.step,
+                "total_steps": self.span.total_steps or self.cfg.max_steps,
                 "loss": sum(self.losses) / len(self.losses),
                 "learning_rate": learning_rate,
                 "tokens_per_second": self.tokens_per_step / per_step,
-                "eta_seconds": per_step * (self.cfg.max_steps - state.step),
+                "eta_seconds": per_step * (self.cfg.max_steps - state.step + self.span.later_steps),
                 "tokens_seen": state.tokens_seen,
             },
         )
@@ -179,51 +277,64 @@ class Reporter:
         self.started = time.perf_counter()
 
 
+def _write_final(artifacts: ArtifactStore, run_id: str, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+    """Metrics first, then the model folder in one rename: a final folder always has its metrics."""
+    target = artifacts.path(f"{checkpoints.job_dir(run_id)}/final.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics))
+    os.replace(tmp, target)
+    with artifacts.staging(checkpoints.final_dir(run_id), replace=True) as folder:
+        model.save_pretrained(folder)  # type: ignore[operator]
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The body every Ray Train worker runs (see the module docstring)."""
-    cfg = PretrainConfig(**loop_config["config"])
-    job_id = loop_config["job_id"]
+    cfg = LoopConfig(**loop_config["loop"])
+    objective: Objective = loop_config["objective"]
+    job_id, run_id = loop_config["job_id"], loop_config["run_id"]
     store = JobStore.from_url(loop_config["redis_url"])
     artifacts = ArtifactStore(loop_config["artifacts"])
     rank = ray.train.get_context().get_world_rank()
     data = Batches(Path(loop_config["dataset"]), cfg.eval_fraction, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    model = ray.train.torch.prepare_model(LlamaForCausalLM(LlamaConfig.from_dict(loop_config["model"])))
+    model = ray.train.torch.prepare_model(objective.build())
     optimizer = build_optimizer(model, cfg)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
     )
     state = TrainState()
-    latest = checkpoints.latest(artifacts, job_id)
+    latest = checkpoints.latest(artifacts, run_id)
     if latest is not None:
         state = checkpoints.restore(latest, unwrap(model), optimizer, scheduler)
         if rank == 0:
             store.log(job_id, f"resumed from {artifacts.relative(latest)} at step {state.step}")
     tokens_per_step = cfg.grad_accum_steps * cfg.micro_batch_size * dist.get_world_size() * cfg.seq_len
-    reporter = Reporter(store, job_id, cfg, tokens_per_step)
+    reporter = Reporter(store, job_id, cfg, tokens_per_step, Span(**loop_config["span"]))
 
+    loss = float("nan")
     while state.step < cfg.max_steps:
-        loss = train_step(model, optimizer, data, cfg, state.step)
+        loss = train_step(model, optimizer, objective, data, cfg, state.step)
         scheduler.step()
         state = TrainState(state.step + 1, state.tokens_seen + tokens_per_step)
         loss, stop = agree(loss, rank == 0 and bool(store.stop_requested(job_id)))
         if rank == 0:
             reporter.step(state, loss, scheduler.get_last_lr()[0])
         if stop or state.step % cfg.checkpoint_every == 0:
-            heldout = evaluate(model, data, cfg.micro_batch_size)
+            heldout = evaluate(model, objective, data, cfg.micro_batch_size)
             if rank == 0:
                 saved = checkpoints.save(
-                    artifacts, job_id, state, unwrap(model), optimizer, scheduler, cfg.keep_checkpoints
+                    artifacts, run_id, state, unwrap(model), optimizer, scheduler, cfg.keep_checkpoints
                 )
                 store.update(job_id, checkpoint=saved)
-                store.log(job_id, f"step {state.step}: held-out loss {heldout:.4f}; checkpoint {saved}")
+                store.log(job_id, f"step {state.step}: held-out loss {heldout['loss']:.4f}; checkpoint {saved}")
         if stop:
             return
-    heldout = evaluate(model, data, cfg.micro_batch_size)
+    heldout = evaluate(model, objective, data, cfg.micro_batch_size)
     if rank == 0:
-        with artifacts.staging(checkpoints.final_dir(job_id), replace=True) as tmp:
-            unwrap(model).save_pretrained(tmp)  # type: ignore[operator]
-        metrics = {"eval_loss": heldout, "perplexity": math.exp(min(heldout, 50.0)), "train_loss": loss}
-        store.update(job_id, metrics={**metrics, "tokens_seen": state.tokens_seen, "steps": state.step})
-        store.log(job_id, f"finished: held-out loss {heldout:.4f}, perplexity {metrics['perplexity']:.1f}")
+        metrics = {**objective.metrics(heldout), "train_loss": loss, "tokens_seen": state.tokens_seen}
+        metrics["steps"] = state.step
+        _write_final(artifacts, run_id, unwrap(model), metrics)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") or k == "perplexity")
+        store.log(job_id, f"finished{f' {run_id}' if run_id != job_id else ''}: {shown}")

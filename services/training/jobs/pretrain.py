@@ -16,9 +16,9 @@ SwiGLU MLP and RMSNorm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from llmp.tokenizer.v1.tokenizer_pb2 import TokenizerInfo
@@ -26,7 +26,7 @@ from transformers import LlamaConfig
 
 from libs.common.artifacts import check_name
 from libs.common.errors import InvalidArgument, NotFound, Unavailable
-from libs.common.planning import GB, ModelShape, training_memory
+from libs.common.planning import GB, ModelShape, TrainingMemory, training_memory
 from services.training import checkpoints
 from services.training.dataprep import DataPrepConfig, prepare_dataset
 from services.training.dataprep.stage import field_prefix, require
@@ -34,13 +34,12 @@ from services.training.jobs import DONE, JobContext, parse_config
 from services.training.jobstore import JobRecord
 from services.training.registry import Lineage
 
+if TYPE_CHECKING:
+    from services.training.jobs import lm_loop
+
 DATASETS = "datasets"
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
-POSITIVE = (
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
+LOOP_POSITIVE = (
     "seq_len",
     "micro_batch_size",
     "grad_accum_steps",
@@ -52,27 +51,10 @@ POSITIVE = (
 )
 
 
-@dataclass
-class PretrainConfig:
-    """Everything a pretraining job needs; defaults give a small model."""
+@dataclass(kw_only=True)
+class LoopConfig:
+    """The training loop's settings, shared by every job over `lm_loop` (and the only part its workers see)."""
 
-    tokenizer: str
-    """Tokeniser reference in the tokeniser service ("name" or "name:version")."""
-    corpus: list[str]
-    """Corpus names (from UploadCorpus) or folders/files relative to the artifact store."""
-    model_name: str
-    """Name under which the finished model is registered."""
-    eos_token: str = ""
-    """Special token that ends each document; "" picks the first of EOS_TOKENS the tokeniser has."""
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    """Key/value heads (grouped-query attention); must divide num_heads."""
-    intermediate_size: int = 0
-    """SwiGLU width; 0: 8/3 of hidden_size rounded up to a multiple of 64."""
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
     seq_len: int = 256
     """Tokens per training sequence."""
     micro_batch_size: int = 8
@@ -90,8 +72,6 @@ class PretrainConfig:
     seed: int = 0
     eval_fraction: float = 0.05
     """Share of the packed sequences held out for the validation loss."""
-    stages: list[dict[str, Any]] = field(default_factory=lambda: [{"type": "normalize"}, {"type": "exact_dedup"}])
-    """Data-preparation stages before tokenising (see services.training.dataprep)."""
     num_workers: int = 2
     """Ray Train workers (data-parallel replicas)."""
     checkpoint_every: int = 100
@@ -99,21 +79,41 @@ class PretrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        check_name(self.model_name, "model_name")
-        require(bool(self.tokenizer), "is required", "tokenizer")
-        require(bool(self.corpus), "give at least one corpus", "corpus")
-        for name in POSITIVE:
+        for name in LOOP_POSITIVE:
             require(getattr(self, name) >= 1, "must be >= 1", name)
-        require(self.hidden_size % self.num_heads == 0, "must be a multiple of num_heads", "hidden_size")
-        require((self.hidden_size // self.num_heads) % 2 == 0, "must give an even head size (RoPE)", "hidden_size")
-        require(self.num_heads % self.num_kv_heads == 0, "must divide num_heads", "num_kv_heads")
-        require(self.intermediate_size >= 0, "must be >= 0", "intermediate_size")
         require(0 <= self.warmup_steps < self.max_steps, "must be in [0, max_steps)", "warmup_steps")
         require(0 < self.learning_rate <= 1, "must be in (0, 1]", "learning_rate")
         require(0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", "min_lr_ratio")
         require(self.weight_decay >= 0, "must be >= 0", "weight_decay")
         require(self.grad_clip >= 0, "must be >= 0 (0: no clipping)", "grad_clip")
         require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
+
+    def loop(self) -> LoopConfig:
+        """Only the loop's settings, as the workers get them."""
+        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
+
+
+@dataclass(kw_only=True)
+class LlamaShape:
+    """A Llama-style decoder (RoPE, GQA, SwiGLU, RMSNorm), as pretraining and distillation build it."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    intermediate_size: int = 0
+    """SwiGLU width; 0: 8/3 of hidden_size rounded up to a multiple of 64."""
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+
+    def check_shape(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            require(getattr(self, name) >= 1, "must be >= 1", name)
+        require(self.hidden_size % self.num_heads == 0, "must be a multiple of num_heads", "hidden_size")
+        require((self.hidden_size // self.num_heads) % 2 == 0, "must give an even head size (RoPE)", "hidden_size")
+        require(self.num_heads % self.num_kv_heads == 0, "must divide num_heads", "num_kv_heads")
+        require(self.intermediate_size >= 0, "must be >= 0", "intermediate_size")
         require(self.rope_theta > 0, "must be > 0", "rope_theta")
 
     @property
@@ -131,7 +131,7 @@ class PretrainConfig:
             tie_embeddings=self.tie_embeddings,
         )
 
-    def model_config(self, vocab_size: int, eos_id: int) -> LlamaConfig:
+    def model_config(self, vocab_size: int, eos_id: int, max_positions: int) -> LlamaConfig:
         return LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=self.hidden_size,
@@ -139,12 +139,47 @@ class PretrainConfig:
             num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
-            max_position_embeddings=self.seq_len,
+            max_position_embeddings=max_positions,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             tie_word_embeddings=self.tie_embeddings,
             bos_token_id=eos_id,
             eos_token_id=eos_id,
         )
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the text comes from and how it is cleaned (see services.training.dataprep)."""
+
+    tokenizer: str
+    """Tokeniser reference in the tokeniser service ("name" or "name:version")."""
+    corpus: list[str]
+    """Corpus names (from UploadCorpus) or folders/files relative to the artifact store."""
+    stages: list[dict[str, Any]] = field(default_factory=lambda: [{"type": "normalize"}, {"type": "exact_dedup"}])
+    """Data-preparation stages before tokenising (see services.training.dataprep)."""
+
+    def check_data(self) -> None:
+        require(bool(self.tokenizer), "is required", "tokenizer")
+        require(bool(self.corpus), "give at least one corpus", "corpus")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(DataConfig, LlamaShape, LoopConfig):
+    """Everything a pretraining job needs; defaults give a small model."""
+
+    model_name: str
+    """Name under which the finished model is registered."""
+    eos_token: str = ""
+    """Special token that ends each document; "" picks the first of EOS_TOKENS the tokeniser has."""
+
+    def __post_init__(self) -> None:
+        check_name(self.model_name, "model_name")
+        self.check_data()
+        super().__post_init__()
+        self.check_shape()
+
+    def model_config(self, vocab_size: int, eos_id: int, max_positions: int = 0) -> LlamaConfig:
+        return super().model_config(vocab_size, eos_id, max_positions or self.seq_len)
 
 
 def corpus_path(context: JobContext, ref: str, index: int) -> Path:
@@ -168,18 +203,122 @@ def describe_tokenizer(context: JobContext, ref: str) -> TokenizerInfo:
     return info
 
 
-def end_of_document_token(cfg: PretrainConfig, info: TokenizerInfo) -> str:
+def end_of_document_token(cfg: PretrainConfig | Any, info: TokenizerInfo) -> str:
     """The special token appended after every document: `eos_token`, else the first usual one present."""
-    if cfg.eos_token:
-        if cfg.eos_token not in info.special_tokens:
-            raise InvalidArgument(f"{cfg.eos_token!r} is not a special token of {info.ref}", field="config.eos_token")
-        return cfg.eos_token
-    found = next((t for t in EOS_TOKENS if t in info.special_tokens), None)
+    return special_token(info, cfg.eos_token, EOS_TOKENS, "eos_token", "end-of-document")
+
+
+def special_token(info: TokenizerInfo, chosen: str, usual: tuple[str, ...], field_name: str, role: str) -> str:
+    """`chosen` if the tokeniser has it as a special token, else the first of `usual` it has; refused otherwise."""
+    if chosen:
+        if chosen not in info.special_tokens:
+            raise InvalidArgument(f"{chosen!r} is not a special token of {info.ref}", field=f"config.{field_name}")
+        return chosen
+    found = next((t for t in usual if t in info.special_tokens), None)
     if found is None:
         raise InvalidArgument(
-            f"{info.ref} has none of {EOS_TOKENS}; name its end-of-document token", field="config.eos_token"
+            f"{info.ref} has no {role} token (none of {usual}; its special tokens: {list(info.special_tokens)}); "
+            f"use a tokenizer with one or name it in {field_name}",
+            field=f"config.{field_name}",
         )
     return found
+
+
+def token_id(context: JobContext, tokenizer: str, token: str) -> int:
+    return int(context.tokenizer.encode(tokenizer, token, add_special_tokens=False).ids[0])
+
+
+def dataprep(cfg: DataConfig, paths: list[Path], seq_len: int, eos_id: int, vocab_size: int) -> dict[str, Any]:
+    return {
+        "source": {"type": "text_files", "paths": [str(p) for p in paths]},
+        "stages": [*cfg.stages, {"type": "tokenize", "batch_size": 16}],
+        "pack": {"seq_len": seq_len, "eos_id": eos_id, "vocab_size": vocab_size},
+    }
+
+
+def check_data(cfg: DataConfig, context: JobContext, seq_len: int, vocab_size: int) -> None:
+    """The corpus exists and the data-preparation stages are valid."""
+    paths = [corpus_path(context, ref, i) for i, ref in enumerate(cfg.corpus)]
+    with field_prefix("config"):
+        DataPrepConfig.from_dict(dataprep(cfg, paths, seq_len, 0, vocab_size))
+
+
+def check_memory(context: JobContext, need: TrainingMemory, extra: int = 0, what: str = "the model size") -> None:
+    """Refuse a job whose worker would need more than a worker has (`extra`: e.g. a frozen teacher)."""
+    total = need.total + extra
+    if total > context.worker_memory_bytes:
+        raise InvalidArgument(
+            f"training needs {total / GB:.2f} GB per worker (weights {need.weights / GB:.2f}, optimiser "
+            f"{need.optimizer / GB:.2f}, activations {need.activations / GB:.2f}, other {extra / GB:.2f}) but a "
+            f"worker has {context.worker_memory_bytes / GB:.2f} GB; lower micro_batch_size, seq_len or {what}",
+            field="config.micro_batch_size",
+        )
+
+
+def prepare_data(job: JobRecord, cfg: DataConfig, context: JobContext, seq_len: int, eos_id: int, vocab: int) -> Path:
+    """Clean, tokenise and pack the corpus once per job (a resumed job reuses it)."""
+    out = context.artifacts.path(f"{DATASETS}/{job.job_id}")
+    if (out / "manifest.json").exists():
+        return out
+    paths = [corpus_path(context, ref, i) for i, ref in enumerate(cfg.corpus)]
+    context.store.log(job.job_id, f"preparing data from {cfg.corpus} with tokenizer {cfg.tokenizer}")
+    prep = DataPrepConfig.from_dict(dataprep(cfg, paths, seq_len, eos_id, vocab))
+    with context.artifacts.staging(f"{DATASETS}/{job.job_id}") as tmp:
+        report = prepare_dataset(prep, tmp, lambda texts: context.tokenizer.encode_batch(cfg.tokenizer, texts))
+    for stage in report.stages:
+        context.store.log(job.job_id, f"data {stage.name}: {stage.docs_in} in, {stage.docs_out} out")
+    packed = report.packing
+    assert packed is not None
+    context.store.log(job.job_id, f"packed {packed.sequences} sequences of {seq_len} tokens")
+    if packed.sequences < 2:
+        raise InvalidArgument(f"the corpus gives {packed.sequences} sequences; need at least 2", field="corpus")
+    return out
+
+
+def train_and_register(
+    job: JobRecord,
+    context: JobContext,
+    dataset: Path,
+    objective: lm_loop.Objective,
+    cfg: Any,
+    info: TokenizerInfo,
+    parameters: int,
+    parent: str = "",
+) -> str:
+    """Run the objective on Ray Train, then register the model under cfg.model_name; DONE or the stop asked for.
+
+    `cfg` is a job's config: DataConfig and LoopConfig settings and a model_name.
+    """
+    from services.training.jobs import lm_loop
+
+    stop = context.store.stop_requested(job.job_id)
+    if stop:
+        return stop
+    metrics = lm_loop.fit(job, context, dataset, objective, cfg.loop())
+    if metrics is None:
+        stop = context.store.stop_requested(job.job_id)
+        if not stop:
+            raise RuntimeError("training ended without writing the final model")
+        return stop
+    context.store.update(job.job_id, metrics=metrics)
+    lineage = Lineage(
+        job_id=job.job_id,
+        tokenizer=info.ref,
+        parent=parent,
+        datasets=[*cfg.corpus, context.artifacts.relative(dataset)],
+        config=job.config,
+    )
+    model = context.registry.register(
+        cfg.model_name,
+        context.artifacts.path(checkpoints.final_dir(job.job_id)),
+        context.artifacts.path(info.path, field="config.tokenizer"),
+        lineage,
+        metrics,
+        parameters,
+    )
+    context.store.update(job.job_id, model=model.ref)
+    context.store.log(job.job_id, f"registered model {model.ref}")
+    return DONE
 
 
 class PretrainJob:
@@ -188,82 +327,18 @@ class PretrainJob:
         cfg = parse_config(PretrainConfig, config)
         info = describe_tokenizer(context, cfg.tokenizer)
         end_of_document_token(cfg, info)
-        paths = [corpus_path(context, ref, i) for i, ref in enumerate(cfg.corpus)]
-        with field_prefix("config"):
-            DataPrepConfig.from_dict(self._dataprep(cfg, paths, 0, info.vocab_size))
-        need = training_memory(cfg.shape(info.vocab_size), cfg.micro_batch_size, cfg.seq_len, precision="fp32")
-        if need.total > context.worker_memory_bytes:
-            raise InvalidArgument(
-                f"training needs {need.total / GB:.2f} GB per worker (weights {need.weights / GB:.2f}, optimiser "
-                f"{need.optimizer / GB:.2f}, activations {need.activations / GB:.2f}) but a worker has "
-                f"{context.worker_memory_bytes / GB:.2f} GB; lower micro_batch_size, seq_len or the model size",
-                field="config.micro_batch_size",
-            )
+        check_data(cfg, context, cfg.seq_len, info.vocab_size)
+        check_memory(
+            context, training_memory(cfg.shape(info.vocab_size), cfg.micro_batch_size, cfg.seq_len, precision="fp32")
+        )
         return {**config, "tokenizer": info.ref}
 
-    @staticmethod
-    def _dataprep(cfg: PretrainConfig, paths: list[Path], eos_id: int, vocab_size: int) -> dict[str, Any]:
-        return {
-            "source": {"type": "text_files", "paths": [str(p) for p in paths]},
-            "stages": [*cfg.stages, {"type": "tokenize", "batch_size": 16}],
-            "pack": {"seq_len": cfg.seq_len, "eos_id": eos_id, "vocab_size": vocab_size},
-        }
-
     def run(self, job: JobRecord, context: JobContext) -> str:
-        from services.training.jobs import lm_loop  # Ray Train and torch: needed to run, not to check
+        from services.training.jobs import lm_loop
 
         cfg = parse_config(PretrainConfig, job.config)
         info = describe_tokenizer(context, cfg.tokenizer)
-        eos = end_of_document_token(cfg, info)
-        eos_id = int(context.tokenizer.encode(cfg.tokenizer, eos, add_special_tokens=False).ids[0])
-        dataset = self._prepare(job, cfg, context, eos_id, info.vocab_size)
-        stop = context.store.stop_requested(job.job_id)
-        if stop:
-            return stop
-        lm_loop.fit(job, context, dataset, cfg.model_config(info.vocab_size, eos_id))
-        final = context.artifacts.path(checkpoints.final_dir(job.job_id))
-        if not final.is_dir():
-            stop = context.store.stop_requested(job.job_id)
-            if not stop:
-                raise RuntimeError("training ended without writing the final model")
-            return stop
-        self._register(job, cfg, context, final, info)
-        return DONE
-
-    def _prepare(self, job: JobRecord, cfg: PretrainConfig, context: JobContext, eos_id: int, vocab: int) -> Path:
-        """Clean, tokenise and pack the corpus once per job (a resumed job reuses it)."""
-        out = context.artifacts.path(f"{DATASETS}/{job.job_id}")
-        if (out / "manifest.json").exists():
-            return out
-        paths = [corpus_path(context, ref, i) for i, ref in enumerate(cfg.corpus)]
-        context.store.log(job.job_id, f"preparing data from {cfg.corpus} with tokenizer {cfg.tokenizer}")
-        prep = DataPrepConfig.from_dict(self._dataprep(cfg, paths, eos_id, vocab))
-        with context.artifacts.staging(f"{DATASETS}/{job.job_id}") as tmp:
-            report = prepare_dataset(prep, tmp, lambda texts: context.tokenizer.encode_batch(cfg.tokenizer, texts))
-        for stage in report.stages:
-            context.store.log(job.job_id, f"data {stage.name}: {stage.docs_in} in, {stage.docs_out} out")
-        packed = report.packing
-        assert packed is not None
-        context.store.log(job.job_id, f"packed {packed.sequences} sequences of {cfg.seq_len} tokens")
-        if packed.sequences < 2:
-            raise InvalidArgument(f"the corpus gives {packed.sequences} sequences; need at least 2", field="corpus")
-        return out
-
-    @staticmethod
-    def _register(job: JobRecord, cfg: PretrainConfig, context: JobContext, final: Path, info: TokenizerInfo) -> None:
-        lineage = Lineage(
-            job_id=job.job_id,
-            tokenizer=info.ref,
-            datasets=[*cfg.corpus, f"{DATASETS}/{job.job_id}"],
-            config=job.config,
-        )
-        model = context.registry.register(
-            cfg.model_name,
-            final,
-            context.artifacts.path(info.path, field="config.tokenizer"),
-            lineage,
-            context.store.get(job.job_id).metrics,
-            cfg.shape(info.vocab_size).param_count(),
-        )
-        context.store.update(job.job_id, model=model.ref)
-        context.store.log(job.job_id, f"registered model {model.ref}")
+        eos_id = token_id(context, cfg.tokenizer, end_of_document_token(cfg, info))
+        dataset = prepare_data(job, cfg, context, cfg.seq_len, eos_id, info.vocab_size)
+        objective = lm_loop.CausalLM(cfg.model_config(info.vocab_size, eos_id))
+        return train_and_register(job, context, dataset, objective, cfg, info, cfg.shape(info.vocab_size).param_count())
