@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.tokenizer", "bench.retrieval", "bench.retrieval_eval"]
+BENCHMARKS = ["bench.tokenizer", "bench.retrieval", "bench.retrieval_eval", "bench.inference", "bench.training"]
 
 
 def main() -> None:
-    chosen = [f"bench.{n}" for n in sys.argv[1:]] or BENCHMARKS
+    names = [a for a in sys.argv[1:] if not a.startswith("-")]  # flags (e.g. --quick) are the benchmarks' own
+    chosen = [f"bench.{n}" for n in names] or BENCHMARKS
     for module in chosen:
         importlib.import_module(module).main()
 

@@ -24,7 +24,7 @@ from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.model_loader import LoadedModel, load_model
 from services.inference.engine.model_runner import Chunk, ModelRunner
 from services.inference.engine.sampling import SamplingContext
-from services.inference.engine.speculative import Draft, Drafter, DraftRequest
+from services.inference.engine.speculative import Draft, Drafter, DraftRequest, is_plain_greedy
 
 
 class NgramDrafter(Drafter):
@@ -96,14 +96,17 @@ class DraftModelDrafter(Drafter):
             for row, (r, chunk) in enumerate(live):
                 drafted = drafts[r.seq_id]
                 self._cached[r.seq_id].drafted = drafted[:]  # the chunk just wrote the KV of all but the newest
-                ctx = SamplingContext(r.context.prompt_ids, r.context.output_ids + drafted)
-                q = r.sampler.distribution(logits[row], ctx)  # [vocab]
-                drafted.append(int(torch.multinomial(q, 1, generator=r.sampler.generator)))
-                probs[r.seq_id].append(q)
+                if is_plain_greedy(r.sampler):  # q is one-hot: a point mass, as Draft(probs=None) says
+                    drafted.append(int(logits[row].argmax()))
+                else:
+                    ctx = SamplingContext(r.context.prompt_ids, r.context.output_ids + drafted)
+                    q = r.sampler.distribution(logits[row], ctx)  # [vocab]
+                    drafted.append(int(torch.multinomial(q, 1, generator=r.sampler.generator)))
+                    probs[r.seq_id].append(q)
                 if len(drafted) < r.max_tokens:
                     following.append((r, Chunk(r.seq_id, drafted[-1:], chunk.start + len(chunk.token_ids), True)))
             live = following
-        return [Draft(drafts[r.seq_id], torch.stack(probs[r.seq_id]) if drafts[r.seq_id] else None) for r in requests]
+        return [Draft(drafts[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None) for r in requests]
 
     def _start(self, r: DraftRequest) -> tuple[DraftRequest, Chunk] | None:
         """The request as far as the draft cache and context allow, and the chunk of tokens that cache

@@ -46,7 +46,7 @@ from services.inference.engine.sampling import (
     TokenLogprob,
 )
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig, Sequence
-from services.inference.engine.speculative import Drafter, DraftRequest, Speculator
+from services.inference.engine.speculative import Drafter, DraftRequest, Speculator, is_plain_greedy
 
 
 @dataclass
@@ -248,11 +248,15 @@ class LLMEngine:
                 self.scheduler.advance(scheduled)
                 sampled = [(c, s) for c, s in zip(chunks, scheduled.sequences, strict=True) if c.sample]
                 rows = logits.split([c.num_logits for c, _ in sampled])  # [1 + drafted, vocab] each
+                # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.
+                best = logits.argmax(-1).tolist() if any(c.num_logits == 1 for c, _ in sampled) else []
+                row = 0
                 for (chunk, seq), seq_logits in zip(sampled, rows, strict=True):
                     if chunk.num_logits == 1:
-                        touched[seq.request_id] = self._append(seq, seq_logits[0])
+                        touched[seq.request_id] = self._append(seq, seq_logits[0], best[row])
                     else:
                         touched[seq.request_id] = self._append_verified(seq, seq_logits)
+                    row += chunk.num_logits
         return [self._report(r) for r in touched.values()]
 
     def _draft_requests(self, chunks: list[Chunk], sequences: list[Sequence]) -> dict[str, DraftRequest]:
@@ -266,13 +270,17 @@ class LLMEngine:
                 requests[seq.seq_id] = DraftRequest(seq.seq_id, seq.token_ids, room - 1, request.samplers[index], ctx)
         return requests
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> _Request:
+    def _append(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> _Request:
+        """Sample the next token from logits [vocab]; `argmax` is their argmax, all plain greedy needs."""
         request, index = self._by_seq[seq.seq_id]
         if request.beams is not None:
             self._append_beam(request, request.beams, seq, logits)
             return request
-        ctx = SamplingContext(request.prompt_ids, seq.output_ids)
-        token, logprob = request.samplers[index].sample(logits, ctx)
+        sampler = request.samplers[index]
+        if is_plain_greedy(sampler):
+            self._push(request, index, seq, argmax, None)
+            return request
+        token, logprob = sampler.sample(logits, SamplingContext(request.prompt_ids, seq.output_ids))
         self._push(request, index, seq, token, logprob)
         return request
 

@@ -46,8 +46,8 @@ class Chunk:
 @dataclass(frozen=True)
 class AttentionGroup:
     token_index: torch.Tensor  # [b, q] positions of the group's queries in the packed step
-    read_slots: torch.Tensor  # [b, c] cache slots of each row's context (padding reads slot 0)
-    mask: torch.Tensor  # [b, 1, q, c] True where a query may attend to a key
+    read_blocks: torch.Tensor  # [b, n] cache blocks of each row's context, in order (padding reads block 0)
+    mask: torch.Tensor  # [b, 1, q, n * block_size] True where a query may attend to a key
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,30 @@ def paged_attention(
     cache_k, cache_v = step.cache.key[layer], step.cache.value[layer]  # [slots, KVH, D]
     cache_k[step.write_slots] = key[0].transpose(0, 1)
     cache_v[step.write_slots] = value[0].transpose(0, 1)
+    # Read whole blocks: one contiguous copy per block instead of one per token.
+    blocks_k = cache_k.view(-1, step.cache.block_size, *cache_k.shape[1:])  # [blocks, block_size, KVH, D]
+    blocks_v = cache_v.view(blocks_k.shape)
     q_all = query[0].transpose(0, 1)  # [N, H, D]
+    if len(step.groups) == 1:  # every chunk of one length (e.g. all decoding): the step is the group, in order
+        g = step.groups[0]
+        q = q_all.view(*g.token_index.shape, *q_all.shape[1:]).transpose(1, 2)  # [b, H, q, D]
+        o = _attend(q, blocks_k, blocks_v, g, scaling)
+        return o.transpose(1, 2).reshape(1, *q_all.shape), None
     out = torch.empty_like(q_all)
     for g in step.groups:
         q = q_all[g.token_index].transpose(1, 2)  # [b, H, q, D]
-        k = cache_k[g.read_slots].transpose(1, 2)  # [b, KVH, c, D]
-        v = cache_v[g.read_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        o = _attend(q, blocks_k, blocks_v, g, scaling)
         out[g.token_index.flatten()] = o.transpose(1, 2).flatten(0, 1)  # [b * q, H, D]
     return out.unsqueeze(0), None
+
+
+def _attend(
+    q: torch.Tensor, blocks_k: torch.Tensor, blocks_v: torch.Tensor, g: AttentionGroup, scaling: float | None
+) -> torch.Tensor:
+    """q [b, H, q, D] over the group's cached blocks -> [b, H, q, D]."""
+    k = blocks_k[g.read_blocks].flatten(1, 2).transpose(1, 2)  # [b, KVH, c, D]
+    v = blocks_v[g.read_blocks].flatten(1, 2).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
 AttentionInterface.register(ATTENTION, paged_attention)
@@ -132,15 +145,15 @@ class ModelRunner:
         return StepMetadata(self.cache, write.to(self.device), groups)
 
     def group(self, chunks: list[Chunk], offsets: list[int]) -> AttentionGroup:
-        """Chunks of equal length q attending to their contexts, padded to the longest context."""
+        """Chunks of equal length q attending to their contexts, padded to the longest context's blocks."""
         q = len(chunks[0].token_ids)
-        lengths = torch.tensor([c.start + q for c in chunks])  # [b] context after this step
-        c_max = int(lengths.max())
-        read = torch.zeros(len(chunks), c_max, dtype=torch.long)
-        for row, chunk in enumerate(chunks):
-            read[row, : lengths[row]] = self.cache.slots(chunk.seq_id, 0, int(lengths[row]))
-        query_pos = (lengths - q)[:, None] + torch.arange(q)  # [b, q]
-        key_pos = torch.arange(c_max)  # [c]
+        size = self.cache.block_size
+        ends = [c.start + q for c in chunks]  # context of each row after this step
+        used = [self.cache.blocks(c.seq_id)[: -(-end // size)] for c, end in zip(chunks, ends, strict=True)]
+        width = max(len(b) for b in used)
+        read = torch.tensor([b + [0] * (width - len(b)) for b in used], dtype=torch.long)  # [b, n]
+        query_pos = torch.tensor(ends)[:, None] - q + torch.arange(q)  # [b, q]
+        key_pos = torch.arange(width * size)  # [c]: padding and unwritten slots lie past every query
         mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, q, c]: causal; also hides padding
         if self.sliding_window is not None:
             mask &= query_pos[:, :, None] - key_pos[None, None, :] < self.sliding_window

@@ -110,6 +110,15 @@ def rejection_sample(
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
 
 
+def is_plain_greedy(sampler: Sampler) -> bool:
+    """Greedy with no stage before the argmax and no log-probabilities: the token is the logits' argmax.
+
+    Then p (and a greedy drafter's q) is one-hot, so rejection sampling reduces to keeping the
+    drafts that equal the target's argmax and emitting the argmax after them.
+    """
+    return sampler.params.greedy and sampler.params.logprobs is None and len(sampler.stages) == 1
+
+
 class Speculator:
     """The engine's side of speculative decoding: drafts into the step's chunks, verdicts out of its logits."""
 
@@ -158,6 +167,12 @@ class Speculator:
     ) -> tuple[list[int], int]:
         """Target logits [k + 1, vocab] of a drafted chunk -> (tokens to emit, drafts accepted)."""
         draft = self._pending.pop(seq_id)
+        if is_plain_greedy(sampler):
+            best = logits.argmax(-1).tolist()  # [k + 1]
+            accepted = next((i for i, t in enumerate(draft.token_ids) if t != best[i]), len(draft.token_ids))
+            self.num_drafted += len(draft.token_ids)
+            self.num_accepted += accepted
+            return [*draft.token_ids[:accepted], best[accepted]], accepted
         p = torch.stack(
             [
                 sampler.distribution(logits[i], SamplingContext(ctx.prompt_ids, ctx.output_ids + draft.token_ids[:i]))
