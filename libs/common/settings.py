@@ -84,7 +84,7 @@ VARIABLES: dict[str, EnvVar] = {
             "training",
             50053,
             [
-                EnvVar("LLMP_TRAINING_BACKEND", "local_ray", "where jobs run: local_ray or kuberay"),
+                EnvVar("LLMP_TRAINING_BACKEND", "local_ray", "where jobs run: local_ray, ray_jobs or kuberay"),
                 EnvVar("LLMP_TRAINING_RAY_NUM_CPUS", "0", "CPUs of the local Ray the service starts; 0: all"),
                 EnvVar("LLMP_TRAINING_RAY_DASHBOARD", "true", "start the Ray dashboard with the local Ray"),
                 EnvVar("LLMP_TRAINING_WORKER_MEMORY_GB", "8", "memory one training worker may use"),
@@ -92,6 +92,11 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_TRAINING_KUBERAY_NAMESPACE", "llmp", "namespace of the RayJobs of the kuberay backend"),
                 EnvVar("LLMP_TRAINING_KUBERAY_IMAGE", "llmp:latest", "container image of the RayJob pods"),
                 EnvVar("LLMP_TRAINING_KUBERAY_ARTIFACTS_CLAIM", "llmp-artifacts", "PVC holding the artifact store"),
+                EnvVar(
+                    "LLMP_TRAINING_RAY_JOBS_ADDRESS",
+                    "http://127.0.0.1:8265",
+                    "Ray job server (dashboard) URL of the ray_jobs backend",
+                ),
             ],
         ),
         *_service_vars(

@@ -4,6 +4,10 @@
   drives each job from a thread of its own process; Ray Train runs the workers. A job's driver
   lives and dies with the service, so on a restart the service finds its RUNNING jobs gone and
   resumes them from their last checkpoint (see TrainingCore.reconcile).
+- `ray_jobs`: each job's driver (`python -m services.training.runner`) is submitted through Ray's
+  job submission API to a Ray cluster's job server (LLMP_TRAINING_RAY_JOBS_ADDRESS). The driver
+  runs in the cluster and outlives the service, sharing Redis, the artifact store and the
+  tokeniser service with it through the environment handed over with the submission.
 - `kuberay`: each job is a KubeRay RayJob created with the `kubernetes` client; its driver runs
   `python -m services.training.runner` in the RayJob's own Ray cluster, sharing Redis and the
   artifact store (a PersistentVolumeClaim) with the service.
@@ -11,23 +15,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
 from typing import Any
 
+from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
-from services.training.jobstore import CANCEL, PREEMPT, JobRecord
+from services.training.jobstore import CANCEL, FAILED, PREEMPT, JobRecord
 from services.training.runner import run_job
 
 log = logging.getLogger(__name__)
 
 LOCAL_DASHBOARD_PORT = 8265
 RAY_START_ATTEMPTS = 2
+SUBMIT_RETRY_SECONDS = 180  # a job server's agent can take minutes to come up on a busy machine
 
 
 class Backend(ABC):
@@ -104,6 +112,80 @@ class LocalRayBackend(Backend):
         ray.shutdown()
 
 
+class RayJobsBackend(Backend):
+    """Drivers submitted with Ray's JobSubmissionClient; a job's Ray submissions are found by metadata."""
+
+    METADATA_KEY = "llmp_job_id"
+
+    def __init__(self, config: TrainingConfig, context: JobContext) -> None:
+        super().__init__(config, context)
+        self._submitters: dict[str, threading.Thread] = {}
+
+    def open(self) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        address = self.config.ray_jobs_address
+        try:
+            self.client = JobSubmissionClient(address)
+        except ConnectionError as e:  # the service cannot run a job without it: say where it looked
+            raise Unavailable(f"no Ray job server at {address}: {e}", field="ray_jobs_address") from e
+
+    def start(self, job: JobRecord) -> None:
+        """Submit from a thread of its own: a job server just started refuses for a while (see _submit)."""
+        submitter = threading.Thread(target=self._submit, args=(job,), name=f"submit-{job.job_id}", daemon=True)
+        self._submitters[job.job_id] = submitter
+        submitter.start()
+
+    def _submit(self, job: JobRecord) -> None:
+        """Submit the driver, retrying while the job server has no agent yet ("No available agent")."""
+        submission_id = f"{rayjob_name(job.job_id)}-{job.attempts + 1}-{int(time.time())}"
+        end, delay = time.monotonic() + SUBMIT_RETRY_SECONDS, 0.5
+        while True:
+            try:
+                self.client.submit_job(
+                    entrypoint=f"{sys.executable} -m services.training.runner --job-id {job.job_id}",
+                    submission_id=submission_id,
+                    metadata={self.METADATA_KEY: job.job_id},
+                    runtime_env={"env_vars": driver_env(self.context)},
+                )
+                break
+            except Exception as e:
+                if "No available agent" in str(e) and time.monotonic() < end:
+                    time.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+                    continue
+                log.exception("job %s could not be submitted", job.job_id)
+                with contextlib.suppress(FailedPrecondition):  # e.g. cancelled meanwhile
+                    self.context.store.transition(
+                        job.job_id, FAILED, reason=f"the ray_jobs backend could not start it: {e}"
+                    )
+                return
+        log.info("job %s submitted to %s as %s", job.job_id, self.config.ray_jobs_address, submission_id)
+
+    def alive(self, job: JobRecord) -> bool:
+        """True while any submission of the job is still pending or running on the cluster."""
+        from ray.job_submission import JobStatus
+
+        submitter = self._submitters.get(job.job_id)
+        if submitter is not None and submitter.is_alive():
+            return True
+        return any(
+            (info.metadata or {}).get(self.METADATA_KEY) == job.job_id
+            and info.status in (JobStatus.PENDING, JobStatus.RUNNING)
+            for info in self.client.list_jobs()
+        )
+
+    def drain(self, timeout: float) -> None:
+        """Nothing to do: the drivers run in the cluster and carry on without the service."""
+
+
+def driver_env(context: JobContext) -> dict[str, str]:
+    """What a driver running outside the service needs to reach the platform's shared parts."""
+    shared = {"LLMP_REDIS_URL": context.redis_url, "LLMP_HOME": str(context.artifacts.root.parent)}
+    names = ("LLMP_TOKENIZER_ADDRESS", "RAY_AUTH_MODE")
+    return shared | {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
 class KubeRayBackend(Backend):
     GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 
@@ -139,7 +221,11 @@ class KubeRayBackend(Backend):
         """Nothing to do: RayJobs run in the cluster, not in this process, and carry on without it."""
 
 
-BACKENDS: dict[str, type[Backend]] = {"local_ray": LocalRayBackend, "kuberay": KubeRayBackend}
+BACKENDS: dict[str, type[Backend]] = {
+    "local_ray": LocalRayBackend,
+    "ray_jobs": RayJobsBackend,
+    "kuberay": KubeRayBackend,
+}
 
 
 def rayjob_name(job_id: str) -> str:

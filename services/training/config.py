@@ -11,7 +11,7 @@ from libs.common.config import ServiceConfig, doc
 class TrainingConfig(ServiceConfig):
     port: int = doc("gRPC port", 50053)
     metrics_port: int = doc("Prometheus port; -1 turns metrics off", 51053)
-    backend: str = doc("where jobs run: local_ray (RAY_ADDRESS or a local Ray) or kuberay", "local_ray")
+    backend: str = doc("where jobs run: local_ray (RAY_ADDRESS or a local Ray), ray_jobs or kuberay", "local_ray")
     ray_num_cpus: int = doc("CPUs of the local Ray started by the service; 0: all", 0)
     ray_dashboard: bool = doc("start the Ray dashboard (127.0.0.1:8265) with the local Ray", True)
     worker_memory_gb: float = doc("memory one training worker may use; larger jobs are refused", 8.0)
@@ -19,3 +19,6 @@ class TrainingConfig(ServiceConfig):
     kuberay_namespace: str = doc("namespace of the RayJobs the kuberay backend creates", "llmp")
     kuberay_image: str = doc("container image of the RayJob pods", "llmp:latest")
     kuberay_artifacts_claim: str = doc("PersistentVolumeClaim holding the artifact store", "llmp-artifacts")
+    ray_jobs_address: str = doc(
+        "Ray dashboard (job server) URL the ray_jobs backend submits to", "http://127.0.0.1:8265"
+    )

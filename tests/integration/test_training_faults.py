@@ -1,0 +1,188 @@
+"""Faults of the training service, over the real parts: Redis, the tokeniser service, Ray, gRPC.
+
+A Ray Train worker killed mid-run, Redis restarted mid-job, and the ray_jobs backend submitting a
+job's driver to a separate Ray head through Ray's job submission API. The restart of the control
+plane and cancel are in test_training_service.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from llmp.training.v1 import training_pb2 as pb
+
+from libs.common.clients.training import TrainingClient
+from tests.conftest import free_port, start_service
+from tests.integration.test_training_service import TINY, WATCH_TIMEOUT_S, Stack, follow_until
+
+pytestmark = pytest.mark.integration
+
+MAX_STEPS, CHECKPOINT_EVERY = 40, 10
+FAULTY = {**TINY, "max_steps": MAX_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "warmup_steps": 5, "log_every": 5}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("llmp"))
+    yield stack
+    stack.close()
+
+
+def train_workers(service_pid: int) -> list[psutil.Process]:
+    """The Ray Train worker processes under the service (its local Ray is its child)."""
+    found = []
+    for proc in psutil.Process(service_pid).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def run_to_end(client: TrainingClient, job_id: str) -> tuple[pb.Job, list[str]]:
+    logs = [event.log for event in client.watch(job_id, timeout=WATCH_TIMEOUT_S) if event.log]
+    return client.get(job_id), logs
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint_and_finishes(stack: Stack) -> None:
+    job = stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-killed"})
+    follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
+    at_kill = stack.client.get(job.job_id)
+    workers = train_workers(stack.training.proc.pid)
+    assert len(workers) == FAULTY["num_workers"], [w.cmdline() for w in workers]
+    workers[0].send_signal(signal.SIGKILL)
+
+    final, logs = run_to_end(stack.client, job.job_id)
+    assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{stack.training.output()[-3000:]}"
+    resumed = [line for line in logs if line.startswith("resumed from checkpoints/")]
+    assert resumed, logs
+    step = int(resumed[-1].rsplit(" ", 1)[1])
+    # a checkpoint at least as recent as the one the kill followed: at most one interval is lost
+    assert step >= at_kill.progress.step - CHECKPOINT_EVERY, (step, at_kill.progress.step)
+    assert step % CHECKPOINT_EVERY == 0 and step > 0
+    assert final.progress.step == MAX_STEPS and final.model == "tiny-killed:1"
+
+
+def test_a_redis_restart_mid_job_loses_no_acknowledged_job(stack: Stack) -> None:
+    running = stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-redis"}, client_token="redis-a")
+    follow_until(stack.client, running.job_id, "checkpoint checkpoints/")
+    acknowledged = {j.job_id: j.state for j in stack.client.list_jobs()}
+    stack.redis.restart()
+
+    after = {j.job_id: j for j in stack.client.list_jobs()}
+    assert set(acknowledged) <= set(after)
+    for job_id, state in acknowledged.items():
+        if state in (pb.Job.SUCCEEDED, pb.Job.FAILED, pb.Job.CANCELLED):
+            assert after[job_id].state == state  # finished jobs stay as they were
+    # the client token still names the same job after the restart
+    assert stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-redis"}, "redis-a").job_id == running.job_id
+    final, _ = run_to_end(stack.client, running.job_id)
+    assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{stack.training.output()[-3000:]}"
+    assert final.progress.step == MAX_STEPS and final.model == "tiny-redis:1"
+
+
+# Ray reads RAY_AUTH_MODE once, at import: the job server's token authentication (on with `ray
+# start`) is used from processes started with RAY_AUTH_MODE=token, as the stack starts its services.
+RAY_CLIENT_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+LIST_SUBMISSIONS = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+jobs = JobSubmissionClient(sys.argv[1]).list_jobs()
+print(json.dumps([{"id": j.submission_id, "status": str(j.status.value), "meta": j.metadata or {}} for j in jobs]))
+"""
+
+
+def submissions(url: str) -> list[dict[str, Any]] | None:
+    """The job server's submissions, or None while it does not answer."""
+    done = subprocess.run(
+        [sys.executable, "-c", LIST_SUBMISSIONS, url], env=RAY_CLIENT_ENV, capture_output=True, text=True
+    )
+    return json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else None
+
+
+class RayHead:
+    """A Ray head with its job server, in the foreground so that SIGTERM stops it (never `ray stop`)."""
+
+    def __init__(self, home: Path) -> None:
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.log = home / "ray-head.log"
+        argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
+        argv += ["--node-ip-address=127.0.0.1", f"--port={self.port}", "--num-cpus=2"]
+        argv += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        # the agent's HTTP port is fixed (52365) by default: taken by any other Ray on this machine,
+        # its job server then answers "No available agent"
+        argv += [f"--dashboard-agent-listen-port={free_port()}"]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_job_server(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.proc.poll() is None:
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                listening = s.connect_ex(("127.0.0.1", self.dashboard_port)) == 0
+            if listening and submissions(self.url) is not None:  # it listens before its job module is up
+                return True
+            time.sleep(0.5)
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def driver_end(url: str, job_id: str, timeout: float = 120) -> list[str]:
+    """The statuses of the job's drivers once none is pending or running (each exits just after
+    recording the job's end in Redis)."""
+    end = time.monotonic() + timeout
+    while True:
+        found = [j["status"] for j in submissions(url) or [] if j["meta"].get("llmp_job_id") == job_id]
+        if found and not {"PENDING", "RUNNING"} & set(found):
+            return found
+        assert time.monotonic() < end, f"drivers of {job_id}: {found}"
+        time.sleep(0.5)
+
+
+def test_the_ray_jobs_backend_runs_a_job_through_job_submission(stack: Stack) -> None:
+    head = RayHead(stack.home)
+    try:
+        if not head.wait_job_server(180):
+            pytest.skip(f"the Ray job server did not start here:\n{head.log.read_text(errors='replace')[-2000:]}")
+        env = {
+            "LLMP_REDIS_URL": stack.redis.url,
+            "LLMP_TOKENIZER_ADDRESS": stack.tokenizer.address,
+            "LLMP_TRAINING_BACKEND": "ray_jobs",
+            "LLMP_TRAINING_RAY_JOBS_ADDRESS": head.url,
+            "RAY_AUTH_MODE": "token",
+        }
+        service = start_service("training", stack.home, extra_env=env)
+        try:
+            client = TrainingClient(service.address)
+            config = {**TINY, "max_steps": 10, "checkpoint_every": 5, "num_workers": 1, "model_name": "tiny-rayjobs"}
+            job = client.submit("pretrain", config)
+            final = client.wait(job.job_id, timeout=WATCH_TIMEOUT_S)
+            assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{service.output()[-3000:]}"
+            assert final.model == "tiny-rayjobs:1"
+
+            assert driver_end(head.url, job.job_id) == ["SUCCEEDED"]  # one driver, run by the head's job server
+        finally:
+            service.stop()
+    finally:
+        head.stop()
