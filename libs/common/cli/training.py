@@ -1,7 +1,7 @@
 """`llmp train ...`: submit, follow and control training jobs, and look up registered models.
 
     llmp train submit pretrain tokenizer=code corpus=[stdlib] model_name=tiny max_steps=500 --watch
-    llmp train submit sft --config sft.yaml base_model=tiny:latest
+    llmp train submit distill --config distill.yaml target=tiny:latest
     llmp train watch <job id>          # a progress bar: steps, loss, tokens/s, ETA; log lines
     llmp train list --state RUNNING
     llmp train cancel | resume | get <job id>
@@ -99,7 +99,7 @@ def show_job(job: pb.Job) -> None:
 
 @click.group()
 def group() -> None:
-    """Training jobs: pretrain, mlm, sft, reward, ppo/grpo, dpo, distill, sweep; and the model registry."""
+    """Training jobs (pretrain, mlm, distill, sweep) and the model registry."""
 
 
 @group.command()

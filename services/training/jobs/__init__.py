@@ -30,11 +30,6 @@ JOB_TYPES: dict[str, str] = {
     "mlm": "services.training.jobs.mlm:MaskedLMJob",
     "sweep": "services.training.jobs.sweep:ScalingSweepJob",
     "distill": "services.training.jobs.distill:DistillJob",
-    "sft": "services.training.jobs.sft:SFTJob",
-    "reward": "services.training.jobs.reward:RewardModelJob",
-    "ppo": "services.training.jobs.rl:PPOJob",
-    "grpo": "services.training.jobs.rl:GRPOJob",
-    "dpo": "services.training.jobs.dpo:DPOJob",
 }
 
 
