@@ -58,6 +58,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     config = json.loads((directory / "adapter_config.json").read_text())
     unsupported = [
         (config.get("peft_type") != "LORA", f"peft_type {config.get('peft_type')!r} is not LORA"),
+        (not isinstance(config.get("r"), int) or config["r"] < 1, f"rank r {config.get('r')!r} is not an int >= 1"),
         (config.get("use_dora", False), "DoRA is not supported"),
         (config.get("bias", "none") != "none", "trained biases are not supported"),
         (bool(config.get("modules_to_save")), "modules_to_save is not supported"),

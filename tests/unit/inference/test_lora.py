@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -119,3 +122,12 @@ def test_bad_adapters_are_refused(store: ArtifactStore, tmp_path) -> None:
         e.load_adapter("x", "adapters/mlp/1")
     with pytest.raises(FailedPrecondition):
         LLMEngine(load_model("models/llama/1", store)).load_adapter("x", "adapters/attn/1")
+
+
+def test_an_adapter_without_a_valid_rank_is_refused(store: ArtifactStore, merged_outputs) -> None:
+    broken = store.root / "adapters/norank/1"
+    shutil.copytree(store.root / "adapters/attn/1", broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
+    with pytest.raises(InvalidArgument, match="rank r 0"):
+        engine(store).load_adapter("x", "adapters/norank/1")
