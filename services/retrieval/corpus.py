@@ -133,7 +133,7 @@ class _RayPreparer:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         docs = [pickle.loads(raw) for raw in rows["document"]]
-        ready = self.preparer.prepare(self.plan, docs, first=int(rows["first"][0]))
+        ready = self.preparer.prepare(self.plan, docs, first=int(rows["index"][0]))
         vectors = self.preparer.vectors(self.plan, ready)
         out = [pickle.dumps((doc, rows_of_doc)) for doc, rows_of_doc in zip(ready, vectors, strict=True)]
         return {"prepared": np.array(out, dtype=object)}
@@ -147,11 +147,7 @@ def _on_ray(
 ) -> Iterator[list[tuple[Prepared, np.ndarray]]]:
     import ray.data
 
-    items = [
-        {"document": pickle.dumps(doc), "first": sum(len(b) for b in batches[:i])}
-        for i, docs in enumerate(batches)
-        for doc in docs
-    ]
+    items = [{"document": pickle.dumps(doc), "index": i} for i, doc in enumerate(d for docs in batches for d in docs)]
     size = len(batches[0])
     dataset = ray.data.from_items(items, override_num_blocks=len(batches)).map_batches(
         _RayPreparer,
