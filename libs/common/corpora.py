@@ -36,3 +36,57 @@ def pydoc_topics() -> Iterator[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     yield from sorted(topics.items())
+
+
+def _paragraphs(text: str, min_chars: int, max_chars: int) -> Iterator[str]:
+    """Prose paragraphs of a topic: blank-line separated, mostly letters, within the size bounds."""
+    for block in text.split("\n\n"):
+        paragraph = " ".join(block.split())
+        letters = sum(c.isalpha() or c.isspace() for c in paragraph)
+        if min_chars <= len(paragraph) <= max_chars and letters >= 0.85 * len(paragraph):
+            yield paragraph
+
+
+def _split_first_sentence(paragraph: str) -> tuple[str, str] | None:
+    head, dot, rest = paragraph.partition(". ")
+    if not dot or len(head) < 20 or len(rest) < 40:
+        return None
+    return head + ".", rest
+
+
+def instruction_pairs(max_chars: int = 600) -> list[dict[str, str]]:
+    """Prompt/completion records from the reference text: a paragraph's first sentence -> the rest of it.
+
+    The prompt names the topic and gives the opening sentence; the completion continues the
+    paragraph. About 700 records, in a stable order.
+    """
+    records = []
+    for topic, text in pydoc_topics():
+        for paragraph in _paragraphs(text, 80, max_chars):
+            split = _split_first_sentence(paragraph)
+            if split:
+                records.append(
+                    {"prompt": f"Topic: {topic}\nBegin: {split[0]}\nContinue:", "completion": f" {split[1]}"}
+                )
+    return records
+
+
+def preference_pairs(max_chars: int = 600, seed: int = 0) -> list[dict[str, str]]:
+    """Preference records (prompt, chosen, rejected) over the instruction prompts.
+
+    The chosen answer is the paragraph's real continuation; the rejected one is the same words in a
+    shuffled order (same length and vocabulary, so only fluency tells them apart).
+    """
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for record in instruction_pairs(max_chars):
+        words = record["completion"].split()
+        shuffled = words[:]
+        while shuffled == words:
+            rng.shuffle(shuffled)
+        records.append(
+            {"prompt": record["prompt"], "chosen": record["completion"], "rejected": " " + " ".join(shuffled)}
+        )
+    return records

@@ -15,6 +15,7 @@ class TrainingConfig(ServiceConfig):
     ray_num_cpus: int = doc("CPUs of the local Ray started by the service; 0: all", 0)
     ray_dashboard: bool = doc("start the Ray dashboard (127.0.0.1:8265) with the local Ray", True)
     worker_memory_gb: float = doc("memory one training worker may use; larger jobs are refused", 8.0)
+    worker_gpus: int = doc("GPUs one training worker gets where jobs ask for them (use_gpu); 0: none", 0)
     max_attempts: int = doc("starts of a job (first run plus resumes after a lost Ray job)", 3)
     kuberay_namespace: str = doc("namespace of the RayJobs the kuberay backend creates", "llmp")
     kuberay_image: str = doc("container image of the RayJob pods", "llmp:latest")

@@ -229,7 +229,7 @@ class JobStore:
         values = {k: json.dumps(v) if k in JobRecord._JSON else str(v) for k, v in fields.items()}
         self.redis.hset(self._key(job_id), mapping=values)
 
-    def report_progress(self, job_id: str, progress: dict[str, float]) -> None:
+    def report_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         data = json.dumps(progress)
         pipe = self.redis.pipeline()
         pipe.hset(self._key(job_id), "progress", data)

@@ -46,6 +46,7 @@ def build_context(common: CommonConfig, config: TrainingConfig, redis_url: str) 
         redis_url=redis_url,
         worker_memory_bytes=int(config.worker_memory_gb * GB),
         ray_storage=str(common.home_path / "ray"),
+        worker_gpus=config.worker_gpus,
     )
 
 

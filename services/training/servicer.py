@@ -34,7 +34,8 @@ def plain(value: Any) -> Any:
 
 
 def progress_pb(progress: dict[str, Any]) -> pb.Progress:
-    return pb.Progress(**{k: v for k, v in progress.items() if k in PROGRESS_FIELDS})
+    known = {k: v for k, v in progress.items() if k in PROGRESS_FIELDS and k != "values"}
+    return pb.Progress(**known, values=progress.get("values", {}))
 
 
 def job_pb(job: JobRecord) -> pb.Job:

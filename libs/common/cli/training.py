@@ -2,6 +2,7 @@
 
     llmp train submit pretrain tokenizer=code corpus=[stdlib] model_name=tiny max_steps=500 --watch
     llmp train submit distill --config distill.yaml target=tiny:latest
+    llmp train submit sft base=tiny:latest data=[pydoc:instructions] model_name=tiny-sft lora_rank=8
     llmp train watch <job id>          # a progress bar: steps, loss, tokens/s, ETA; log lines
     llmp train list --state RUNNING
     llmp train cancel | resume | get <job id>
@@ -67,11 +68,11 @@ def follow(client: TrainingClient, job_id: str) -> pb.Job:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s  ETA {task.fields[eta]}"),
+        TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s  ETA {task.fields[eta]}{task.fields[values]}"),
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task(f"{final.type} {job_id}", total=None, loss="-", speed="-", eta="-")
+        task = bar.add_task(f"{final.type} {job_id}", total=None, loss="-", speed="-", eta="-", values="")
         for event in client.watch(job_id):
             final = event.job
             if event.log:
@@ -85,6 +86,7 @@ def follow(client: TrainingClient, job_id: str) -> pb.Job:
                     loss=f"{p.loss:.4f}",
                     speed=f"{p.tokens_per_second:,.0f}",
                     eta=f"{p.eta_seconds:.0f}s",
+                    values="".join(f"  {k} {v:.4g}" for k, v in sorted(p.values.items())),
                 )
     colour = {"SUCCEEDED": "green", "FAILED": "red"}.get(state_name(final), "yellow")
     console.print(f"[{colour}]{state_name(final).lower()}[/] {job_id}" + (f": {final.reason}" if final.reason else ""))

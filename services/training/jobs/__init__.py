@@ -30,6 +30,10 @@ JOB_TYPES: dict[str, str] = {
     "mlm": "services.training.jobs.mlm:MaskedLMJob",
     "sweep": "services.training.jobs.sweep:ScalingSweepJob",
     "distill": "services.training.jobs.distill:DistillJob",
+    "sft": "services.training.jobs.align:SFTJob",
+    "reward": "services.training.jobs.align:RewardJob",
+    "dpo": "services.training.jobs.align:DPOJob",
+    "grpo": "services.training.jobs.align:GRPOJob",
 }
 
 
@@ -44,6 +48,7 @@ class JobContext:
     redis_url: str
     worker_memory_bytes: int
     ray_storage: str
+    worker_gpus: int = 0
 
 
 class JobType(Protocol):

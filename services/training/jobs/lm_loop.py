@@ -32,6 +32,7 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -277,15 +278,15 @@ class Reporter:
         self.started = time.perf_counter()
 
 
-def _write_final(artifacts: ArtifactStore, run_id: str, model: torch.nn.Module, metrics: dict[str, float]) -> None:
-    """Metrics first, then the model folder in one rename: a final folder always has its metrics."""
+def write_final(artifacts: ArtifactStore, run_id: str, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+    """Metrics first, then the model folder (`save` fills it) in one rename: a final folder always has its metrics."""
     target = artifacts.path(f"{checkpoints.job_dir(run_id)}/final.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(metrics))
     os.replace(tmp, target)
     with artifacts.staging(checkpoints.final_dir(run_id), replace=True) as folder:
-        model.save_pretrained(folder)  # type: ignore[operator]
+        save(folder)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -335,6 +336,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         metrics = {**objective.metrics(heldout), "train_loss": loss, "tokens_seen": state.tokens_seen}
         metrics["steps"] = state.step
-        _write_final(artifacts, run_id, unwrap(model), metrics)
+        finished_model: Any = unwrap(model)
+        write_final(artifacts, run_id, metrics, finished_model.save_pretrained)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") or k == "perplexity")
         store.log(job_id, f"finished{f' {run_id}' if run_id != job_id else ''}: {shown}")

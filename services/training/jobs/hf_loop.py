@@ -1,0 +1,284 @@
+"""Alignment jobs (SFT, reward model, DPO, GRPO) run a `trl` trainer on Ray Train workers.
+
+`fit` starts a TorchTrainer whose workers each build the job's `trl` trainer (a transformers
+Trainer: DDP over the process group Ray sets up, gradient accumulation, warm-up + cosine
+schedule) from a `TrainerSpec`, and joins it to the job:
+
+- progress: rank 0 turns each of the trainer's log records into a progress report (step, loss,
+  learning rate, tokens/s, ETA, and the job type's own figures such as the mean reward);
+- stop: rank 0 reads the job's stop request after every step and shares it with the other ranks
+  (all-reduce), so all stop at the same step, after the trainer saved a checkpoint;
+- checkpoints: the trainer's own (`checkpoint-<step>/`: weights, optimiser, schedule, RNG and the
+  data position) every `checkpoint_every` steps under `checkpoints/<run_id>/hf/`; a restarted worker
+  group (`FailureConfig`) or a resumed job goes on from the newest complete one;
+- the end: held-out metrics from the spec (also measured before the first step, as
+  `<name>_before`), then `final/` (a Hugging Face folder: the full model, or the LoRA adapter
+  alone when the job keeps it) and `final.json`, as `lm_loop` writes them.
+
+The data are JSON-lines files the driver wrote (`train.jsonl`, `eval.jsonl`); each worker reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerControl, TrainerState
+from transformers import TrainingArguments as HFArguments
+
+from libs.common.artifacts import ArtifactStore
+from services.training import checkpoints
+from services.training.jobs import JobContext
+from services.training.jobs.lm_loop import MAX_WORKER_RESTARTS, finished, write_final
+from services.training.jobstore import JobRecord, JobStore
+
+HF_CHECKPOINTS = "hf"
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "trainer_state.json"
+"""The trainer writes this last into a checkpoint folder: a folder without it was cut short."""
+BEFORE = "before.json"
+"""The held-out metrics of the untrained model, measured once (a resumed run keeps the first)."""
+PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
+"""Log keys that are not the job type's own figures."""
+
+
+@dataclass(kw_only=True)
+class HFLoop:
+    """What every alignment job's trainer gets (the job's config maps onto it)."""
+
+    max_steps: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    learning_rate: float
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    num_workers: int
+    use_gpu: bool
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+
+
+class TrainerSpec(ABC):
+    """One alignment job's trainer. Built on the driver (small, picklable), used on every worker."""
+
+    @abstractmethod
+    def build(self, arguments: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Trainer:
+        """The trl trainer, from the transformers.TrainingArguments settings every job shares and the data."""
+
+    @abstractmethod
+    def evaluate(self, trainer: Trainer, heldout: list[dict[str, Any]]) -> dict[str, float]:
+        """Held-out metrics of the trained model; runs on every rank (the trainer's evaluate is collective)."""
+
+    def save(self, trainer: Trainer, folder: Path) -> None:
+        """The finished model as a Hugging Face folder (its tokeniser included)."""
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        unwrapped.save_pretrained(folder)
+        tokenizer = trainer.processing_class
+        if isinstance(tokenizer, PreTrainedTokenizerBase):
+            tokenizer.save_pretrained(folder)
+
+
+def fit(
+    job: JobRecord,
+    context: JobContext,
+    dataset: Path,
+    spec: TrainerSpec,
+    loop: HFLoop,
+    run_id: str = "",
+) -> dict[str, float] | None:
+    """Run the spec's trainer on the job's Ray Train workers; the final metrics, or None if it stopped early."""
+    run_id = run_id or job.job_id
+    attempt = context.store.get(job.job_id).attempts
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job_id": job.job_id,
+            "run_id": run_id,
+            "loop": asdict(loop),
+            "spec": spec,
+            "dataset": str(dataset),
+            "artifacts": str(context.artifacts.root),
+            "redis_url": context.redis_url,
+        },
+        scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=loop.use_gpu),
+        run_config=RunConfig(
+            name=f"{run_id.replace('/', '-')}-{attempt}",
+            storage_path=context.ray_storage,
+            failure_config=FailureConfig(max_failures=MAX_WORKER_RESTARTS),
+        ),
+    )
+    trainer.fit()
+    return finished(context.artifacts, run_id)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint the trainer finished writing."""
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARKER).is_file()]
+    return max(complete, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def arguments(loop: HFLoop, output_dir: Path) -> dict[str, Any]:
+    """transformers.TrainingArguments settings from the job's loop settings."""
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": loop.max_steps,
+        "per_device_train_batch_size": loop.micro_batch_size,
+        "per_device_eval_batch_size": loop.micro_batch_size,
+        "gradient_accumulation_steps": loop.grad_accum_steps,
+        "learning_rate": loop.learning_rate,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": loop.min_lr_ratio},
+        "warmup_steps": loop.warmup_steps,
+        "weight_decay": loop.weight_decay,
+        "max_grad_norm": loop.grad_clip or 1e9,
+        "seed": loop.seed,
+        "data_seed": loop.seed,
+        "logging_steps": loop.log_every,
+        "save_strategy": "steps",
+        "save_steps": loop.checkpoint_every,
+        "save_total_limit": loop.keep_checkpoints,
+        "report_to": [],
+        "use_cpu": not loop.use_gpu,
+        "bf16": loop.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": True,
+        "ddp_find_unused_parameters": False,
+    }
+
+
+class JobCallback(TrainerCallback):
+    """Joins a trainer to its job: progress reports, the stop request, checkpoint records."""
+
+    def __init__(self, store: JobStore, job_id: str, artifacts: ArtifactStore, loop: HFLoop) -> None:
+        self.store, self.job_id, self.artifacts, self.loop = store, job_id, artifacts, loop
+        self.rank = ray.train.get_context().get_world_rank()
+        self.stopped = False
+        self.window_started = time.perf_counter()
+        self.window_step = 0
+        self.window_tokens = 0
+
+    def on_train_begin(self, args: HFArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.window_started, self.window_step, self.window_tokens = (
+            time.perf_counter(),
+            state.global_step,
+            state.num_input_tokens_seen,
+        )
+
+    def on_step_end(self, args: HFArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        asked = self.rank == 0 and bool(self.store.stop_requested(self.job_id))
+        flag = torch.tensor([float(asked)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag)
+        if flag.item() > 0:
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(
+        self, args: HFArguments, state: TrainerState, control: TrainerControl, logs: dict[str, Any] | None = None, **kw
+    ) -> None:
+        if self.rank != 0 or not logs:
+            return
+        if any(k.startswith("eval_") for k in logs):
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()) if isinstance(v, int | float))
+            self.store.log(self.job_id, f"step {state.global_step}: held-out {shown}")
+            return
+        if "loss" not in logs:
+            return
+        now = time.perf_counter()
+        steps = max(state.global_step - self.window_step, 1)
+        per_step = (now - self.window_started) / steps
+        tokens = state.num_input_tokens_seen - self.window_tokens
+        values = {
+            k.replace("/", "_"): float(v)
+            for k, v in logs.items()
+            if k not in PROGRESS_KEYS and isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        progress: dict[str, Any] = {
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "loss": float(logs["loss"]),
+            "learning_rate": float(logs.get("learning_rate", 0.0)),
+            "tokens_per_second": tokens / max(now - self.window_started, 1e-9),
+            "eta_seconds": per_step * (state.max_steps - state.global_step),
+            "tokens_seen": int(state.num_input_tokens_seen),
+            "values": values,
+        }
+        self.store.report_progress(self.job_id, progress)
+        self.window_started, self.window_step, self.window_tokens = now, state.global_step, state.num_input_tokens_seen
+
+    def on_save(self, args: HFArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.rank != 0:
+            return
+        saved = self.artifacts.relative(Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+        self.store.update(self.job_id, checkpoint=saved)
+        self.store.log(self.job_id, f"step {state.global_step}: checkpoint {saved}")
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The body every Ray Train worker runs (see the module docstring)."""
+    loop = HFLoop(**loop_config["loop"])
+    spec: TrainerSpec = loop_config["spec"]
+    job_id, run_id = loop_config["job_id"], loop_config["run_id"]
+    store = JobStore.from_url(loop_config["redis_url"])
+    artifacts = ArtifactStore(loop_config["artifacts"])
+    rank = ray.train.get_context().get_world_rank()
+    dataset = Path(loop_config["dataset"])
+    train, heldout = read_jsonl(dataset / "train.jsonl"), read_jsonl(dataset / "eval.jsonl")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    output = artifacts.path(f"{checkpoints.job_dir(run_id)}/{HF_CHECKPOINTS}")
+    trainer = spec.build(arguments(loop, output), train, heldout)
+    callback = JobCallback(store, job_id, artifacts, loop)
+    trainer.add_callback(callback)
+    resume = latest_checkpoint(output)
+    before_file = artifacts.path(f"{checkpoints.job_dir(run_id)}/{BEFORE}")
+    if resume is None:
+        before = spec.evaluate(trainer, heldout)
+        if rank == 0:
+            write_json(before_file, before)
+    elif rank == 0:
+        store.log(job_id, f"resumed from {artifacts.relative(resume)}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    if callback.stopped:
+        return
+    metrics = spec.evaluate(trainer, heldout)
+    if rank == 0:
+        before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+        metrics = {
+            **metrics,
+            **{f"{name}_before": value for name, value in before.items()},
+            "steps": trainer.state.global_step,
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+        }
+        write_final(artifacts, run_id, metrics, lambda folder: spec.save(trainer, folder))
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
+        store.log(job_id, f"finished: {shown}")

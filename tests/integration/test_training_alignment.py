@@ -1,0 +1,229 @@
+"""SFT (full and LoRA), a reward model, DPO and GRPO through the real training service.
+
+Real Redis, the real tokeniser service, the training service over gRPC and trl trainers on Ray
+Train workers, one stack for the module. A tiny Llama is pretrained on `pydoc_data.topics`, then
+aligned on the built-in sets made from the same text: "pydoc:instructions" (a paragraph's first
+sentence -> the rest) and "pydoc:preferences" (the real rest chosen over the same words shuffled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from llmp.training.v1 import training_pb2 as pb
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from libs.common.artifacts import ArtifactStore
+from tests.integration.test_training_service import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused
+
+pytestmark = pytest.mark.integration
+
+BASE = {**TINY, "model_name": "al-base", "seq_len": 128, "num_workers": 1, "max_steps": 40, "checkpoint_every": 40}
+COMMON: dict[str, Any] = {
+    "base": "al-base:latest",
+    "max_length": 128,
+    "max_records": 240,
+    "max_eval_records": 24,
+    "micro_batch_size": 8,
+    "warmup_steps": 2,
+    "log_every": 5,
+    "checkpoint_every": 100,
+}
+SFT = {**COMMON, "data": ["pydoc:instructions"], "model_name": "al-sft", "max_steps": 30, "learning_rate": 2e-3}
+REWARD = {**COMMON, "data": ["pydoc:preferences"], "model_name": "al-rm", "max_steps": 40, "learning_rate": 1e-3}
+DPO = {
+    **COMMON,
+    "base": "al-sft:latest",
+    "data": ["pydoc:preferences"],
+    "model_name": "al-dpo",
+    "max_steps": 20,
+    "learning_rate": 1e-3,
+    "beta": 0.1,
+}
+GRPO = {
+    **COMMON,
+    "base": "al-sft:latest",
+    "reward_model": "al-rm:latest",
+    "data": ["pydoc:instructions"],
+    "model_name": "al-grpo",
+    "max_steps": 12,
+    "learning_rate": 1e-3,
+    "micro_batch_size": 8,
+    "num_generations": 4,
+    "max_completion_length": 16,
+    "max_eval_records": 8,
+    "log_every": 2,
+}
+
+
+GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if GPU:  # the service offers GPU workers only where there is one
+        os.environ["LLMP_TRAINING_WORKER_GPUS"] = "1"
+    try:
+        stack = Stack(tmp_path_factory.mktemp("llmp"))
+    finally:
+        os.environ.pop("LLMP_TRAINING_WORKER_GPUS", None)
+    yield stack
+    stack.close()
+
+
+def run_to_end(stack: Stack, job_type: str, config: dict[str, Any]) -> tuple[pb.Job, list[pb.Progress]]:
+    job = stack.client.submit(job_type, config)
+    progress = [e.progress for e in stack.client.watch(job.job_id, timeout=WATCH_TIMEOUT_S) if e.HasField("progress")]
+    final = stack.client.get(job.job_id)
+    assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{stack.training.output()[-3000:]}"
+    assert final.progress.step == final.progress.total_steps == config["max_steps"]
+    assert final.progress.tokens_per_second > 0
+    curve = [round(p.loss, 3) for p in progress]
+    print(f"{job_type} loss curve: {curve}; metrics {dict(final.metrics)}")
+    return final, progress
+
+
+@pytest.fixture(scope="module")
+def base(stack: Stack) -> pb.Job:
+    return run_to_end(stack, "pretrain", BASE)[0]
+
+
+@pytest.fixture(scope="module")
+def sft(stack: Stack, base: pb.Job) -> pb.Job:
+    return run_to_end(stack, "sft", SFT)[0]
+
+
+@pytest.fixture(scope="module")
+def reward(stack: Stack, base: pb.Job) -> pb.Job:
+    return run_to_end(stack, "reward", REWARD)[0]
+
+
+def folder(stack: Stack, ref: str):
+    return ArtifactStore(stack.home / "artifacts").path(stack.client.model(ref).path)
+
+
+def test_bad_input_is_refused_at_submission(stack: Stack, base: pb.Job) -> None:
+    artifacts = ArtifactStore(stack.home / "artifacts")
+    bad = artifacts.path("data/bad.jsonl")
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    chat = artifacts.path("data/chat.jsonl")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]
+    chat.write_text(json.dumps({"messages": messages}))
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    cases = [
+        ("sft", {**SFT, "base": "nope:1"}, missing, "config.base"),
+        ("sft", {**SFT, "data": ["nope.jsonl"]}, missing, "config.data[0]"),
+        ("sft", {**SFT, "data": ["data/bad.jsonl"]}, invalid, "config.data[0]"),
+        ("sft", {**SFT, "data": ["data/chat.jsonl"]}, invalid, "config.data"),
+        ("sft", {**SFT, "data": ["pydoc:preferences"]}, invalid, "config.data[0]"),
+        ("sft", {**SFT, "max_length": 4096}, invalid, "config.max_length"),
+        ("sft", {**SFT, "lora_rank": -1}, invalid, "config.lora_rank"),
+        ("sft", {**SFT, "lora_rank": 8, "quantize": "nf4"}, invalid, "config.quantize"),
+        *([] if GPU else [("sft", {**SFT, "use_gpu": True}, invalid, "config.use_gpu")]),
+        ("sft", {**SFT, "micro_batch_size": 65536}, invalid, "config.micro_batch_size"),
+        ("dpo", {**DPO, "base": "al-base:latest", "beta": 0}, invalid, "config.beta"),
+        ("grpo", {**GRPO, "base": "al-base:latest", "reward_model": "al-base:latest"}, invalid, "config.reward_model"),
+        ("grpo", {**GRPO, "base": "al-base:latest", "reward_model": "nope"}, missing, "config.reward_model"),
+    ]
+    before = len(stack.client.list_jobs())
+    for job_type, config, code, field in cases:
+        error = refused(stack.client.submit, job_type, config)
+        assert (error.code(), error.details().split(":")[0]) == (code, field), error.details()
+    assert "data/bad.jsonl:2" in refused(stack.client.submit, "sft", {**SFT, "data": ["data/bad.jsonl"]}).details()
+    assert "chat template" in refused(stack.client.submit, "sft", {**SFT, "data": ["data/chat.jsonl"]}).details()
+    assert len(stack.client.list_jobs()) == before
+
+
+def test_sft_learns_the_completions(stack: Stack, sft: pb.Job) -> None:
+    metrics = sft.metrics
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.25, dict(metrics)
+    model = stack.client.model(sft.model)
+    assert model.lineage.parent == "al-base:1" and "pydoc:instructions" in model.lineage.datasets
+    loaded = AutoModelForCausalLM.from_pretrained(folder(stack, sft.model))
+    assert loaded.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_lora_sft_merges_or_keeps_the_adapter(stack: Stack, base: pb.Job) -> None:
+    lora = {**SFT, "lora_rank": 8, "lora_alpha": 16.0, "learning_rate": 1e-2, "max_steps": 20}
+    merged, _ = run_to_end(stack, "sft", {**lora, "model_name": "al-sft-lora"})
+    assert merged.metrics["eval_loss"] < merged.metrics["eval_loss_before"] - 0.02, dict(merged.metrics)
+    files = set(stack.client.model(merged.model).files)
+    assert "model.safetensors" in files and "adapter_config.json" not in files
+    kept, _ = run_to_end(stack, "sft", {**lora, "model_name": "al-adapter", "merge_adapter": False})
+    files = set(stack.client.model(kept.model).files)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    # The adapter on its base gives the merged model's outputs (both trained the same way from the same seed).
+    from peft import PeftModel
+
+    plain = AutoModelForCausalLM.from_pretrained(folder(stack, "al-base:latest"))
+    on_base = PeftModel.from_pretrained(plain, folder(stack, kept.model))
+    fused = AutoModelForCausalLM.from_pretrained(folder(stack, merged.model))
+    ids = torch.tensor([list(range(5, 40))])
+    with torch.no_grad():
+        torch.testing.assert_close(on_base(ids).logits, fused(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_a_cancelled_job_keeps_its_checkpoint_and_resumes_from_it(stack: Stack, base: pb.Job) -> None:
+    config = {**SFT, "model_name": "al-resumed", "max_steps": 16, "checkpoint_every": 4, "keep_checkpoints": 1}
+    job = stack.client.submit("sft", config)
+    follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
+    stack.client.cancel(job.job_id)
+    cancelled = stack.client.wait(job.job_id, timeout=WATCH_TIMEOUT_S)
+    assert cancelled.state == pb.Job.CANCELLED and not cancelled.model, cancelled.reason
+    assert f"checkpoints/{job.job_id}/hf/checkpoint-" in cancelled.checkpoint
+    stopped_at = int(cancelled.checkpoint.rsplit("-", 1)[1])
+    assert 4 <= stopped_at < 16 and (stack.home / "artifacts" / cancelled.checkpoint / "trainer_state.json").is_file()
+
+    stack.client.resume(job.job_id)
+    seen = follow_until(stack.client, job.job_id, "resumed from checkpoints/")
+    assert seen.state == pb.Job.RUNNING
+    final = stack.client.wait(job.job_id, timeout=WATCH_TIMEOUT_S)
+    assert final.state == pb.Job.SUCCEEDED and final.progress.step == 16, final.reason
+    assert final.metrics["steps"] == 16 and final.metrics["eval_loss"] < final.metrics["eval_loss_before"]
+
+
+def test_reward_model_ranks_held_out_pairs(stack: Stack, reward: pb.Job) -> None:
+    metrics = reward.metrics
+    assert metrics["eval_accuracy"] >= 0.7 and metrics["eval_accuracy"] > metrics["eval_accuracy_before"] + 0.2
+    path = folder(stack, reward.model)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    good = "Topic: assert\nBegin: An assert statement checks a condition.\nContinue: It raises an error if false."
+    bad = "Topic: assert\nBegin: An assert statement checks a condition.\nContinue: if error false. raises It an"
+    with torch.no_grad():
+        scores = [model(**tokenizer(t, return_tensors="pt")).logits.item() for t in (good, bad)]
+    print(f"reward of a fluent and a shuffled answer: {scores}")
+
+
+def test_dpo_raises_the_implicit_reward_accuracy(stack: Stack, sft: pb.Job) -> None:
+    final, _ = run_to_end(stack, "dpo", DPO)
+    metrics = final.metrics
+    # At step 0 the policy is its reference: the implicit rewards are 0 up to rounding, a coin toss.
+    assert metrics["eval_reward_accuracy_before"] <= 0.6 and abs(metrics["eval_reward_margin_before"]) < 0.01
+    assert metrics["eval_reward_accuracy"] >= 0.75 and metrics["eval_reward_margin"] > 0.1, dict(metrics)
+    assert stack.client.model(final.model).lineage.parent == "al-sft:1"
+
+
+def test_grpo_optimises_the_reward_with_a_kl_penalty(stack: Stack, sft: pb.Job, reward: pb.Job) -> None:
+    final, progress = run_to_end(stack, "grpo", GRPO)
+    assert all("reward" in p.values and "kl" in p.values for p in progress), progress[0]
+    assert progress[-1].values["kl"] > 0  # the policy moved away from its reference, and the penalty sees it
+    metrics = final.metrics
+    print(f"grpo held-out reward {metrics['eval_reward_before']:.4f} -> {metrics['eval_reward']:.4f}")
+    assert metrics["eval_reward"] > metrics["eval_reward_before"], dict(metrics)
+    lineage = stack.client.model(final.model).lineage
+    assert lineage.parent == "al-sft:1" and "al-rm:latest" in lineage.datasets
+
+
+@pytest.mark.gpu
+def test_qlora_trains_an_adapter_on_a_4_bit_base(stack: Stack, base: pb.Job) -> None:
+    config = {**SFT, "model_name": "al-qlora", "lora_rank": 8, "quantize": "nf4", "use_gpu": True, "max_steps": 10}
+    final, _ = run_to_end(stack, "sft", config)
+    assert final.metrics["eval_loss"] < final.metrics["eval_loss_before"]
