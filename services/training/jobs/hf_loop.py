@@ -193,6 +193,8 @@ class JobCallback(TrainerCallback):
         )
 
     def on_step_end(self, args: HFArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.global_step == state.max_steps:
+            control.should_log = True  # the last step is always reported, whatever log_every
         asked = self.rank == 0 and bool(self.store.stop_requested(self.job_id))
         flag = torch.tensor([float(asked)], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
