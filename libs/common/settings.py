@@ -88,6 +88,7 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_TRAINING_RAY_NUM_CPUS", "0", "CPUs of the local Ray the service starts; 0: all"),
                 EnvVar("LLMP_TRAINING_RAY_DASHBOARD", "true", "start the Ray dashboard with the local Ray"),
                 EnvVar("LLMP_TRAINING_WORKER_MEMORY_GB", "8", "memory one training worker may use"),
+                EnvVar("LLMP_TRAINING_WORKER_GPUS", "0", "GPUs of a training worker (use_gpu jobs); 0: none"),
                 EnvVar("LLMP_TRAINING_MAX_ATTEMPTS", "3", "starts of a job, resumes after a lost Ray job included"),
                 EnvVar("LLMP_TRAINING_KUBERAY_NAMESPACE", "llmp", "namespace of the RayJobs of the kuberay backend"),
                 EnvVar("LLMP_TRAINING_KUBERAY_IMAGE", "llmp:latest", "container image of the RayJob pods"),

@@ -83,6 +83,13 @@ def _still_running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
     return lambda: proc.poll() is None
 
 
+def _free_port() -> int:
+    """A port nothing listens on now, chosen by the kernel."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LocalStack:
     def __init__(self, common: CommonConfig) -> None:
         self.common = common
@@ -143,6 +150,9 @@ class LocalStack:
             f"--port={self.common.ray_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.common.ray_dashboard_port}",
+            # the agent's default port (52365) is taken by any other Ray head on this machine; its
+            # job server then answers "No available agent"
+            f"--dashboard-agent-listen-port={_free_port()}",
         ]
         proc = self._spawn("ray", argv, f"127.0.0.1:{self.common.ray_port}")
         end = time.monotonic() + timeout

@@ -23,7 +23,8 @@ from typing import Any
 import redis
 
 from libs.common.artifacts import ArtifactStore, check_name
-from libs.common.errors import InvalidArgument, NotFound
+from libs.common.errors import InvalidArgument, LlmpError, NotFound
+from libs.common.planning import ModelShape
 from services.training.jobstore import now
 
 PREFIX = "llmp:models"
@@ -133,3 +134,39 @@ class ModelRegistry:
             records = self.redis.hgetall(f"{PREFIX}:{name}")
             out += [ModelInfo.from_json(records[v]) for v in sorted(records, key=int)]
         return out
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered model as a job builds on it: its record, folder and Hugging Face config."""
+
+    info: ModelInfo
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_hf_config(self.config)
+
+    @property
+    def corpora(self) -> list[str]:
+        """The corpora it was trained on (its lineage's data sets, less the packed ones of its job)."""
+        return [d for d in self.info.lineage.datasets if not d.startswith("datasets/")]
+
+
+def registered(registry: ModelRegistry, ref: str, field_name: str, head: str = "ForCausalLM") -> Registered:
+    """A model from the registry whose architecture ends with `head` (a causal LM, or a reward model)."""
+    try:
+        info = registry.get(ref)
+        path = registry.path(info.ref)
+    except LlmpError as e:
+        raise type(e)(e.message, field=field_name) from None
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InvalidArgument(f"{info.ref} is a LoRA adapter, not a full model; use its merged form", field=field_name)
+    config = json.loads(config_file.read_text())
+    if not any(a.endswith(head) for a in config.get("architectures", [])):
+        raise InvalidArgument(
+            f"{info.ref} is a {config.get('architectures')} model; expected a *{head} model", field=field_name
+        )
+    return Registered(info, path, config)

@@ -9,7 +9,6 @@ sentence -> the rest) and "pydoc:preferences" (the real rest chosen over the sam
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import grpc
 import pytest
 import torch
 from llmp.training.v1 import training_pb2 as pb
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from libs.common.artifacts import ArtifactStore
 from tests.integration.test_training_service import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused
@@ -68,12 +67,8 @@ GPU = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if GPU:  # the service offers GPU workers only where there is one
-        os.environ["LLMP_TRAINING_WORKER_GPUS"] = "1"
-    try:
-        stack = Stack(tmp_path_factory.mktemp("llmp"))
-    finally:
-        os.environ.pop("LLMP_TRAINING_WORKER_GPUS", None)
+    # The service offers GPU workers only where there is one.
+    stack = Stack(tmp_path_factory.mktemp("llmp"), training_env={"LLMP_TRAINING_WORKER_GPUS": "1"} if GPU else {})
     yield stack
     stack.close()
 
@@ -200,14 +195,8 @@ def test_reward_model_ranks_held_out_pairs(stack: Stack, reward: pb.Job) -> None
     metrics = reward.metrics
     assert metrics["eval_accuracy"] >= 0.7 and metrics["eval_accuracy"] > metrics["eval_accuracy_before"]
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.3  # the Bradley-Terry loss on held-out pairs
-    path = folder(stack, reward.model)
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    good = "Topic: assert\nBegin: An assert statement checks a condition.\nContinue: It raises an error if false."
-    bad = "Topic: assert\nBegin: An assert statement checks a condition.\nContinue: if error false. raises It an"
-    with torch.no_grad():
-        scores = [model(**tokenizer(t, return_tensors="pt")).logits.item() for t in (good, bad)]
-    print(f"reward of a fluent and a shuffled answer: {scores}")
+    model = AutoModelForSequenceClassification.from_pretrained(folder(stack, reward.model))
+    assert model.config.num_labels == 1 and model.config.architectures == ["LlamaForSequenceClassification"]
 
 
 def test_dpo_raises_the_implicit_reward_accuracy(stack: Stack, sft: pb.Job) -> None:

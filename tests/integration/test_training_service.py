@@ -48,10 +48,14 @@ TINY = {
 
 
 class Stack:
-    """Redis, the tokeniser service and the training service, sharing one LLMP_HOME."""
+    """Redis, the tokeniser service and the training service, sharing one LLMP_HOME.
 
-    def __init__(self, home: Path) -> None:
+    `training_env` is added to the training service's environment (e.g. more Ray CPUs).
+    """
+
+    def __init__(self, home: Path, training_env: dict[str, str] | None = None) -> None:
         self.home = home
+        self.training_env = training_env or {}
         self.redis = RedisServer(home / "redis")
         (home / "redis").mkdir()
         self.redis.start()
@@ -71,6 +75,7 @@ class Stack:
             "LLMP_TRAINING_RAY_DASHBOARD": "false",
             "LLMP_TRAINING_DRAIN_SECONDS": "20",
             "RAY_gcs_server_port_wait_time_s": "180",  # a loaded 2-core machine starts Ray slowly
+            **self.training_env,
         }
         return start_service("training", self.home, extra_env=env)
 

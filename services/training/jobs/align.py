@@ -42,25 +42,24 @@ from typing import Any
 
 from libs.common import corpora
 from libs.common.artifacts import check_name
-from libs.common.errors import InvalidArgument, LlmpError, NotFound
+from libs.common.errors import InvalidArgument, NotFound
 from libs.common.planning import ModelShape, TrainingMemory, training_memory
 from services.training.dataprep.stage import require
 from services.training.jobs import DONE, JobContext, parse_config
 from services.training.jobs.hf_loop import HFLoop, TrainerSpec
 from services.training.jobs.pretrain import DATASETS, check_memory
 from services.training.jobstore import JobRecord
-from services.training.registry import Lineage, ModelInfo
+from services.training.registry import Lineage, Registered, registered
 
 BUILTIN_DATA = {"pydoc:instructions": "instruction_pairs", "pydoc:preferences": "preference_pairs"}
 ROLES = ("system", "user", "assistant")
 QUANTIZE = ("", "nf4")
 BYTES_FP32 = 4
-MAX_RECORD_ERRORS_SHOWN = 1
 
 
 @dataclass(kw_only=True)
-class AlignConfig:
-    """Settings every alignment job shares."""
+class AlignConfig(HFLoop):
+    """Settings every alignment job shares: the trainer's (HFLoop) and these."""
 
     base: str
     """The registered model to start from ("name", "name:latest" or "name:<version>")."""
@@ -74,20 +73,6 @@ class AlignConfig:
     """Use at most this many records (after a seeded shuffle); 0: all."""
     eval_fraction: float = 0.1
     max_eval_records: int = 64
-    max_steps: int = 100
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 10
     lora_rank: int = 0
     """0: train every weight; > 0: a LoRA adapter of this rank."""
     lora_alpha: float = 16.0
@@ -193,35 +178,6 @@ class GRPOJobConfig(AlignConfig):
 
 
 # -- models -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Registered:
-    info: ModelInfo
-    path: Path
-    config: dict[str, Any]
-
-    @property
-    def shape(self) -> ModelShape:
-        return ModelShape.from_hf_config(self.config)
-
-
-def registered(context: JobContext, ref: str, field_name: str, head: str = "ForCausalLM") -> Registered:
-    """A model from the registry whose architecture ends with `head` (a causal LM, or a reward model)."""
-    try:
-        info = context.registry.get(ref)
-        path = context.registry.path(info.ref)
-    except LlmpError as e:
-        raise type(e)(e.message, field=field_name) from None
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise InvalidArgument(f"{info.ref} is a LoRA adapter, not a full model; use its merged form", field=field_name)
-    config = json.loads(config_file.read_text())
-    if not any(a.endswith(head) for a in config.get("architectures", [])):
-        raise InvalidArgument(
-            f"{info.ref} is a {config.get('architectures')} model; expected a *{head} model", field=field_name
-        )
-    return Registered(info, path, config)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -425,7 +381,7 @@ class AlignJob:
 
     def models(self, cfg: Any, context: JobContext) -> tuple[Registered, dict[str, Any], int]:
         """The base, the config references pinned to versions, and bytes of frozen helper models per worker."""
-        base = registered(context, cfg.base, "config.base")
+        base = registered(context.registry, cfg.base, "config.base")
         return base, {"base": base.info.ref}, 0
 
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
@@ -497,14 +453,14 @@ class DPOJob(AlignJob):
         if not cfg.reference:
             frozen = 0 if cfg.lora_rank else base.shape.param_count() * BYTES_FP32  # LoRA: the base is the reference
             return base, pinned, frozen
-        reference = registered(context, cfg.reference, "config.reference")
+        reference = registered(context.registry, cfg.reference, "config.reference")
         same_tokenizer(base, reference, "config.reference")
         return base, {**pinned, "reference": reference.info.ref}, reference.shape.param_count() * BYTES_FP32
 
     def spec(self, cfg: DPOJobConfig, base: Registered, context: JobContext) -> TrainerSpec:
         from services.training.jobs.trl_specs import DPOSpec
 
-        reference = str(registered(context, cfg.reference, "config.reference").path) if cfg.reference else ""
+        reference = str(registered(context.registry, cfg.reference, "config.reference").path) if cfg.reference else ""
         return DPOSpec(str(base.path), cfg.lora(), cfg.merge_adapter, cfg.quantize, cfg.max_length, cfg.beta, reference)
 
     def parents(self, cfg: DPOJobConfig) -> tuple[str, ...]:
@@ -517,7 +473,7 @@ class GRPOJob(AlignJob):
 
     def models(self, cfg: GRPOJobConfig, context: JobContext) -> tuple[Registered, dict[str, Any], int]:
         base, pinned, _ = super().models(cfg, context)
-        reward = registered(context, cfg.reward_model, "config.reward_model", head="ForSequenceClassification")
+        reward = registered(context.registry, cfg.reward_model, "config.reward_model", head="ForSequenceClassification")
         same_tokenizer(base, reward, "config.reward_model")
         frozen = reward.shape.param_count() * BYTES_FP32
         if cfg.beta > 0 and not cfg.lora_rank:
@@ -539,7 +495,7 @@ class GRPOJob(AlignJob):
     def spec(self, cfg: GRPOJobConfig, base: Registered, context: JobContext) -> TrainerSpec:
         from services.training.jobs.trl_specs import GRPOSpec
 
-        reward = registered(context, cfg.reward_model, "config.reward_model", head="ForSequenceClassification")
+        reward = registered(context.registry, cfg.reward_model, "config.reward_model", head="ForSequenceClassification")
         return GRPOSpec(
             str(base.path),
             cfg.lora(),

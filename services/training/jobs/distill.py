@@ -20,7 +20,6 @@ The registered model has the target as its lineage parent and loads as the infer
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +30,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from libs.common.artifacts import check_name
-from libs.common.errors import InvalidArgument, LlmpError
-from libs.common.planning import ModelShape, training_memory
+from libs.common.errors import InvalidArgument
+from libs.common.planning import training_memory
 from services.training.dataprep.stage import require
 from services.training.jobs import JobContext, parse_config
 from services.training.jobs.lm_loop import Objective, Sums
 from services.training.jobs.pretrain import (
-    DATASETS,
     DataConfig,
     LlamaShape,
     LoopConfig,
@@ -50,7 +48,7 @@ from services.training.jobs.pretrain import (
     train_and_register,
 )
 from services.training.jobstore import JobRecord
-from services.training.registry import ModelInfo
+from services.training.registry import Registered, registered
 
 DRAFTABLE = ("llama", "mistral", "gpt2", "gpt_neox")  # what the inference engine loads (model_loader.py)
 BYTES_FP32 = 4
@@ -86,38 +84,18 @@ class DistillConfig(DataConfig, LlamaShape, LoopConfig):
         require(0 <= self.hard_label_weight <= 1, "must be in [0, 1]", "hard_label_weight")
 
 
-@dataclass(frozen=True)
-class Target:
-    """The registered teacher, as a job needs it."""
-
-    info: ModelInfo
-    path: Path
-    config: dict[str, Any]
-
-    @property
-    def corpora(self) -> list[str]:
-        return [d for d in self.info.lineage.datasets if not d.startswith(f"{DATASETS}/")]
-
-
-def find_target(cfg: DistillConfig, context: JobContext) -> Target:
+def find_target(cfg: DistillConfig, context: JobContext) -> Registered:
     """The target from the registry; it must be a causal LM the inference engine can load."""
-    try:
-        info = context.registry.get(cfg.target)
-        path = context.registry.path(info.ref)
-    except LlmpError as e:
-        raise type(e)(e.message, field="config.target") from None
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") not in DRAFTABLE or not any(
-        a.endswith("ForCausalLM") for a in config.get("architectures", [])
-    ):
+    target = registered(context.registry, cfg.target, "config.target")
+    if target.config.get("model_type") not in DRAFTABLE:
         raise InvalidArgument(
-            f"{info.ref} is a {config.get('model_type')!r} model, not a causal LM of {DRAFTABLE}",
+            f"{target.info.ref} is a {target.config.get('model_type')!r} model, not a causal LM of {DRAFTABLE}",
             field="config.target",
         )
-    return Target(info, path, config)
+    return target
 
 
-def resolved(cfg: DistillConfig, target: Target, context: JobContext) -> dict[str, Any]:
+def resolved(cfg: DistillConfig, target: Registered, context: JobContext) -> dict[str, Any]:
     """The tokeniser (the target's; another is refused) and corpus (default: the target's) to use."""
     theirs = target.info.lineage.tokenizer
     if cfg.tokenizer:
@@ -207,7 +185,7 @@ class DistillJob:
         require(cfg.seq_len <= positions, f"must be <= the target's context ({positions})", "config.seq_len")
         check_data(cfg, context, cfg.seq_len, info.vocab_size)
         vocab = int(target.config["vocab_size"])
-        teacher = ModelShape.from_hf_config(target.config).param_count() * BYTES_FP32
+        teacher = target.shape.param_count() * BYTES_FP32
         teacher_logits = cfg.micro_batch_size * cfg.seq_len * vocab * BYTES_FP32 * 2
         need = training_memory(cfg.shape(vocab), cfg.micro_batch_size, cfg.seq_len, precision="fp32")
         check_memory(context, need, teacher + teacher_logits, "the student's size")

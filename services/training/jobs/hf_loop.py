@@ -31,15 +31,13 @@ from typing import Any
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers import TrainingArguments as HFArguments
 
 from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.jobs import JobContext
-from services.training.jobs.lm_loop import MAX_WORKER_RESTARTS, finished, write_final
+from services.training.jobs.lm_loop import run_on_workers, write_final, write_json
 from services.training.jobstore import JobRecord, JobStore
 
 HF_CHECKPOINTS = "hf"
@@ -54,22 +52,25 @@ PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
 
 @dataclass(kw_only=True)
 class HFLoop:
-    """What every alignment job's trainer gets (the job's config maps onto it)."""
+    """The trainer's settings every alignment job shares (its config extends this)."""
 
-    max_steps: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    learning_rate: float
-    warmup_steps: int
-    min_lr_ratio: float
-    weight_decay: float
-    grad_clip: float
-    seed: int
-    num_workers: int
-    use_gpu: bool
-    checkpoint_every: int
-    keep_checkpoints: int
-    log_every: int
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    """Examples per worker per forward pass."""
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at learning_rate * min_lr_ratio."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 1
+    """Ray Train workers (data-parallel replicas)."""
+    use_gpu: bool = False
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
 
 
 class TrainerSpec(ABC):
@@ -80,7 +81,7 @@ class TrainerSpec(ABC):
         """The trl trainer, from the transformers.TrainingArguments settings every job shares and the data."""
 
     @abstractmethod
-    def evaluate(self, trainer: Trainer, heldout: list[dict[str, Any]]) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Held-out metrics of the trained model; runs on every rank (the trainer's evaluate is collective)."""
 
     def save(self, trainer: Trainer, folder: Path) -> None:
@@ -101,35 +102,8 @@ def fit(
     run_id: str = "",
 ) -> dict[str, float] | None:
     """Run the spec's trainer on the job's Ray Train workers; the final metrics, or None if it stopped early."""
-    run_id = run_id or job.job_id
-    attempt = context.store.get(job.job_id).attempts
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "job_id": job.job_id,
-            "run_id": run_id,
-            "loop": asdict(loop),
-            "spec": spec,
-            "dataset": str(dataset),
-            "artifacts": str(context.artifacts.root),
-            "redis_url": context.redis_url,
-        },
-        scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=loop.use_gpu),
-        run_config=RunConfig(
-            name=f"{run_id.replace('/', '-')}-{attempt}",
-            storage_path=context.ray_storage,
-            failure_config=FailureConfig(max_failures=MAX_WORKER_RESTARTS),
-        ),
-    )
-    trainer.fit()
-    return finished(context.artifacts, run_id)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    settings = {"loop": asdict(loop), "spec": spec}
+    return run_on_workers(job, context, train_loop, dataset, settings, loop.num_workers, loop.use_gpu, run_id)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -177,8 +151,8 @@ def arguments(loop: HFLoop, output_dir: Path) -> dict[str, Any]:
 class JobCallback(TrainerCallback):
     """Joins a trainer to its job: progress reports, the stop request, checkpoint records."""
 
-    def __init__(self, store: JobStore, job_id: str, artifacts: ArtifactStore, loop: HFLoop) -> None:
-        self.store, self.job_id, self.artifacts, self.loop = store, job_id, artifacts, loop
+    def __init__(self, store: JobStore, job_id: str, artifacts: ArtifactStore) -> None:
+        self.store, self.job_id, self.artifacts = store, job_id, artifacts
         self.rank = ray.train.get_context().get_world_rank()
         self.stopped = False
         self.window_started = time.perf_counter()
@@ -259,12 +233,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     output = artifacts.path(f"{checkpoints.job_dir(run_id)}/{HF_CHECKPOINTS}")
     trainer = spec.build(arguments(loop, output), train, heldout)
-    callback = JobCallback(store, job_id, artifacts, loop)
+    callback = JobCallback(store, job_id, artifacts)
     trainer.add_callback(callback)
     resume = latest_checkpoint(output)
     before_file = artifacts.path(f"{checkpoints.job_dir(run_id)}/{BEFORE}")
-    if resume is None:
-        before = spec.evaluate(trainer, heldout)
+    if resume is None and not before_file.is_file():  # the same on every rank: the store is shared
+        before = spec.evaluate(trainer)
         if rank == 0:
             write_json(before_file, before)
     elif rank == 0:
@@ -272,7 +246,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if callback.stopped:
         return
-    metrics = spec.evaluate(trainer, heldout)
+    metrics = spec.evaluate(trainer)
     if rank == 0:
         before = json.loads(before_file.read_text()) if before_file.is_file() else {}
         metrics = {

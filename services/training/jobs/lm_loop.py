@@ -122,21 +122,37 @@ def fit(
     span: Span = Span(),
 ) -> dict[str, float] | None:
     """Run `train_loop` on the job's Ray Train workers; the final metrics, or None if it stopped early."""
+    settings = {"loop": asdict(loop), "objective": objective, "span": asdict(span)}
+    return run_on_workers(job, context, train_loop, dataset, settings, loop.num_workers, run_id=run_id)
+
+
+def run_on_workers(
+    job: JobRecord,
+    context: JobContext,
+    body: Callable[[dict[str, Any]], None],
+    dataset: Path,
+    settings: dict[str, Any],
+    num_workers: int,
+    use_gpu: bool = False,
+    run_id: str = "",
+) -> dict[str, float] | None:
+    """Run `body` on `num_workers` Ray Train workers (restarted on failure); the final metrics, or None.
+
+    `body` gets `settings` plus the job's ids, the data set and where the store and Redis are.
+    """
     run_id = run_id or job.job_id
     attempt = context.store.get(job.job_id).attempts
     trainer = TorchTrainer(
-        train_loop,
+        body,
         train_loop_config={
+            **settings,
             "job_id": job.job_id,
             "run_id": run_id,
-            "loop": asdict(loop),
-            "objective": objective,
-            "span": asdict(span),
             "dataset": str(dataset),
             "artifacts": str(context.artifacts.root),
             "redis_url": context.redis_url,
         },
-        scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=False),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=f"{run_id.replace('/', '-')}-{attempt}",
             storage_path=context.ray_storage,
@@ -278,13 +294,17 @@ class Reporter:
         self.started = time.perf_counter()
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON file in one rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def write_final(artifacts: ArtifactStore, run_id: str, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
     """Metrics first, then the model folder (`save` fills it) in one rename: a final folder always has its metrics."""
-    target = artifacts.path(f"{checkpoints.job_dir(run_id)}/final.json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics))
-    os.replace(tmp, target)
+    write_json(artifacts.path(f"{checkpoints.job_dir(run_id)}/final.json"), metrics)
     with artifacts.staging(checkpoints.final_dir(run_id), replace=True) as folder:
         save(folder)
 

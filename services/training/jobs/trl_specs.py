@@ -38,10 +38,6 @@ def _eval_every(arguments: dict[str, Any]) -> dict[str, Any]:
     return {**arguments, "eval_strategy": "steps", "eval_steps": arguments["save_steps"]}
 
 
-def _pick(metrics: dict[str, float], names: dict[str, str]) -> dict[str, float]:
-    return {ours: float(metrics[theirs]) for ours, theirs in names.items() if theirs in metrics}
-
-
 @dataclass
 class BaseSpec(TrainerSpec):
     base: str
@@ -53,6 +49,30 @@ class BaseSpec(TrainerSpec):
 
     model_class: ClassVar[Any] = AutoModelForCausalLM
     task_type: ClassVar[str] = "CAUSAL_LM"
+    head: ClassVar[dict[str, Any]] = {}
+    """Extra settings of model_class.from_pretrained (a reward model's single score)."""
+    metrics: ClassVar[dict[str, str]] = {}
+    """Our metric name -> the trainer's evaluate() key."""
+
+    def trainer(
+        self, cls: Any, args: Any, train: list[dict[str, Any]], heldout: list[dict[str, Any]], **extra: Any
+    ) -> Trainer:
+        """A trl trainer of the base (under a LoRA adapter if asked) on the records."""
+        tokenizer = self.tokenizer()
+        trainer: Trainer = cls(
+            model=self.load(tokenizer),
+            args=args,
+            train_dataset=Dataset.from_list(train),
+            eval_dataset=Dataset.from_list(heldout),
+            processing_class=tokenizer,
+            peft_config=self.peft_config(),
+            **extra,
+        )
+        return trainer
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        found = trainer.evaluate()
+        return {ours: float(found[theirs]) for ours, theirs in self.metrics.items() if theirs in found}
 
     def tokenizer(self, folder: str = "") -> PreTrainedTokenizerBase:
         folder = folder or self.base
@@ -64,8 +84,8 @@ class BaseSpec(TrainerSpec):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def load(self, tokenizer: PreTrainedTokenizerBase, folder: str = "", **kwargs: Any) -> PreTrainedModel:
-        options: dict[str, Any] = {"dtype": torch.float32, **kwargs}
+    def load(self, tokenizer: PreTrainedTokenizerBase, folder: str = "") -> PreTrainedModel:
+        options: dict[str, Any] = {"dtype": torch.float32, **self.head}
         if self.quantize == "nf4":
             from transformers import BitsAndBytesConfig
 
@@ -102,8 +122,7 @@ class BaseSpec(TrainerSpec):
         with tempfile.TemporaryDirectory() as adapter:
             model.save_pretrained(adapter)
             tokenizer = self.tokenizer()
-            head = {"num_labels": 1} if self.task_type == "SEQ_CLS" else {}
-            base = self.model_class.from_pretrained(self.base, dtype=torch.float32, **head)
+            base = self.model_class.from_pretrained(self.base, dtype=torch.float32, **self.head)
             base.config.pad_token_id = tokenizer.pad_token_id
             merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             merged.save_pretrained(folder)
@@ -113,10 +132,11 @@ class BaseSpec(TrainerSpec):
 class SFTSpec(BaseSpec):
     completion_only: bool = True
 
+    metrics: ClassVar[dict[str, str]] = {"eval_loss": "eval_loss", "eval_token_accuracy": "eval_mean_token_accuracy"}
+
     def build(self, arguments: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Trainer:
         from trl import SFTConfig, SFTTrainer
 
-        tokenizer = self.tokenizer()
         chat = "messages" in train[0]
         args = SFTConfig(
             **_eval_every(arguments),
@@ -124,19 +144,10 @@ class SFTSpec(BaseSpec):
             completion_only_loss=None if chat else self.completion_only,
             packing=False,
         )
-        return SFTTrainer(
-            model=self.load(tokenizer),
-            args=args,
-            train_dataset=Dataset.from_list(train),
-            eval_dataset=Dataset.from_list(heldout),
-            processing_class=tokenizer,
-            peft_config=self.peft_config(),
-        )
+        return self.trainer(SFTTrainer, args, train, heldout)
 
-    def evaluate(self, trainer: Trainer, heldout: list[dict[str, Any]]) -> dict[str, float]:
-        metrics = _pick(
-            trainer.evaluate(), {"eval_loss": "eval_loss", "eval_token_accuracy": "eval_mean_token_accuracy"}
-        )
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        metrics = super().evaluate(trainer)
         return {**metrics, "perplexity": math.exp(min(metrics["eval_loss"], 50.0))}
 
 
@@ -146,28 +157,22 @@ class RewardSpec(BaseSpec):
 
     model_class: ClassVar[Any] = AutoModelForSequenceClassification
     task_type: ClassVar[str] = "SEQ_CLS"
+    head: ClassVar[dict[str, Any]] = {"num_labels": 1}
+    metrics: ClassVar[dict[str, str]] = {
+        "eval_loss": "eval_loss",
+        "eval_accuracy": "eval_accuracy",
+        "eval_margin": "eval_margin",
+    }
 
     def build(self, arguments: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Trainer:
         from trl import RewardConfig, RewardTrainer
 
-        tokenizer = self.tokenizer()
         args = RewardConfig(
             **_eval_every(arguments),
             max_length=self.max_length,
             center_rewards_coefficient=self.center_rewards or None,
         )
-        return RewardTrainer(
-            model=self.load(tokenizer, num_labels=1),
-            args=args,
-            train_dataset=Dataset.from_list(train),
-            eval_dataset=Dataset.from_list(heldout),
-            processing_class=tokenizer,
-            peft_config=self.peft_config(),
-        )
-
-    def evaluate(self, trainer: Trainer, heldout: list[dict[str, Any]]) -> dict[str, float]:
-        names = {"eval_loss": "eval_loss", "eval_accuracy": "eval_accuracy", "eval_margin": "eval_margin"}
-        return _pick(trainer.evaluate(), names)
+        return self.trainer(RewardTrainer, args, train, heldout)
 
 
 @dataclass
@@ -176,34 +181,23 @@ class DPOSpec(BaseSpec):
     reference: str = ""
     """Folder of another reference model; "": the base (with LoRA: the base under the disabled adapter)."""
 
+    metrics: ClassVar[dict[str, str]] = {
+        "eval_loss": "eval_loss",
+        "eval_reward_accuracy": "eval_rewards/accuracies",
+        "eval_reward_margin": "eval_rewards/margins",
+        "eval_logp_chosen": "eval_logps/chosen",
+        "eval_logp_rejected": "eval_logps/rejected",
+    }
+
     def build(self, arguments: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Trainer:
         from trl import DPOConfig, DPOTrainer
 
-        tokenizer = self.tokenizer()
         reference = None
         if self.reference or not self.lora:
-            reference = self.load(tokenizer, self.reference)
+            reference = self.load(self.tokenizer(), self.reference)
             reference.requires_grad_(False)
         args = DPOConfig(**_eval_every(arguments), max_length=self.max_length, beta=self.beta)
-        return DPOTrainer(
-            model=self.load(tokenizer),
-            ref_model=reference,
-            args=args,
-            train_dataset=Dataset.from_list(train),
-            eval_dataset=Dataset.from_list(heldout),
-            processing_class=tokenizer,
-            peft_config=self.peft_config(),
-        )
-
-    def evaluate(self, trainer: Trainer, heldout: list[dict[str, Any]]) -> dict[str, float]:
-        names = {
-            "eval_loss": "eval_loss",
-            "eval_reward_accuracy": "eval_rewards/accuracies",
-            "eval_reward_margin": "eval_rewards/margins",
-            "eval_logp_chosen": "eval_logps/chosen",
-            "eval_logp_rejected": "eval_logps/rejected",
-        }
-        return _pick(trainer.evaluate(), names)
+        return self.trainer(DPOTrainer, args, train, heldout, ref_model=reference)
 
 
 @dataclass
@@ -215,10 +209,11 @@ class GRPOSpec(BaseSpec):
     max_completion_length: int = 64
     temperature: float = 1.0
 
+    metrics: ClassVar[dict[str, str]] = {"eval_reward": "eval_reward", "eval_kl": "eval_kl"}
+
     def build(self, arguments: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Trainer:
         from trl import GRPOConfig, GRPOTrainer
 
-        tokenizer = self.tokenizer()
         reward_tokenizer = self.tokenizer(self.reward_model)
         reward = AutoModelForSequenceClassification.from_pretrained(self.reward_model, num_labels=1)
         reward.config.pad_token_id = reward_tokenizer.pad_token_id
@@ -229,17 +224,7 @@ class GRPOSpec(BaseSpec):
             max_completion_length=self.max_completion_length,
             temperature=self.temperature,
         )
-        prompts = [{"prompt": r["prompt"]} for r in train]
-        return GRPOTrainer(
-            model=self.load(tokenizer),
-            reward_funcs=reward,
-            args=args,
-            train_dataset=Dataset.from_list(prompts),
-            eval_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in heldout]),
-            processing_class=tokenizer,
-            reward_processing_classes=reward_tokenizer,
-            peft_config=self.peft_config(),
+        prompts = [[{"prompt": r["prompt"]} for r in rows] for rows in (train, heldout)]
+        return self.trainer(
+            GRPOTrainer, args, *prompts, reward_funcs=reward, reward_processing_classes=reward_tokenizer
         )
-
-    def evaluate(self, trainer: Trainer, heldout: list[dict[str, Any]]) -> dict[str, float]:
-        return _pick(trainer.evaluate(), {"eval_reward": "eval_reward", "eval_kl": "eval_kl"})
