@@ -237,12 +237,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer.add_callback(callback)
     resume = latest_checkpoint(output)
     before_file = artifacts.path(f"{checkpoints.job_dir(run_id)}/{BEFORE}")
-    if resume is None and not before_file.is_file():  # the same on every rank: the store is shared
+    if resume is not None:
+        if rank == 0:
+            store.log(job_id, f"resumed from {artifacts.relative(resume)}")
+    elif not before_file.is_file():  # the same on every rank: the store is shared
         before = spec.evaluate(trainer)
         if rank == 0:
             write_json(before_file, before)
-    elif rank == 0:
-        store.log(job_id, f"resumed from {artifacts.relative(resume)}")
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if callback.stopped:
         return
