@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -36,6 +37,23 @@ log = logging.getLogger(__name__)
 LOCAL_DASHBOARD_PORT = 8265
 RAY_START_ATTEMPTS = 2
 SUBMIT_RETRY_SECONDS = 180  # a job server's agent can take minutes to come up on a busy machine
+
+
+def announce_local_gcs_port() -> None:
+    """Fix the port of the local Ray's GCS and name it in RAY_ADDRESS before starting that Ray.
+
+    Ray's processes inherit the environment. Code in them that looks for "the cluster" without an
+    address reads RAY_ADDRESS, else the address `ray start` last wrote under /tmp/ray: another Ray's,
+    often one that has stopped. Ray Train's placement-group cleaner asks the state API so whether its
+    controller is alive, and there it waits out a connection timeout that held the end of every
+    training run for 12 s. With the dashboard off the state API answers at once that it is not
+    there (the cleaner logs that and carries on); with it on, the answer is real.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
 
 
 class Backend(ABC):
@@ -78,6 +96,8 @@ class LocalRayBackend(Backend):
         }
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             try:
+                if not address:
+                    announce_local_gcs_port()
                 # "local": a new Ray of our own, never another process's that happens to run here
                 ray.init(address=address or "local", **({} if address else local))
                 break

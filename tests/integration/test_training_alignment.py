@@ -1,15 +1,15 @@
 """SFT (full and LoRA), a reward model, DPO and GRPO through the real training service.
 
 Real Redis, the real tokeniser service, the training service over gRPC and trl trainers on Ray
-Train workers, one stack for the module. A tiny Llama is pretrained on `pydoc_data.topics`, then
-aligned on the built-in sets made from the same text: "pydoc:instructions" (a paragraph's first
-sentence -> the rest) and "pydoc:preferences" (the real rest chosen over the same words shuffled).
+Train workers: the session's training stack (tests/integration/training_stack.py). Its base, a tiny
+Llama pretrained on `pydoc_data.topics`, is aligned on the built-in sets made from the same text:
+"pydoc:instructions" (a paragraph's first sentence -> the rest) and "pydoc:preferences" (the real
+rest chosen over the same words shuffled).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,13 +19,12 @@ from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from libs.common.artifacts import ArtifactStore
-from tests.integration.test_training_service import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused
+from tests.integration.training_stack import GPU, WATCH_TIMEOUT_S, Stack, follow_until, refused, run_to_end
 
 pytestmark = pytest.mark.integration
 
-BASE = {**TINY, "model_name": "al-base", "seq_len": 128, "num_workers": 1, "max_steps": 40, "checkpoint_every": 40}
 COMMON: dict[str, Any] = {
-    "base": "al-base:latest",
+    "base": "base:latest",
     "max_length": 128,
     "max_records": 240,
     "max_eval_records": 24,
@@ -52,8 +51,8 @@ GRPO = {
     "reward_model": "al-rm:latest",
     "data": ["pydoc:instructions"],
     "model_name": "al-grpo",
+    **LORA,
     "max_steps": 6,
-    "learning_rate": 1e-3,
     "micro_batch_size": 8,
     "num_generations": 4,
     "max_completion_length": 16,
@@ -62,32 +61,9 @@ GRPO = {
 }
 
 
-GPU = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # The service offers GPU workers only where there is one.
-    stack = Stack(tmp_path_factory.mktemp("llmp"), training_env={"LLMP_TRAINING_WORKER_GPUS": "1"} if GPU else {})
-    yield stack
-    stack.close()
-
-
-def run_to_end(stack: Stack, job_type: str, config: dict[str, Any]) -> tuple[pb.Job, list[pb.Progress]]:
-    job = stack.client.submit(job_type, config)
-    progress = [e.progress for e in stack.client.watch(job.job_id, timeout=WATCH_TIMEOUT_S) if e.HasField("progress")]
-    final = stack.client.get(job.job_id)
-    assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{stack.training.output()[-3000:]}"
-    assert final.progress.step == final.progress.total_steps == config["max_steps"]
-    assert final.progress.tokens_per_second > 0
-    curve = [round(p.loss, 3) for p in progress]
-    print(f"{job_type} loss curve: {curve}; metrics {dict(final.metrics)}")
-    return final, progress
-
-
 @pytest.fixture(scope="module")
 def base(stack: Stack) -> pb.Job:
-    return run_to_end(stack, "pretrain", BASE)[0]
+    return stack.base()
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +100,9 @@ def test_bad_input_is_refused_at_submission(stack: Stack, base: pb.Job) -> None:
         ("sft", {**SFT, "lora_rank": 8, "quantize": "nf4"}, invalid, "config.quantize"),
         *([] if GPU else [("sft", {**SFT, "use_gpu": True}, invalid, "config.use_gpu")]),
         ("sft", {**SFT, "micro_batch_size": 65536}, invalid, "config.micro_batch_size"),
-        ("dpo", {**DPO, "base": "al-base:latest", "beta": 0}, invalid, "config.beta"),
-        ("grpo", {**GRPO, "base": "al-base:latest", "reward_model": "al-base:latest"}, invalid, "config.reward_model"),
-        ("grpo", {**GRPO, "base": "al-base:latest", "reward_model": "nope"}, missing, "config.reward_model"),
+        ("dpo", {**DPO, "base": "base:latest", "beta": 0}, invalid, "config.beta"),
+        ("grpo", {**GRPO, "base": "base:latest", "reward_model": "base:latest"}, invalid, "config.reward_model"),
+        ("grpo", {**GRPO, "base": "base:latest", "reward_model": "nope"}, missing, "config.reward_model"),
     ]
     before = len(stack.client.list_jobs())
     for job_type, config, code, field in cases:
@@ -141,7 +117,7 @@ def test_sft_learns_the_completions(stack: Stack, sft: pb.Job) -> None:
     metrics = sft.metrics
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.25, dict(metrics)
     model = stack.client.model(sft.model)
-    assert model.lineage.parent == "al-base:1" and "pydoc:instructions" in model.lineage.datasets
+    assert model.lineage.parent == "base:1" and "pydoc:instructions" in model.lineage.datasets
     loaded = AutoModelForCausalLM.from_pretrained(folder(stack, sft.model))
     assert loaded.config.architectures == ["LlamaForCausalLM"]
 
@@ -156,20 +132,10 @@ def logits(path, ids: torch.Tensor, adapter=None) -> torch.Tensor:
         return model(ids).logits
 
 
-def test_lora_sft_can_keep_the_adapter_alone(stack: Stack, base: pb.Job) -> None:
-    config = {**SFT, **LORA, "model_name": "al-adapter", "merge_adapter": False}
-    kept, _ = run_to_end(stack, "sft", config)
-    assert kept.metrics["eval_loss"] < kept.metrics["eval_loss_before"] - 0.02, dict(kept.metrics)
-    files = set(stack.client.model(kept.model).files)
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
-    ids = torch.tensor([list(range(5, 40))])
-    on_base = logits(folder(stack, "al-base:latest"), ids, adapter=folder(stack, kept.model))
-    assert not torch.allclose(on_base, logits(folder(stack, "al-base:latest"), ids), atol=1e-3)
-
-
-def test_a_cancelled_job_keeps_its_checkpoint_and_resumes_from_it(stack: Stack, base: pb.Job) -> None:
-    # A LoRA job whose adapter is merged into the registered model.
-    config = {**SFT, **LORA, "model_name": "al-resumed", "max_steps": 16, "checkpoint_every": 4, "keep_checkpoints": 1}
+def test_a_cancelled_lora_job_keeps_its_checkpoint_and_resumes_to_an_adapter(stack: Stack, base: pb.Job) -> None:
+    # A LoRA job that registers its adapter alone (GRPO below merges one into its model).
+    config = {**SFT, **LORA, "model_name": "al-adapter", "merge_adapter": False, "max_steps": 16}
+    config.update(checkpoint_every=4, keep_checkpoints=1)
     job = stack.client.submit("sft", config)
     follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
     stack.client.cancel(job.job_id)
@@ -186,14 +152,18 @@ def test_a_cancelled_job_keeps_its_checkpoint_and_resumes_from_it(stack: Stack, 
     assert f"resumed from {cancelled.checkpoint}" in logs, logs
     assert final.metrics["steps"] == 16 and final.metrics["eval_loss"] < final.metrics["eval_loss_before"]
     files = set(stack.client.model(final.model).files)
-    assert "model.safetensors" in files and "adapter_config.json" not in files
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
     ids = torch.tensor([list(range(5, 40))])
-    assert not torch.allclose(logits(folder(stack, final.model), ids), logits(folder(stack, "al-base:latest"), ids))
+    on_base = logits(folder(stack, "base:latest"), ids, adapter=folder(stack, final.model))
+    assert not torch.allclose(on_base, logits(folder(stack, "base:latest"), ids), atol=1e-3)
 
 
 def test_reward_model_ranks_held_out_pairs(stack: Stack, reward: pb.Job) -> None:
     metrics = reward.metrics
-    assert metrics["eval_accuracy"] >= 0.7 and metrics["eval_accuracy"] > metrics["eval_accuracy_before"]
+    # An untrained head already ranks some pairs (the shuffled text reads differently to the base), so the
+    # accuracy is held to better than chance and the learning to the margin and the loss on held-out pairs.
+    assert metrics["eval_accuracy"] >= 0.7, dict(metrics)
+    assert metrics["eval_margin"] > metrics["eval_margin_before"] + 0.5
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.3  # the Bradley-Terry loss on held-out pairs
     model = AutoModelForSequenceClassification.from_pretrained(folder(stack, reward.model))
     assert model.config.num_labels == 1 and model.config.architectures == ["LlamaForSequenceClassification"]
@@ -218,8 +188,11 @@ def test_grpo_optimises_the_reward_with_a_kl_penalty(stack: Stack, sft: pb.Job, 
     print(f"grpo held-out reward {metrics['eval_reward_before']:.4f} -> {metrics['eval_reward']:.4f}")
     assert metrics["eval_kl_before"] == 0 and metrics["eval_kl"] > 0, dict(metrics)
     assert len({round(p.values["reward"], 4) for p in progress}) > 1
-    lineage = stack.client.model(final.model).lineage
-    assert lineage.parent == "al-sft:1" and "al-rm:1" in lineage.datasets  # references are pinned at submission
+    model = stack.client.model(final.model)
+    assert model.lineage.parent == "al-sft:1" and "al-rm:1" in model.lineage.datasets  # pinned at submission
+    assert "model.safetensors" in model.files and "adapter_config.json" not in model.files  # the LoRA merged
+    ids = torch.tensor([list(range(5, 40))])
+    assert not torch.allclose(logits(folder(stack, final.model), ids), logits(folder(stack, sft.model), ids))
 
 
 @pytest.mark.gpu

@@ -1,8 +1,9 @@
 """Faults of the training service, over the real parts: Redis, the tokeniser service, Ray, gRPC.
 
-A Ray Train worker killed mid-run, Redis restarted mid-job, and the ray_jobs backend submitting a
-job's driver to a separate Ray head through Ray's job submission API. The restart of the control
-plane and cancel are in test_training_service.py.
+A Ray Train worker killed and Redis restarted in the middle of one job, and the ray_jobs backend
+submitting a job's driver to a separate Ray head through Ray's job submission API, on the
+session's training stack (tests/integration/training_stack.py). The restart of the control plane
+and cancel are in test_training_service.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +24,12 @@ from llmp.training.v1 import training_pb2 as pb
 
 from libs.common.clients.training import TrainingClient
 from tests.conftest import free_port, start_service
-from tests.integration.test_training_service import TINY, WATCH_TIMEOUT_S, Stack, follow_until
+from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until
 
 pytestmark = pytest.mark.integration
 
 MAX_STEPS, CHECKPOINT_EVERY = 40, 10
 FAULTY = {**TINY, "max_steps": MAX_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "warmup_steps": 5, "log_every": 5}
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("llmp"))
-    yield stack
-    stack.close()
 
 
 def train_workers(service_pid: int) -> list[psutil.Process]:
@@ -56,13 +49,24 @@ def run_to_end(client: TrainingClient, job_id: str) -> tuple[pb.Job, list[str]]:
     return client.get(job_id), logs
 
 
-def test_a_killed_worker_resumes_from_its_last_checkpoint_and_finishes(stack: Stack) -> None:
-    job = stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-killed"})
+def test_a_killed_worker_and_a_redis_restart_mid_job_lose_nothing_acknowledged(stack: Stack) -> None:
+    job = stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-faults"}, client_token="faults-a")
     follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
     at_kill = stack.client.get(job.job_id)
     workers = train_workers(stack.training.proc.pid)
     assert len(workers) == FAULTY["num_workers"], [w.cmdline() for w in workers]
     workers[0].send_signal(signal.SIGKILL)
+
+    # Redis restarts while Ray Train brings the worker group back
+    acknowledged = {j.job_id: j.state for j in stack.client.list_jobs()}
+    stack.redis.restart()
+    after = {j.job_id: j for j in stack.client.list_jobs()}
+    assert set(acknowledged) <= set(after)
+    for job_id, state in acknowledged.items():
+        if state in (pb.Job.SUCCEEDED, pb.Job.FAILED, pb.Job.CANCELLED):
+            assert after[job_id].state == state  # finished jobs stay as they were
+    # the client token still names the same job after the restart
+    assert stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-faults"}, "faults-a").job_id == job.job_id
 
     final, logs = run_to_end(stack.client, job.job_id)
     assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{stack.training.output()[-3000:]}"
@@ -72,25 +76,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint_and_finishes(stack: St
     # a checkpoint at least as recent as the one the kill followed: at most one interval is lost
     assert step >= at_kill.progress.step - CHECKPOINT_EVERY, (step, at_kill.progress.step)
     assert step % CHECKPOINT_EVERY == 0 and step > 0
-    assert final.progress.step == MAX_STEPS and final.model == "tiny-killed:1"
-
-
-def test_a_redis_restart_mid_job_loses_no_acknowledged_job(stack: Stack) -> None:
-    running = stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-redis"}, client_token="redis-a")
-    follow_until(stack.client, running.job_id, "checkpoint checkpoints/")
-    acknowledged = {j.job_id: j.state for j in stack.client.list_jobs()}
-    stack.redis.restart()
-
-    after = {j.job_id: j for j in stack.client.list_jobs()}
-    assert set(acknowledged) <= set(after)
-    for job_id, state in acknowledged.items():
-        if state in (pb.Job.SUCCEEDED, pb.Job.FAILED, pb.Job.CANCELLED):
-            assert after[job_id].state == state  # finished jobs stay as they were
-    # the client token still names the same job after the restart
-    assert stack.client.submit("pretrain", {**FAULTY, "model_name": "tiny-redis"}, "redis-a").job_id == running.job_id
-    final, _ = run_to_end(stack.client, running.job_id)
-    assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{stack.training.output()[-3000:]}"
-    assert final.progress.step == MAX_STEPS and final.model == "tiny-redis:1"
+    assert final.progress.step == MAX_STEPS and final.model == "tiny-faults:1"
 
 
 # Ray reads RAY_AUTH_MODE once, at import: the job server's token authentication (on with `ray

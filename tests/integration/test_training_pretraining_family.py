@@ -1,36 +1,32 @@
 """Masked-LM pretraining, distillation of a draft model and a scaling sweep, through the real service.
 
-Real Redis, the real tokeniser service, the training service over gRPC and Ray Train workers,
-shared by the module (one stack). Two tokenisers on `pydoc_data.topics`: the byte-level BPE of the
-causal models and a WordPiece with [CLS]/[SEP]/[MASK] for the masked LM. The models are tiny and
+Real Redis, the real tokeniser service, the training service over gRPC and Ray Train workers: the
+session's training stack (tests/integration/training_stack.py). Two tokenisers on
+`pydoc_data.topics`: the byte-level BPE of the causal models and a WordPiece with [CLS]/[SEP]/[MASK]
+for the masked LM. The draft is distilled from the stack's shared base. The models are tiny and
 train for a few dozen steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 import torch
 from click.testing import CliRunner
-from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForMaskedLM
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.cli import plan as cli_plan
-from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.planning.scaling import SweepFit
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams
 from services.inference.engine.drafters import DraftModelDrafter
 from services.inference.engine.model_loader import load_model
-from tests.integration.test_training_service import TINY, WATCH_TIMEOUT_S, Stack, refused
+from tests.integration.training_stack import Stack, refused, run_to_end
 
 pytestmark = pytest.mark.integration
 
-WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TARGET = {**TINY, "model_name": "fam-target", "num_workers": 1, "max_steps": 30, "checkpoint_every": 30}
 MLM = {
     "tokenizer": "topics-wp",
     "corpus": ["topics"],
@@ -48,7 +44,7 @@ MLM = {
     "num_workers": 2,
 }
 DISTILL = {
-    "target": "fam-target:latest",
+    "target": "base:latest",
     "model_name": "fam-draft",
     "hidden_size": 32,
     "num_layers": 1,
@@ -73,7 +69,7 @@ SWEEP: dict[str, Any] = {
         {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1},
         {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1},
     ],
-    "tokens_per_param": 2.0,
+    "tokens_per_param": 1.0,
     "seq_len": 64,
     "micro_batch_size": 16,
     "learning_rate": 0.005,
@@ -82,30 +78,6 @@ SWEEP: dict[str, Any] = {
     "checkpoint_every": 1000,
     "num_workers": 1,
 }
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("llmp"))
-    trained = TokenizerClient(stack.tokenizer.address).train(
-        "topics-wp", "wordpiece", 1000, corpus=["topics"], special_tokens=WORDPIECE_SPECIALS
-    )
-    assert trained.state == trained.SUCCEEDED, trained.error
-    yield stack
-    stack.close()
-
-
-def run_to_end(stack: Stack, job_type: str, config: dict[str, Any]) -> tuple[pb.Job, list[float]]:
-    """Submit a job, follow its watch stream to the end; the final job and the reported losses."""
-    job = stack.client.submit(job_type, config)
-    losses = [
-        e.progress.loss for e in stack.client.watch(job.job_id, timeout=WATCH_TIMEOUT_S) if e.HasField("progress")
-    ]
-    final = stack.client.get(job.job_id)
-    assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{stack.training.output()[-3000:]}"
-    assert final.progress.step == final.progress.total_steps and final.progress.tokens_per_second > 0
-    print(f"{job_type} loss curve: {[round(x, 3) for x in losses]}; metrics {dict(final.metrics)}")
-    return final, losses
 
 
 def test_bad_input_is_refused_at_submission(stack: Stack) -> None:
@@ -133,7 +105,8 @@ def test_bad_input_is_refused_at_submission(stack: Stack) -> None:
 
 
 def test_masked_lm_trains_on_two_workers_and_registers_an_encoder(stack: Stack) -> None:
-    final, losses = run_to_end(stack, "mlm", MLM)
+    final, progress = run_to_end(stack, "mlm", MLM)
+    losses = [p.loss for p in progress]
     assert losses[-1] < losses[0] - 0.5  # nats per masked token
     assert final.metrics["eval_loss"] < losses[0] and 0 < final.metrics["eval_accuracy"] <= 1
     model = stack.client.model(final.model)
@@ -144,18 +117,19 @@ def test_masked_lm_trains_on_two_workers_and_registers_an_encoder(stack: Stack) 
 
 
 def test_a_distilled_draft_follows_its_target_and_drafts_for_it(stack: Stack) -> None:
-    target, _ = run_to_end(stack, "pretrain", TARGET)
+    target = stack.base()
     error = refused(stack.client.submit, "distill", {**DISTILL, "tokenizer": "topics-wp"})
     assert (error.code(), error.details().split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "config.tokenizer")
 
-    final, losses = run_to_end(stack, "distill", DISTILL)
+    final, progress = run_to_end(stack, "distill", DISTILL)
+    losses = [p.loss for p in progress]
     assert losses[-1] < losses[0] * 0.9
-    assert final.config["target"] == target.model == "fam-target:1"
+    assert final.config["target"] == target.model == "base:1"
     assert list(final.config["corpus"]) == ["topics"] and final.config["tokenizer"] == "topics-bpe:1"
     metrics = final.metrics
     assert 0 < metrics["top1_agreement"] <= 1 and metrics["eval_kl"] > 0
     draft = stack.client.model(final.model)
-    assert draft.lineage.parent == "fam-target:1" and draft.metrics["top1_agreement"] == metrics["top1_agreement"]
+    assert draft.lineage.parent == "base:1" and draft.metrics["top1_agreement"] == metrics["top1_agreement"]
 
     store = ArtifactStore(stack.home / "artifacts")
     target_path = stack.client.model(target.model).path
@@ -176,7 +150,8 @@ def test_a_distilled_draft_follows_its_target_and_drafts_for_it(stack: Stack) ->
 
 
 def test_a_sweep_fits_a_power_law_to_a_ladder_and_the_planner_reads_it(stack: Stack) -> None:
-    final, losses = run_to_end(stack, "sweep", SWEEP)
+    final, progress = run_to_end(stack, "sweep", SWEEP)
+    losses = [p.loss for p in progress]
     assert losses[-1] < losses[0]
     metrics = final.metrics
     ladder = [metrics[f"model{i}_eval_loss"] for i in range(3)]

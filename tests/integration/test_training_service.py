@@ -1,13 +1,10 @@
 """The training service as a real process: real Redis, the real tokeniser service, Ray Train, gRPC.
 
-One tokeniser (byte-level BPE on `pydoc_data.topics`) and one training service are shared by the
-module; the jobs are tiny Llama models trained on that text by two Ray Train workers.
+The session's training stack (tests/integration/training_stack.py): a byte-level BPE tokeniser on
+`pydoc_data.topics` and tiny Llama models trained on that text by Ray Train workers.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,102 +13,10 @@ from click.testing import CliRunner
 from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForCausalLM
 
-from libs.common import corpora
 from libs.common.cli import training as cli_training
-from libs.common.clients.tokenizer import TokenizerClient
-from libs.common.clients.training import TrainingClient
-from tests.conftest import ServiceProcess, start_service
-from tests.unit.training.redis_server import RedisServer
+from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused
 
 pytestmark = pytest.mark.integration
-
-WATCH_TIMEOUT_S = 400  # a watch that outlives this fails the test instead of hanging it
-
-TINY = {
-    "tokenizer": "topics-bpe",
-    "corpus": ["topics"],
-    "model_name": "tiny-topics",
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "seq_len": 64,
-    "micro_batch_size": 8,
-    "grad_accum_steps": 2,
-    "max_steps": 40,
-    "learning_rate": 0.003,
-    "warmup_steps": 5,
-    "log_every": 5,
-    "checkpoint_every": 20,
-    "num_workers": 2,
-}
-
-
-class Stack:
-    """Redis, the tokeniser service and the training service, sharing one LLMP_HOME.
-
-    `training_env` is added to the training service's environment (e.g. more Ray CPUs).
-    """
-
-    def __init__(self, home: Path, training_env: dict[str, str] | None = None) -> None:
-        self.home = home
-        self.training_env = training_env or {}
-        self.redis = RedisServer(home / "redis")
-        (home / "redis").mkdir()
-        self.redis.start()
-        self.tokenizer = start_service("tokenizer", home)
-        tokenizers = TokenizerClient(self.tokenizer.address)
-        tokenizers.upload("topics", [text for _, text in corpora.pydoc_topics()])
-        trained = tokenizers.train("topics-bpe", "byte_level_bpe", 1000, corpus=["topics"])
-        assert trained.state == trained.SUCCEEDED, trained.error
-        self.training = self._start_training()
-        self.client = TrainingClient(self.training.address)
-
-    def _start_training(self) -> ServiceProcess:
-        env = {
-            "LLMP_REDIS_URL": self.redis.url,
-            "LLMP_TOKENIZER_ADDRESS": self.tokenizer.address,
-            "LLMP_TRAINING_RAY_NUM_CPUS": "2",
-            "LLMP_TRAINING_RAY_DASHBOARD": "false",
-            "LLMP_TRAINING_DRAIN_SECONDS": "20",
-            "RAY_gcs_server_port_wait_time_s": "180",  # a loaded 2-core machine starts Ray slowly
-            **self.training_env,
-        }
-        return start_service("training", self.home, extra_env=env)
-
-    def restart_training(self) -> None:
-        assert self.training.stop() == 0, self.training.output()
-        self.training = self._start_training()
-        self.client = TrainingClient(self.training.address)
-
-    def close(self) -> None:
-        self.training.stop()
-        self.tokenizer.stop()
-        self.redis.stop()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("llmp"))
-    yield stack
-    stack.close()
-
-
-def refused(call, *args) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as e:
-        call(*args)
-    return e.value
-
-
-def follow_until(client: TrainingClient, job_id: str, seen: str) -> pb.Job:
-    """Read the job's events until a log line containing `seen`; returns the job at that point."""
-    events = client.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=WATCH_TIMEOUT_S)
-    for event in events:
-        assert event.job.state in (pb.Job.PENDING, pb.Job.RUNNING), event.job.reason
-        if seen in event.log:
-            events.cancel()
-            return event.job
-    raise AssertionError(f"the job ended before logging {seen!r}")
 
 
 def test_pretraining_runs_on_two_workers_and_registers_a_loadable_model(stack: Stack) -> None:
@@ -146,7 +51,7 @@ def test_pretraining_runs_on_two_workers_and_registers_a_loadable_model(stack: S
     assert loaded.config.num_key_value_heads == 2 and loaded.num_parameters() == model.parameters
     with torch.no_grad():
         assert loaded(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 1000)
-    assert [m.ref for m in client.models("tiny")] == ["tiny-topics:1"]
+    assert [m.ref for m in client.models("tiny-topics")] == ["tiny-topics:1"]
 
 
 def test_the_command_line_lists_shows_and_refuses(stack: Stack) -> None:
@@ -188,7 +93,8 @@ def test_bad_input_is_refused_before_anything_starts(stack: Stack) -> None:
 
 
 def test_a_job_outlives_a_service_restart_then_cancel_keeps_its_last_checkpoint(stack: Stack) -> None:
-    config = {**TINY, "max_steps": 5000, "checkpoint_every": 5, "warmup_steps": 10, "model_name": "tiny-restarted"}
+    config = {**TINY, "max_steps": 5000, "checkpoint_every": 5, "warmup_steps": 10, "num_workers": 1}
+    config["model_name"] = "tiny-restarted"
     job = stack.client.submit("pretrain", config)
     follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
     stack.restart_training()
