@@ -13,7 +13,9 @@ Model FLOPs utilisation: 6 x parameters (+ attention's 12 x layers x hidden x se
 tokens/s, over the fp32 matmul rate `torch.mm` reaches at the model's own shapes in this run.
 Loss curves (every LOG_EVERY steps) are printed for each run.
 
-Run: python -m bench training [--quick]
+Run: python -m bench training [--quick] [--threads=N]
+(--threads: the intra-op threads of the plain loop and of the 1-worker run, split between the
+2 workers; default all cores.)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from libs.common import corpora
 
 QUICK = "--quick" in sys.argv or os.environ.get("LLMP_BENCH_QUICK") == "1"
+THREADS = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--threads=")), os.cpu_count() or 1)
 VOCAB = 4096
 SEQ = 128 if QUICK else 256
 MICRO_BATCH = 4 if QUICK else 8
@@ -133,7 +136,7 @@ def through_ray(rows: torch.Tensor, workers: int, storage: str) -> dict[str, Any
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, THREADS // workers)
     config = settings(rows, workers, threads, in_ray=True) | {"out": f"{storage}/result-{workers}.json"}
     trainer = TorchTrainer(
         train,
@@ -173,7 +176,8 @@ def main() -> None:
     import ray
 
     cores = os.cpu_count() or 1
-    print(f"training benchmarks ({'quick' if QUICK else 'full'}; {cores} cores, load {os.getloadavg()[0]:.1f}):")
+    kind = "quick" if QUICK else "full"
+    print(f"training benchmarks ({kind}; {cores} cores, {THREADS} threads, load {os.getloadavg()[0]:.1f}):")
     rows = token_rows()
     config = model_config()
     per_token = flops_per_token(config)
@@ -183,8 +187,8 @@ def main() -> None:
     # The reference loop and the matmul rate run in fresh processes too, like Ray's workers: the
     # tokenizer trained here leaves thread pools in this one that would slow them down.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        plain = pool.submit(train, settings(rows, 1, cores, in_ray=False)).result()
-        peak = pool.submit(matmul_rate, cores).result()
+        plain = pool.submit(train, settings(rows, 1, THREADS, in_ray=False)).result()
+        peak = pool.submit(matmul_rate, THREADS).result()
     ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as storage:
