@@ -83,7 +83,7 @@ def _still_running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
     return lambda: proc.poll() is None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port nothing listens on now, chosen by the kernel."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,7 +152,7 @@ class LocalStack:
             f"--dashboard-port={self.common.ray_dashboard_port}",
             # the agent's default port (52365) is taken by any other Ray head on this machine; its
             # job server then answers "No available agent"
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
         ]
         proc = self._spawn("ray", argv, f"127.0.0.1:{self.common.ray_port}")
         end = time.monotonic() + timeout

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env
+from libs.common.stack import free_port
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
 from services.training.jobstore import CANCEL, FAILED, PREEMPT, JobRecord
@@ -44,14 +44,12 @@ def announce_local_gcs_port() -> None:
 
     Ray's processes inherit the environment. Code in them that looks for "the cluster" without an
     address reads RAY_ADDRESS, else the address `ray start` last wrote under /tmp/ray: another Ray's,
-    often one that has stopped. Ray Train's placement-group cleaner asks the state API so whether its
+    often one that has stopped. Ray Train's placement-group cleaner asks the state API whether its
     controller is alive, and there it waits out a connection timeout that held the end of every
     training run for 12 s. With the dashboard off the state API answers at once that it is not
     there (the cleaner logs that and carries on); with it on, the answer is real.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
 
