@@ -47,7 +47,29 @@ class Chunk:
 class AttentionGroup:
     token_index: torch.Tensor  # [b, q] positions of the group's queries in the packed step
     read_blocks: torch.Tensor  # [b, n] cache blocks of each row's context, in order (padding reads block 0)
-    mask: torch.Tensor  # [b, 1, q, n * block_size] True where a query may attend to a key
+    width: int  # c: the longest context in tokens; keys past it in the last block are not read
+    mask: torch.Tensor | None  # [b, 1, q, c] True where a query may attend to a key; None: every key, every row
+
+
+class GatherBuffers:
+    """Reused output memory for the per-layer gathers of cached blocks.
+
+    A fresh tensor per gather costs more than the copy itself: the allocator hands back new pages
+    that the kernel must fault in and zero. Layers run one after another, so one key and one
+    value buffer serve them all; they grow to the largest step seen.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def gather(self, name: str, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """source[index] along dim 0, written into the buffer `name`."""
+        shape = (index.numel(), *source.shape[1:])
+        size = index.numel() * source[0].numel()
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != source.dtype or buffer.device != source.device:
+            buffer = self._buffers[name] = torch.empty(size, dtype=source.dtype, device=source.device)
+        return torch.index_select(source, 0, index, out=buffer[:size].view(shape))
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,7 @@ class StepMetadata:
     cache: KVCache
     write_slots: torch.Tensor  # [N] cache slot of every token computed this step
     groups: list[AttentionGroup]
+    buffers: GatherBuffers
 
 
 def paged_attention(
@@ -75,8 +98,8 @@ def paged_attention(
         )
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     cache_k, cache_v = step.cache.key[layer], step.cache.value[layer]  # [slots, KVH, D]
-    cache_k[step.write_slots] = key[0].transpose(0, 1)
-    cache_v[step.write_slots] = value[0].transpose(0, 1)
+    cache_k.index_copy_(0, step.write_slots, key[0].transpose(0, 1))
+    cache_v.index_copy_(0, step.write_slots, value[0].transpose(0, 1))
     # Read whole blocks: one contiguous copy per block instead of one per token.
     blocks_k = cache_k.view(-1, step.cache.block_size, *cache_k.shape[1:])  # [blocks, block_size, KVH, D]
     blocks_v = cache_v.view(blocks_k.shape)
@@ -84,22 +107,30 @@ def paged_attention(
     if len(step.groups) == 1:  # every chunk of one length (e.g. all decoding): the step is the group, in order
         g = step.groups[0]
         q = q_all.view(*g.token_index.shape, *q_all.shape[1:]).transpose(1, 2)  # [b, H, q, D]
-        o = _attend(q, blocks_k, blocks_v, g, scaling)
+        o = _attend(q, blocks_k, blocks_v, g, scaling, step.buffers)
         return o.transpose(1, 2).reshape(1, *q_all.shape), None
     out = torch.empty_like(q_all)
     for g in step.groups:
         q = q_all[g.token_index].transpose(1, 2)  # [b, H, q, D]
-        o = _attend(q, blocks_k, blocks_v, g, scaling)
+        o = _attend(q, blocks_k, blocks_v, g, scaling, step.buffers)
         out[g.token_index.flatten()] = o.transpose(1, 2).flatten(0, 1)  # [b * q, H, D]
     return out.unsqueeze(0), None
 
 
 def _attend(
-    q: torch.Tensor, blocks_k: torch.Tensor, blocks_v: torch.Tensor, g: AttentionGroup, scaling: float | None
+    q: torch.Tensor,
+    blocks_k: torch.Tensor,
+    blocks_v: torch.Tensor,
+    g: AttentionGroup,
+    scaling: float | None,
+    buffers: GatherBuffers,
 ) -> torch.Tensor:
     """q [b, H, q, D] over the group's cached blocks -> [b, H, q, D]."""
-    k = blocks_k[g.read_blocks].flatten(1, 2).transpose(1, 2)  # [b, KVH, c, D]
-    v = blocks_v[g.read_blocks].flatten(1, 2).transpose(1, 2)
+    b, n = g.read_blocks.shape
+    index = g.read_blocks.view(-1)
+    shape = (b, n * blocks_k.shape[1], *blocks_k.shape[2:])  # [b, n * block_size, KVH, D]
+    k = buffers.gather("key", blocks_k, index).view(shape)[:, : g.width].transpose(1, 2)  # [b, KVH, c, D]
+    v = buffers.gather("value", blocks_v, index).view(shape)[:, : g.width].transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -120,6 +151,7 @@ class ModelRunner:
         self.cache = cache
         self.device = next(model.parameters()).device
         self.sliding_window: int | None = getattr(model.config, "sliding_window", None)
+        self.buffers = GatherBuffers()
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -136,26 +168,36 @@ class ModelRunner:
         return self.model.get_output_embeddings()(hidden[wanted]).float()
 
     def metadata(self, chunks: list[Chunk]) -> StepMetadata:
-        offsets = torch.tensor([0] + [len(c.token_ids) for c in chunks]).cumsum(0).tolist()
-        write = torch.cat([self.cache.slots(c.seq_id, c.start, c.start + len(c.token_ids)) for c in chunks])
+        size = self.cache.block_size
+        offsets = [0]
+        write: list[int] = []
         by_length: dict[int, list[int]] = {}
         for i, c in enumerate(chunks):
+            blocks = self.cache.blocks(c.seq_id)
+            write.extend(blocks[p // size] * size + p % size for p in range(c.start, c.start + len(c.token_ids)))
+            offsets.append(offsets[-1] + len(c.token_ids))
             by_length.setdefault(len(c.token_ids), []).append(i)
         groups = [self.group([chunks[i] for i in ix], [offsets[i] for i in ix]) for ix in by_length.values()]
-        return StepMetadata(self.cache, write.to(self.device), groups)
+        slots = torch.tensor(write, dtype=torch.long, device=self.device)
+        return StepMetadata(self.cache, slots, groups, self.buffers)
 
     def group(self, chunks: list[Chunk], offsets: list[int]) -> AttentionGroup:
-        """Chunks of equal length q attending to their contexts, padded to the longest context's blocks."""
+        """Chunks of equal length q attending to their contexts, padded to the longest context."""
         q = len(chunks[0].token_ids)
         size = self.cache.block_size
         ends = [c.start + q for c in chunks]  # context of each row after this step
-        used = [self.cache.blocks(c.seq_id)[: -(-end // size)] for c, end in zip(chunks, ends, strict=True)]
-        width = max(len(b) for b in used)
-        read = torch.tensor([b + [0] * (width - len(b)) for b in used], dtype=torch.long)  # [b, n]
-        query_pos = torch.tensor(ends)[:, None] - q + torch.arange(q)  # [b, q]
-        key_pos = torch.arange(width * size)  # [c]: padding and unwritten slots lie past every query
-        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, q, c]: causal; also hides padding
-        if self.sliding_window is not None:
-            mask &= query_pos[:, :, None] - key_pos[None, None, :] < self.sliding_window
+        width = max(ends)
+        blocks = -(-width // size)
+        read = torch.tensor(
+            [(b := self.cache.blocks(c.seq_id)[:blocks]) + [0] * (blocks - len(b)) for c in chunks], dtype=torch.long
+        )  # [b, n]: padding reads block 0, hidden by the mask
         token_index = torch.tensor(offsets)[:, None] + torch.arange(q)  # [b, q]
-        return AttentionGroup(token_index.to(self.device), read.to(self.device), mask[:, None].to(self.device))
+        mask = None
+        if q > 1 or min(ends) < width or (self.sliding_window is not None and width > self.sliding_window):
+            query_pos = torch.tensor(ends)[:, None] - q + torch.arange(q)  # [b, q]
+            key_pos = torch.arange(width)  # [c]
+            mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, q, c]: causal; also hides padding
+            if self.sliding_window is not None:
+                mask &= query_pos[:, :, None] - key_pos[None, None, :] < self.sliding_window
+            mask = mask[:, None].to(self.device)
+        return AttentionGroup(token_index.to(self.device), read.to(self.device), width, mask)
