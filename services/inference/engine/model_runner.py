@@ -2,10 +2,11 @@
 
 The model is `transformers`' own module (Llama, Mistral, GPT-2, GPT-NeoX): embeddings, norms,
 rotary embeddings (with any RoPE scaling), MLPs and heads are theirs, so every architecture they
-define runs unchanged. Only attention is ours, plugged in through transformers' public
+define runs unchanged. Only attention is ours (`attend`), plugged in through transformers' public
 `AttentionInterface` under the name "llmp_paged": it writes the step's new keys/values into the
 cache slots and attends over each sequence's cached context. Called without step metadata (e.g.
-by `generate`) it behaves exactly like transformers' SDPA attention.
+by `generate`) it behaves exactly like transformers' SDPA attention. Llama-style models run their
+layers through the engine's leaner pass over the same modules (decoder.py), with the same `attend`.
 
 A step packs all chunks into one row of N tokens, so token-wise work (projections, MLP) runs once
 over N tokens with no padding. Attention runs in groups of chunks of equal length (all decoding
@@ -15,6 +16,7 @@ padded to its longest context.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from services.inference.engine.decoder import LlamaDecoder
 from services.inference.engine.kv_cache import KVCache
 
 ATTENTION = "llmp_paged"
@@ -96,25 +99,31 @@ def paged_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
+    return attend(step, int(module.layer_idx), q, k, v, scaling).unsqueeze(0), None  # type: ignore[arg-type]
+
+
+def attend(
+    step: StepMetadata, layer: int, q_all: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Write the step's keys/values [N, KVH, D] into the cache; queries [N, H, D] over their contexts -> [N, H, D]."""
     cache_k, cache_v = step.cache.key[layer], step.cache.value[layer]  # [slots, KVH, D]
-    cache_k.index_copy_(0, step.write_slots, key[0].transpose(0, 1))
-    cache_v.index_copy_(0, step.write_slots, value[0].transpose(0, 1))
+    cache_k.index_copy_(0, step.write_slots, key)
+    cache_v.index_copy_(0, step.write_slots, value)
     # Read whole blocks: one contiguous copy per block instead of one per token.
     blocks_k = cache_k.view(-1, step.cache.block_size, *cache_k.shape[1:])  # [blocks, block_size, KVH, D]
     blocks_v = cache_v.view(blocks_k.shape)
-    q_all = query[0].transpose(0, 1)  # [N, H, D]
     if len(step.groups) == 1:  # every chunk of one length (e.g. all decoding): the step is the group, in order
         g = step.groups[0]
         q = q_all.view(*g.token_index.shape, *q_all.shape[1:]).transpose(1, 2)  # [b, H, q, D]
         o = _attend(q, blocks_k, blocks_v, g, scaling, step.buffers)
-        return o.transpose(1, 2).reshape(1, *q_all.shape), None
+        return o.transpose(1, 2).reshape(q_all.shape)
     out = torch.empty_like(q_all)
     for g in step.groups:
         q = q_all[g.token_index].transpose(1, 2)  # [b, H, q, D]
         o = _attend(q, blocks_k, blocks_v, g, scaling, step.buffers)
         out[g.token_index.flatten()] = o.transpose(1, 2).flatten(0, 1)  # [b * q, H, D]
-    return out.unsqueeze(0), None
+    return out
 
 
 def _attend(
@@ -152,16 +161,21 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.sliding_window: int | None = getattr(model.config, "sliding_window", None)
         self.buffers = GatherBuffers()
+        self.decoder = LlamaDecoder(model) if LlamaDecoder.supports(model) else None
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits of the last `num_logits` tokens of every chunk with `sample` set, in order: [rows, vocab] float32."""
         ids = torch.tensor([t for c in chunks for t in c.token_ids], device=self.device)  # [N]
         positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
+        positions = positions.to(self.device)
         step = self.metadata(chunks)
-        hidden = self.model.base_model(
-            input_ids=ids[None], position_ids=positions[None].to(self.device), use_cache=False, llmp_step=step
-        ).last_hidden_state[0]  # [N, hidden]
+        if self.decoder is not None:
+            hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # [N, hidden]
+        else:
+            hidden = self.model.base_model(
+                input_ids=ids[None], position_ids=positions[None], use_cache=False, llmp_step=step
+            ).last_hidden_state[0]
         ends = (torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1).tolist()
         rows = [e - i for e, c in zip(ends, chunks, strict=True) if c.sample for i in range(c.num_logits - 1, -1, -1)]
         wanted = torch.tensor(rows, dtype=torch.long, device=self.device)

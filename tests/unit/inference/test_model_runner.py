@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from libs.common.artifacts import ArtifactStore
 from services.inference.engine import KVCacheConfig, load_model
@@ -58,3 +59,34 @@ def test_the_model_still_runs_transformers_generate(store: ArtifactStore) -> Non
     before = model.generate(tokens, max_new_tokens=5, do_sample=False)
     ModelRunner(model, KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=8)))
     assert torch.equal(model.generate(tokens, max_new_tokens=5, do_sample=False), before)
+
+
+def test_llama_style_models_run_the_fused_pass_with_no_extra_memory(store: ArtifactStore) -> None:
+    model = load_model("models/llama/1", store).module
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    runner = ModelRunner(model, KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=8)))
+    assert runner.decoder is not None
+    attn = model.model.layers[0].self_attn
+    fused = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fused == attn.v_proj.weight.untyped_storage().data_ptr()
+    for name, p in model.named_parameters():  # the same values, now views of the fused tensors
+        assert torch.equal(p, params[name]), name
+    gpt2 = load_model("models/gpt2/1", store).module
+    assert ModelRunner(gpt2, KVCache(gpt2.config, KVCacheConfig(block_size=4, num_blocks=8))).decoder is None
+
+
+def test_the_fused_pass_keeps_projection_biases(store: ArtifactStore) -> None:
+    torch.manual_seed(0)
+    config = CONFIGS["llama"]()
+    config.attention_bias = config.mlp_bias = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for module in model.modules():  # from_config leaves biases at zero
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
+    tokens = prompt(10, seed=4)
+    with torch.no_grad():
+        reference = model(torch.tensor([tokens])).logits[0]
+    cache = KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=8))
+    cache.allocate("0", len(tokens))
+    logits = ModelRunner(model, cache).forward([Chunk("0", tokens, 0, sample=True)])
+    torch.testing.assert_close(logits[0], reference[-1], atol=ATOL, rtol=0)

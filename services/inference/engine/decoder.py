@@ -1,0 +1,153 @@
+"""The engine's own pass over Llama-style decoder layers (Llama, Mistral): fewer, larger operations per layer.
+
+A decode step of a small batch is mostly fixed cost per operation: `transformers`' modules spend
+about a hundred tensor operations per layer (separate q/k/v and gate/up projections, layout
+changes, the attention interface), each paying dispatch and a cache refill after the large
+matmul before it. This pass runs the same layers with their own weights and modules (norms,
+rotary embeddings with any RoPE scaling, activation, output projections) but
+
+- one matmul for q, k and v, and one for gate and up: at construction the projections' weights
+  are moved into one tensor per layer and the modules keep views of it, so no memory is added
+  and the modules still compute exactly what they did;
+- tokens stay packed as [N, ...] rows from the embeddings to the last norm, q and k are rotated
+  together, Llama's float32 RMSNorm is one call, and attention reads and writes the paged cache
+  directly (model_runner.attend).
+
+A layer whose projections are not plain `nn.Linear` (a quantised replica) or carry hooks (a
+loaded LoRA adapter) calls its modules one by one instead, so quantisation and adapters apply
+unchanged. Other architectures run through `transformers`' modules (ModelRunner).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+SUPPORTED = ("llama", "mistral")
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""(layer, q [N, H, D], k [N, KVH, D], v [N, KVH, D], scaling) -> [N, H, D]."""
+
+
+def _bare(module: nn.Module) -> bool:
+    """A plain nn.Linear that nothing hooks into (no LoRA adapter, no quantised replacement)."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _plain(modules: list[nn.Module]) -> bool:
+    return all(_bare(m) for m in modules)
+
+
+def _fuse(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight [sum out, in] (and bias) whose row blocks become the modules' own weights."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    biases = [m.bias for m in modules]
+    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+    start = 0
+    for m in modules:
+        stop = start + m.out_features
+        m.weight.data = weight[start:stop]
+        if bias is not None:
+            m.bias.data = bias[start:stop]
+        start = stop
+    return weight, bias
+
+
+class _Layer:
+    """One decoder layer's modules and, where its projections allow, their fused weights."""
+
+    def __init__(self, layer: Any, config: Any) -> None:
+        self.layer = layer
+        attn, mlp = layer.self_attn, layer.mlp
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = float(attn.scaling)
+        self.qkv_modules = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.gate_up_modules = [mlp.gate_proj, mlp.up_proj]
+        self.qkv = _fuse(self.qkv_modules) if _plain(self.qkv_modules) else None
+        self.gate_up = _fuse(self.gate_up_modules) if _plain(self.gate_up_modules) else None
+        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.rotate_half = sys.modules[type(attn).__module__].rotate_half
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attend: Attend
+    ) -> torch.Tensor:
+        """x [N, hidden] -> [N, hidden]."""
+        layer, n = self.layer, x.shape[0]
+        h = _norm(layer.input_layernorm, x)
+        heads = self.heads + self.kv_heads
+        if self.qkv is not None and _plain(self.qkv_modules):
+            qkv = F.linear(h, *self.qkv)  # [N, (H + 2 KVH) D]: q and k side by side, rotated in one go
+            qk = _rotate(qkv[:, : heads * self.head_dim].view(n, heads, self.head_dim), cos, sin, self.rotate_half)
+            q, k = qk.split([self.heads, self.kv_heads], dim=1)
+            v = qkv[:, heads * self.head_dim :]
+        else:
+            q, k, v = (_linear(m, h) for m in self.qkv_modules)
+            q = _rotate(q.view(n, self.heads, self.head_dim), cos, sin, self.rotate_half)
+            k = _rotate(k.view(n, self.kv_heads, self.head_dim), cos, sin, self.rotate_half)
+        o = attend(index, q, k, v.reshape(n, self.kv_heads, self.head_dim), self.scaling)  # [N, H, D]
+        x = x + _linear(layer.self_attn.o_proj, o.reshape(n, -1))
+        h = _norm(layer.post_attention_layernorm, x)
+        mlp = layer.mlp
+        if self.gate_up is not None and _plain(self.gate_up_modules):
+            gate, up = F.linear(h, *self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = _linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)
+        return x + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
+
+
+def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """A projection module on packed rows [N, in]; modules see [1, N, in], as in transformers' own pass."""
+    if _bare(module):
+        return F.linear(x, module.weight, module.bias)
+    return module(x[None])[0]
+
+
+def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in one call where it is Llama's float32 one (the same arithmetic); else the module."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is not None and x.dtype == torch.float32 and type(module).__name__.endswith("RMSNorm"):
+        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+    return module(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_half: Callable[..., Any]) -> torch.Tensor:
+    """Rotary embedding of x [N, heads, D] at cos/sin [N, 1, D], as the model's apply_rotary_pos_emb does."""
+    return x * cos + rotate_half(x) * sin
+
+
+class LlamaDecoder:
+    """Hidden states of a packed step through a Llama-style model's decoder, attention supplied by the caller."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        inner: Any = model.base_model
+        self.inner = inner
+        self.layers = [_Layer(layer, model.config) for layer in inner.layers]
+
+    @staticmethod
+    def supports(model: PreTrainedModel) -> bool:
+        inner: Any = model.base_model
+        parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if model.config.model_type not in SUPPORTED or not all(hasattr(inner, p) for p in parts):
+            return False
+        return all(
+            all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling"))
+            and all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+            for layer in inner.layers
+        )
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """ids, positions [N] -> last hidden states [N, hidden]."""
+        x = self.inner.embed_tokens(ids)  # [N, hidden]
+        cos, sin = self.inner.rotary_emb(x, positions[None])  # [1, N, D] each
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]
+        for index, layer in enumerate(self.layers):
+            x = layer.forward(x, cos, sin, index, attend)
+        return _norm(self.inner.norm, x)
