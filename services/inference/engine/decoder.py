@@ -7,19 +7,20 @@ matmul before it. This pass runs the same layers with their own weights and modu
 rotary embeddings with any RoPE scaling, activation, output projections) but
 
 - one matmul for q, k and v, and one for gate and up: at construction the projections' weights
-  are moved into one tensor per layer and the modules keep views of it, so no memory is added
-  and the modules still compute exactly what they did;
+  (float, or INT8 on its per-channel kernel) are moved into one tensor per layer and the modules
+  keep views of it, so no memory is added and the modules still compute exactly what they did;
 - tokens stay packed as [N, ...] rows from the embeddings to the last norm, q and k are rotated
   together, Llama's float32 RMSNorm is one call, and attention reads and writes the paged cache
   directly (model_runner.attend).
 
-A layer whose projections are not plain `nn.Linear` (a quantised replica) or carry hooks (a
-loaded LoRA adapter) calls its modules one by one instead, so quantisation and adapters apply
+Projections that cannot share a matmul (INT4's packed layout, group-wise INT8) or that carry
+hooks (a loaded LoRA adapter) are called one by one instead, so quantisation and adapters apply
 unchanged. Other architectures run through `transformers`' modules (ModelRunner).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from services.inference.engine.quantization import INT8_KERNEL, Int8Linear
+
 SUPPORTED = ("llama", "mistral")
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -37,26 +40,63 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.
 
 def _bare(module: nn.Module) -> bool:
     """A plain nn.Linear that nothing hooks into (no LoRA adapter, no quantised replacement)."""
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+    return type(module) is nn.Linear and not _hooked(module)
 
 
-def _plain(modules: list[nn.Module]) -> bool:
-    return all(_bare(m) for m in modules)
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _fuse(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight [sum out, in] (and bias) whose row blocks become the modules' own weights."""
-    weight = torch.cat([m.weight.detach() for m in modules])
+class _Fused:
+    """One matmul standing for several projections of the same input, their outputs side by side."""
+
+    def __init__(self, modules: list[Any], call: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.modules, self.call = modules, call
+
+    def usable(self) -> bool:
+        """False once a module gets a hook (a LoRA adapter loaded later): then each runs on its own."""
+        return not any(_hooked(m) for m in self.modules)
+
+
+def _fuse(modules: list[Any]) -> _Fused | None:
+    """Fuse plain float projections, or INT8 ones on the per-channel kernel; None for anything else.
+
+    The fused tensors hold the weights once: the modules' own weights become row views of them.
+    """
     biases = [m.bias for m in modules]
-    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+    if any(b is not None for b in biases) and not all(b is not None for b in biases):
+        return None
+    bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+    call: Callable[[torch.Tensor], torch.Tensor]
+    if all(type(m) is nn.Linear for m in modules):
+        weight = torch.cat([m.weight.detach() for m in modules])
+        _share_rows(modules, "weight", weight)
+        call = functools.partial(F.linear, weight=weight, bias=bias)
+    elif all(type(m) is Int8Linear and m.kernel == INT8_KERNEL for m in modules):
+        fused = Int8Linear(modules[0].in_features, sum(m.out_features for m in modules), modules[0].in_features, bias)
+        fused.qweight = torch.cat([m.qweight for m in modules])
+        fused.scales = torch.cat([m.scales for m in modules])
+        _share_rows(modules, "qweight", fused.qweight)
+        _share_rows(modules, "scales", fused.scales)
+        bias = None if fused.bias is None else fused.bias.detach()
+        call = fused
+    else:
+        return None
+    if bias is not None:
+        _share_rows(modules, "bias", bias)
+    return _Fused(modules, call)
+
+
+def _share_rows(modules: list[Any], name: str, fused: torch.Tensor) -> None:
     start = 0
     for m in modules:
         stop = start + m.out_features
-        m.weight.data = weight[start:stop]
-        if bias is not None:
-            m.bias.data = bias[start:stop]
+        tensor = getattr(m, name)
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = fused[start:stop]
+        else:
+            setattr(m, name, fused[start:stop])
         start = stop
-    return weight, bias
 
 
 class _Layer:
@@ -71,8 +111,8 @@ class _Layer:
         self.scaling = float(attn.scaling)
         self.qkv_modules = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.gate_up_modules = [mlp.gate_proj, mlp.up_proj]
-        self.qkv = _fuse(self.qkv_modules) if _plain(self.qkv_modules) else None
-        self.gate_up = _fuse(self.gate_up_modules) if _plain(self.gate_up_modules) else None
+        self.qkv = None if any(_hooked(m) for m in self.qkv_modules) else _fuse(self.qkv_modules)
+        self.gate_up = None if any(_hooked(m) for m in self.gate_up_modules) else _fuse(self.gate_up_modules)
         self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         self.rotate_half = sys.modules[type(attn).__module__].rotate_half
 
@@ -83,8 +123,8 @@ class _Layer:
         layer, n = self.layer, x.shape[0]
         h = _norm(layer.input_layernorm, x)
         heads = self.heads + self.kv_heads
-        if self.qkv is not None and _plain(self.qkv_modules):
-            qkv = F.linear(h, *self.qkv)  # [N, (H + 2 KVH) D]: q and k side by side, rotated in one go
+        if self.qkv is not None and self.qkv.usable():
+            qkv = self.qkv.call(h)  # [N, (H + 2 KVH) D]: q and k side by side, rotated in one go
             qk = _rotate(qkv[:, : heads * self.head_dim].view(n, heads, self.head_dim), cos, sin, self.rotate_half)
             q, k = qk.split([self.heads, self.kv_heads], dim=1)
             v = qkv[:, heads * self.head_dim :]
@@ -96,8 +136,8 @@ class _Layer:
         x = x + _linear(layer.self_attn.o_proj, o.reshape(n, -1))
         h = _norm(layer.post_attention_layernorm, x)
         mlp = layer.mlp
-        if self.gate_up is not None and _plain(self.gate_up_modules):
-            gate, up = F.linear(h, *self.gate_up).chunk(2, dim=-1)
+        if self.gate_up is not None and self.gate_up.usable():
+            gate, up = self.gate_up.call(h).chunk(2, dim=-1)
         else:
             gate, up = _linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)
         return x + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
