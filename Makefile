@@ -38,7 +38,7 @@ test-integration: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m mypy libs services
+	$(PY) -m mypy libs services bench
 
 bench: setup
 	$(PY) -m bench

@@ -339,9 +339,9 @@ def speculative(models: Models, quick: bool) -> None:
     ngram = engine_for(copy.deepcopy(models.target), kv_mb=64, drafter=lookup)
     engine_decode(ngram, code, 4)
     itl_ngram, tokens_ngram, (drafted, accepted) = engine_decode(ngram, code, n)
-    same = "identical" if tokens_ngram == tokens_plain else "DIFFERENT"
+    verdict = "identical" if tokens_ngram == tokens_plain else "DIFFERENT"
     rate = accepted / max(drafted, 1)
-    note = f"(code-editing prompt, {len(code)} tokens; acceptance {accepted}/{drafted} = {rate:.1%}, output {same})"
+    note = f"(code-editing prompt, {len(code)} tokens; acceptance {accepted}/{drafted} = {rate:.1%}, output {verdict})"
     record(Row("speculative, n-gram lookup: tokens/s", 1 / itl_ngram, 1 / itl_plain, "tok/s", None, note=note))
 
 

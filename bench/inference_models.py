@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,7 @@ class Models:
 
 def cache_dir(profile: Profile) -> Path:
     """CACHE/<profile>-<digest of the profile and of the code that trains the models>."""
-    recipe = [
+    recipe: list[Callable[..., Any]] = [
         corpus,
         tokenizer,
         token_ids,

@@ -38,7 +38,7 @@ K = 10
 
 def passages() -> list[str]:
     """TEXTS paragraphs of Python's reference text, 200 to 1000 characters each."""
-    out = []
+    out: list[str] = []
     for _, text in corpora.pydoc_topics():
         out.extend(p.strip() for p in text.split("\n\n") if 200 <= len(p.strip()) <= 1000)
     return out[:TEXTS]

@@ -132,6 +132,11 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def ray_worker(config: dict[str, Any]) -> None:
+    """`train` as a Ray Train worker's body: rank 0 writes the result where the driver reads it."""
+    train(config)
+
+
 def through_ray(rows: torch.Tensor, workers: int, storage: str) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -139,7 +144,7 @@ def through_ray(rows: torch.Tensor, workers: int, storage: str) -> dict[str, Any
     threads = max(1, THREADS // workers)
     config = settings(rows, workers, threads, in_ray=True) | {"out": f"{storage}/result-{workers}.json"}
     trainer = TorchTrainer(
-        train,
+        ray_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"bench-{workers}", storage_path=storage),
