@@ -262,16 +262,22 @@ def bandwidth(quick: bool) -> tuple[PreTrainedModel, list[int], int]:
     model = big_model(quick)
     params = sum(p.numel() for p in model.parameters())
     prompt, n = list(range(100, 116)), 16 if quick else 64
-    bw = read_bandwidth(quick)
     per_token = weight_bytes_per_token(model)
-    itl_generate = generate_itl(model, prompt, n)
     engine = engine_for(copy.deepcopy(model), kv_mb=64)
     engine_decode(engine, prompt, 4)
+    # The read bandwidth moves with the machine's load by tens of percent from minute to minute:
+    # measured before, between and after the decode runs, the best reading sets the limit.
+    readings = [read_bandwidth(quick)]
+    itl_generate = generate_itl(model, prompt, n)
+    readings.append(read_bandwidth(quick))
     itl_ours = min(engine_decode(engine, prompt, n)[0] for _ in range(2))
+    readings.append(read_bandwidth(quick))
+    bw = max(readings)
     limit = bw / per_token
     note = (
         f"({params / 1e6:.0f}M params fp32, {per_token / 1e6:.0f} MB/token, "
-        f"read {bw / 1e9:.2f} GB/s, limit {limit:.1f} tok/s)"
+        f"read {bw / 1e9:.2f} GB/s (best of {', '.join(f'{r / 1e9:.1f}' for r in readings)}), "
+        f"limit {limit:.1f} tok/s)"
     )
     record(Row("batch-1 decode, fraction of bandwidth limit", 1 / itl_ours / limit, 1.0, "", 0.7, note=note))
     record(Row("  transformers generate, fraction of limit", 1 / itl_generate / limit, 1.0, "", None))
