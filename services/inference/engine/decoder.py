@@ -113,7 +113,6 @@ class _Layer:
         self.gate_up_modules = [mlp.gate_proj, mlp.up_proj]
         self.qkv = None if any(_hooked(m) for m in self.qkv_modules) else _fuse(self.qkv_modules)
         self.gate_up = None if any(_hooked(m) for m in self.gate_up_modules) else _fuse(self.gate_up_modules)
-        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         self.rotate_half = sys.modules[type(attn).__module__].rotate_half
 
     def forward(

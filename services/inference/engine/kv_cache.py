@@ -247,8 +247,11 @@ class KVCache:
             for block in reversed(table.blocks):  # the tail is evicted before the prefix it extends
                 self.pool.release(block)
 
+    def slot_ids(self, seq_id: str, start: int, stop: int) -> list[int]:
+        """Cache slots of positions [start, stop) of a sequence (plain ints: a step gathers many at once)."""
+        blocks, size = self.blocks(seq_id), self.block_size
+        return [blocks[p // size] * size + p % size for p in range(start, stop)]
+
     def slots(self, seq_id: str, start: int, stop: int) -> torch.Tensor:
-        """Cache slots of positions [start, stop) of a sequence: [stop - start] int64."""
-        blocks = torch.tensor(self.blocks(seq_id), dtype=torch.long)
-        positions = torch.arange(start, stop)
-        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+        """`slot_ids` as a [stop - start] int64 tensor."""
+        return torch.tensor(self.slot_ids(seq_id, start, stop), dtype=torch.long)

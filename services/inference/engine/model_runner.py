@@ -167,8 +167,9 @@ class ModelRunner:
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits of the last `num_logits` tokens of every chunk with `sample` set, in order: [rows, vocab] float32."""
         ids = torch.tensor([t for c in chunks for t in c.token_ids], device=self.device)  # [N]
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
-        positions = positions.to(self.device)
+        positions = torch.tensor(
+            [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))], device=self.device
+        )
         step = self.metadata(chunks)
         if self.decoder is not None:
             hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # [N, hidden]
@@ -182,13 +183,11 @@ class ModelRunner:
         return self.model.get_output_embeddings()(hidden[wanted]).float()
 
     def metadata(self, chunks: list[Chunk]) -> StepMetadata:
-        size = self.cache.block_size
         offsets = [0]
         write: list[int] = []
         by_length: dict[int, list[int]] = {}
         for i, c in enumerate(chunks):
-            blocks = self.cache.blocks(c.seq_id)
-            write.extend(blocks[p // size] * size + p % size for p in range(c.start, c.start + len(c.token_ids)))
+            write.extend(self.cache.slot_ids(c.seq_id, c.start, c.start + len(c.token_ids)))
             offsets.append(offsets[-1] + len(c.token_ids))
             by_length.setdefault(len(c.token_ids), []).append(i)
         groups = [self.group([chunks[i] for i in ix], [offsets[i] for i in ix]) for ix in by_length.values()]
