@@ -114,10 +114,21 @@ def timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - start
 
 
-def engine_for(model: PreTrainedModel, *, kv_mb: int = 64, max_seqs: int = 64, budget: int = 512, **kw) -> LLMEngine:
+def engine_for(
+    model: PreTrainedModel, *, kv_mb: int = 64, max_seqs: int = 64, budget: int = 512, compile: bool = False, **kw
+) -> LLMEngine:
     kv = KVCacheConfig(memory_bytes=kv_mb * 2**20)
     sched = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
-    return LLMEngine(model, EngineConfig(kv_cache=kv, scheduler=sched), **kw)
+    return LLMEngine(model, EngineConfig(kv_cache=kv, scheduler=sched, compile=compile), **kw)
+
+
+def compiled_engine(model: PreTrainedModel) -> tuple[LLMEngine, float]:
+    """An engine whose decode steps run compiled (the batch-1 configuration), warmed: (engine, seconds to compile)."""
+    engine = engine_for(model, kv_mb=64, compile=True)
+    start = time.perf_counter()
+    engine_decode(engine, list(range(100, 116)), 4)
+    assert engine.runner.compiled is not None, "torch.compile failed: see the warning above"
+    return engine, time.perf_counter() - start
 
 
 def greedy(n: int) -> SamplingParams:
@@ -263,23 +274,25 @@ def bandwidth(quick: bool) -> tuple[PreTrainedModel, list[int], int]:
     params = sum(p.numel() for p in model.parameters())
     prompt, n = list(range(100, 116)), 16 if quick else 64
     per_token = weight_bytes_per_token(model)
-    engine = engine_for(copy.deepcopy(model), kv_mb=64)
-    engine_decode(engine, prompt, 4)
+    eager = engine_for(copy.deepcopy(model), kv_mb=64)
+    engine_decode(eager, prompt, 4)
+    compiled, compile_s = compiled_engine(copy.deepcopy(model))
     # The read bandwidth moves with the machine's load by tens of percent from minute to minute:
     # measured before, between and after the decode runs, the best reading sets the limit.
     readings = [read_bandwidth(quick)]
     itl_generate = generate_itl(model, prompt, n)
     readings.append(read_bandwidth(quick))
-    itl_ours = min(engine_decode(engine, prompt, n)[0] for _ in range(2))
+    itl_ours, itl_eager = (run[0] for run in best_of([compiled, eager], prompt, n))
     readings.append(read_bandwidth(quick))
     bw = max(readings)
     limit = bw / per_token
     note = (
         f"({params / 1e6:.0f}M params fp32, {per_token / 1e6:.0f} MB/token, "
         f"read {bw / 1e9:.2f} GB/s (best of {', '.join(f'{r / 1e9:.1f}' for r in readings)}), "
-        f"limit {limit:.1f} tok/s)"
+        f"limit {limit:.1f} tok/s; compiled decode, {compile_s:.0f} s to compile)"
     )
     record(Row("batch-1 decode, fraction of bandwidth limit", 1 / itl_ours / limit, 1.0, "", 0.7, note=note))
+    record(Row("  eager engine, fraction of limit", 1 / itl_eager / limit, 1.0, "", None))
     record(Row("  transformers generate, fraction of limit", 1 / itl_generate / limit, 1.0, "", None))
     record(Row("batch-1 decode ours vs generate", 1 / itl_ours, 1 / itl_generate, "tok/s", None))
     return model, prompt, n
@@ -361,10 +374,8 @@ def perplexity(model: PreTrainedModel, chunks: list[list[int]]) -> float:
 def quantisation(models: Models, big: PreTrainedModel, prompt: list[int], n: int, quick: bool) -> None:
     chunks = windows(models, 8 if quick else 32, 256, seed=5)
     base_ppl = perplexity(models.target, chunks)
-    engine = engine_for(copy.deepcopy(big), kv_mb=64)
-    engine_decode(engine, prompt, 4)
-    itl_fp32 = min(engine_decode(engine, prompt, n)[0] for _ in range(2))
-    del engine
+    fp32 = [engine_for(copy.deepcopy(big), kv_mb=64), compiled_engine(copy.deepcopy(big))[0]]
+    engine_decode(fp32[0], prompt, 4)
     for method, max_bytes, max_ppl in (("int8", 1.1, 0.02), ("int4", 0.6, 0.10)):
         spec = {"type": method, "lm_head": True}  # the head is a quarter of the 100M model's bytes
         small = copy.deepcopy(models.target)
@@ -387,20 +398,16 @@ def quantisation(models: Models, big: PreTrainedModel, prompt: list[int], n: int
         )
         fast = copy.deepcopy(big)
         quantize(fast, spec)
-        engine = engine_for(fast, kv_mb=64)
-        engine_decode(engine, prompt, 4)
-        itl = min(engine_decode(engine, prompt, n)[0] for _ in range(2))
-        record(
-            Row(
-                f"{method} batch-1 decode vs fp32 (100M+ model)",
-                1 / itl,
-                1 / itl_fp32,
-                "tok/s",
-                1.5,
-                note=f"(kernels {report.kernels})",
-            )
-        )
-        del engine, fast
+        eager = engine_for(fast, kv_mb=64)
+        engine_decode(eager, prompt, 4)
+        compiled, compile_s = compiled_engine(fast)
+        # fp32 and quantised, eager and compiled, interleaved: the machine's load moves in between
+        itl_fp32, itl_fp32_compiled, itl_eager, itl = (run[0] for run in best_of([*fp32, eager, compiled], prompt, n))
+        name = f"{method} batch-1 decode vs fp32 (100M+ model)"
+        note = f"(compiled decode, both; kernels {report.kernels}; {compile_s:.0f} s to compile)"
+        record(Row(name, 1 / itl, 1 / itl_fp32_compiled, "tok/s", 1.5, note=note))
+        record(Row(f"  {method} eager engine vs fp32 eager", 1 / itl_eager, 1 / itl_fp32, "tok/s", None))
+        del eager, compiled, fast
 
 
 def main(argv: list[str] | None = None) -> None:

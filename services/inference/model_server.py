@@ -126,6 +126,7 @@ def engine_config(options: EngineOptions, limits: SamplingLimits) -> EngineConfi
         ),
         limits=limits,
         max_model_len=options.max_model_len or None,
+        compile=options.compile,
     )
 
 

@@ -44,6 +44,8 @@ class EngineOptions:
     """A drafter plugin name or JSON spec; empty: no speculative decoding."""
     rope_scaling: str = ""
     """JSON {"rope_type": "linear" | "dynamic" | "yarn", "factor": f, ...}; empty: as trained."""
+    compile: bool = False
+    """Decode steps as one compiled graph (engine/model_runner.py)."""
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ def model_spec(r: pb.LoadModelRequest) -> ModelSpec:
         quantization=ep.quantization,
         speculative=ep.speculative,
         rope_scaling=ep.rope_scaling,
+        compile=ep.compile,
     )
     parts = r.path.split("/")
     default_name = parts[-2] if len(parts) >= 2 and parts[-1].isdigit() else parts[-1]

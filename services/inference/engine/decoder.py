@@ -114,6 +114,7 @@ class _Layer:
         self.qkv = None if any(_hooked(m) for m in self.qkv_modules) else _fuse(self.qkv_modules)
         self.gate_up = None if any(_hooked(m) for m in self.gate_up_modules) else _fuse(self.gate_up_modules)
         self.rotate_half = sys.modules[type(attn).__module__].rotate_half
+        self.projections = [*self.qkv_modules, attn.o_proj, *self.gate_up_modules, mlp.down_proj]
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attend: Attend
@@ -181,6 +182,10 @@ class LlamaDecoder:
             and all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn"))
             for layer in inner.layers
         )
+
+    def plain(self) -> bool:
+        """No projection carries a hook (a LoRA adapter): what a compiled graph of this pass assumes."""
+        return not any(_hooked(m) for layer in self.layers for m in layer.projections)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """ids, positions [N] -> last hidden states [N, hidden]."""

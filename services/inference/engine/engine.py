@@ -56,6 +56,9 @@ class EngineConfig:
     limits: SamplingLimits = field(default_factory=SamplingLimits)
     max_model_len: int | None = None
     """Context limit in tokens; default the model's, capped by what the KV cache holds."""
+    compile: bool = False
+    """Run decode steps of Llama-style models as one compiled graph (model_runner.py); the first
+    step of each kind compiles, which takes about a minute on a small CPU."""
 
 
 @dataclass
@@ -121,7 +124,7 @@ class LLMEngine:
         self.model_config = module.config
         param = next(module.parameters())
         self.cache = KVCache(module.config, self.config.kv_cache, dtype=param.dtype, device=param.device)
-        self.runner = ModelRunner(module, self.cache)
+        self.runner = ModelRunner(module, self.cache, compile=self.config.compile)
         self.store = store
         self.adapters = LoraAdapters(module)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)

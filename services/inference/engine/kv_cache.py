@@ -150,9 +150,11 @@ class KVCache:
         self.pool = BlockPool(num_blocks)
         slots = num_blocks * self.block_size
         s = self.shape
-        # [layers, slots, kv_heads, head_dim]: slot = block * block_size + offset
-        self.key = torch.zeros(s.num_layers, slots, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
-        self.value = torch.zeros_like(self.key)
+        # A tensor per layer, [slots, kv_heads, head_dim]: slot = block * block_size + offset. Separate
+        # tensors, not views of one, so a compiled step can write a layer's slots in place.
+        shape = (slots, s.num_kv_heads, s.head_dim)
+        self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(s.num_layers)]
+        self.value = [torch.zeros_like(k) for k in self.key]
         self._tables: dict[str, BlockTable] = {}
 
     @property
@@ -236,8 +238,8 @@ class KVCache:
             copy = self.pool.allocate()
             offsets = torch.arange(partial)
             src, dst = table.blocks[full] * self.block_size + offsets, copy * self.block_size + offsets
-            self.key[:, dst] = self.key[:, src]  # [layers, partial, kv_heads, head_dim]
-            self.value[:, dst] = self.value[:, src]
+            for layer in (*self.key, *self.value):
+                layer[dst] = layer[src]  # [partial, kv_heads, head_dim]
             forked.blocks.append(copy)
         return True
 

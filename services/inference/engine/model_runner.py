@@ -12,11 +12,22 @@ A step packs all chunks into one row of N tokens, so token-wise work (projection
 over N tokens with no padding. Attention runs in groups of chunks of equal length (all decoding
 sequences, with one token each, form one group), each group one batched call whose keys are
 padded to its longest context.
+
+Compiled decode (`compile=True`, Llama-style models): a step whose every chunk is one token, the
+common case once prompts are in, runs as one `torch.compile`d graph from embeddings to logits.
+The norms, rotary embeddings, cache writes and gathers, residual adds and activations of every
+layer become a few generated kernels between the projections' matmuls instead of about fifty
+dispatched operations each, which at small batches costs as much as reading the weights. Shapes
+are dynamic (batch, context), so a graph serves every length; the first step of each kind
+compiles (about a minute on two CPU cores). Steps with prompt chunks, drafted tokens or LoRA
+adapters run eagerly; a toolchain that can't compile turns it off with a warning.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +41,8 @@ from services.inference.engine.decoder import LlamaDecoder
 from services.inference.engine.kv_cache import KVCache
 
 ATTENTION = "llmp_paged"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,14 @@ class AttentionGroup:
     read_blocks: torch.Tensor  # [b, n] cache blocks of each row's context, in order (padding reads block 0)
     width: int  # c: the longest context in tokens; keys past it in the last block are not read
     mask: torch.Tensor | None  # [b, 1, q, c] True where a query may attend to a key; None: every key, every row
+
+
+class Gather:
+    """source[index] along dim 0 into fresh memory (compiled graphs plan their own buffers)."""
+
+    @staticmethod
+    def gather(name: str, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(source, 0, index)
 
 
 class GatherBuffers:
@@ -80,7 +101,8 @@ class StepMetadata:
     cache: KVCache
     write_slots: torch.Tensor  # [N] cache slot of every token computed this step
     groups: list[AttentionGroup]
-    buffers: GatherBuffers
+    buffers: GatherBuffers | Gather
+    gqa: bool  # fewer key/value heads than query heads
 
 
 def paged_attention(
@@ -116,12 +138,12 @@ def attend(
     if len(step.groups) == 1:  # every chunk of one length (e.g. all decoding): the step is the group, in order
         g = step.groups[0]
         q = q_all.view(*g.token_index.shape, *q_all.shape[1:]).transpose(1, 2)  # [b, H, q, D]
-        o = _attend(q, blocks_k, blocks_v, g, scaling, step.buffers)
+        o = _attend(q, blocks_k, blocks_v, g, scaling, step.gqa, step.buffers)
         return o.transpose(1, 2).reshape(q_all.shape)
     out = torch.empty_like(q_all)
     for g in step.groups:
         q = q_all[g.token_index].transpose(1, 2)  # [b, H, q, D]
-        o = _attend(q, blocks_k, blocks_v, g, scaling, step.buffers)
+        o = _attend(q, blocks_k, blocks_v, g, scaling, step.gqa, step.buffers)
         out[g.token_index.flatten()] = o.transpose(1, 2).flatten(0, 1)  # [b * q, H, D]
     return out
 
@@ -132,7 +154,8 @@ def _attend(
     blocks_v: torch.Tensor,
     g: AttentionGroup,
     scaling: float | None,
-    buffers: GatherBuffers,
+    gqa: bool,
+    buffers: GatherBuffers | Gather,
 ) -> torch.Tensor:
     """q [b, H, q, D] over the group's cached blocks -> [b, H, q, D]."""
     b, n = g.read_blocks.shape
@@ -140,7 +163,7 @@ def _attend(
     shape = (b, n * blocks_k.shape[1], *blocks_k.shape[2:])  # [b, n * block_size, KVH, D]
     k = buffers.gather("key", blocks_k, index).view(shape)[:, : g.width].transpose(1, 2)  # [b, KVH, c, D]
     v = buffers.gather("value", blocks_v, index).view(shape)[:, : g.width].transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=gqa)
 
 
 AttentionInterface.register(ATTENTION, paged_attention)
@@ -154,14 +177,23 @@ class ModelRunner:
     the model (without step metadata) keep computing what SDPA attention computes.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: KVCache) -> None:
+    def __init__(self, model: PreTrainedModel, cache: KVCache, *, compile: bool = False) -> None:
         model.set_attn_implementation(ATTENTION)
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
         self.sliding_window: int | None = getattr(model.config, "sliding_window", None)
         self.buffers = GatherBuffers()
+        self.gqa = model.config.num_attention_heads != cache.shape.num_kv_heads
         self.decoder = LlamaDecoder(model) if LlamaDecoder.supports(model) else None
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        if compile and self.decoder is not None:
+            for tensor in (*cache.key, *cache.value):  # fixed shapes: only batch and context vary
+                torch._dynamo.mark_static(tensor)
+            # Graphs are kept per code object: every runner in the process (models of other shapes or
+            # quantisations, batch of one or many, masked or not) shares dynamo's default limit of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled = torch.compile(self._decode, dynamic=True)
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -171,15 +203,39 @@ class ModelRunner:
             [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))], device=self.device
         )
         step = self.metadata(chunks)
+        ends = (torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1).tolist()
+        rows = [e - i for e, c in zip(ends, chunks, strict=True) if c.sample for i in range(c.num_logits - 1, -1, -1)]
+        wanted = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if self.compiled is not None and len(ids) == len(rows) == len(chunks) and self.decoder.plain():  # type: ignore[union-attr]
+            g = step.groups[0]  # one token a chunk: one group, in step order
+            try:
+                return self.compiled(ids, positions, step.write_slots, g.read_blocks, g.width, g.mask, wanted)
+            except Exception as e:  # the compiler failed (no toolchain, an unsupported op): eager from now on
+                log.warning("compiled decode is off, running eagerly: %s", e)
+                self.compiled = None
         if self.decoder is not None:
             hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # [N, hidden]
         else:
             hidden = self.model.base_model(
                 input_ids=ids[None], position_ids=positions[None], use_cache=False, llmp_step=step
             ).last_hidden_state[0]
-        ends = (torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1).tolist()
-        rows = [e - i for e, c in zip(ends, chunks, strict=True) if c.sample for i in range(c.num_logits - 1, -1, -1)]
-        wanted = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.get_output_embeddings()(hidden[wanted]).float()
+
+    def _decode(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        read_blocks: torch.Tensor,
+        width: int,
+        mask: torch.Tensor | None,
+        wanted: torch.Tensor,
+    ) -> torch.Tensor:
+        """A step of single-token chunks through the Llama decoder and the head (what `compiled` compiles)."""
+        n = ids.shape[0]
+        group = AttentionGroup(torch.arange(n, device=self.device)[:, None], read_blocks, width, mask)
+        step = StepMetadata(self.cache, slots, [group], Gather(), self.gqa)
+        hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # type: ignore[union-attr]
         return self.model.get_output_embeddings()(hidden[wanted]).float()
 
     def metadata(self, chunks: list[Chunk]) -> StepMetadata:
@@ -192,7 +248,7 @@ class ModelRunner:
             by_length.setdefault(len(c.token_ids), []).append(i)
         groups = [self.group([chunks[i] for i in ix], [offsets[i] for i in ix]) for ix in by_length.values()]
         slots = torch.tensor(write, dtype=torch.long, device=self.device)
-        return StepMetadata(self.cache, slots, groups, self.buffers)
+        return StepMetadata(self.cache, slots, groups, self.buffers, self.gqa)
 
     def group(self, chunks: list[Chunk], offsets: list[int]) -> AttentionGroup:
         """Chunks of equal length q attending to their contexts, padded to the longest context."""

@@ -123,12 +123,13 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one(models) -> None:
     cache = KVCache(models["llama"].config, KVCacheConfig(block_size=4, num_blocks=8, prefix_caching=False))
     cache.allocate("a", 6)
     keys = torch.randn(2, 6, 2, 16)  # [layers, tokens, kv_heads, head_dim]
-    cache.key[:, cache.slots("a", 0, 6)] = keys
+    for layer, k in zip(cache.key, keys, strict=True):
+        layer[cache.slots("a", 0, 6)] = k
     assert cache.fork("a", "b", 6)
     assert cache.blocks("b")[0] == cache.blocks("a")[0] and cache.blocks("b")[1] != cache.blocks("a")[1]
     cache.free("a")
     assert cache.pool.num_used == 2  # the shared block and b's copy
-    assert torch.equal(cache.key[:, cache.slots("b", 0, 6)], keys)
+    assert torch.equal(torch.stack([layer[cache.slots("b", 0, 6)] for layer in cache.key]), keys)
     cache.free("b")
     assert cache.pool.num_used == 0
 

@@ -21,7 +21,7 @@ def test_budget_sets_the_number_of_blocks() -> None:
     per_block = shape.bytes_per_token(torch.float32) * 16  # 2 * 2 * 2 * 16 * 4 bytes * 16 tokens
     kv = KVCache(CONFIGS["llama"](), KVCacheConfig(block_size=16, memory_bytes=10 * per_block + 1))
     assert kv.num_blocks == 10
-    assert kv.key.shape == (2, 160, 2, 16)
+    assert len(kv.key) == 2 and kv.key[0].shape == (160, 2, 16)
     with pytest.raises(InvalidArgument, match="kv_cache"):
         KVCache(CONFIGS["llama"](), KVCacheConfig(memory_bytes=per_block - 1))
 

@@ -16,14 +16,14 @@ from .tiny import CONFIGS, prompt
 ATOL = 1e-4
 
 
-def reference_and_runner(store: ArtifactStore, arch: str, prompts: list[list[int]]):
+def reference_and_runner(store: ArtifactStore, arch: str, prompts: list[list[int]], compile: bool = False):
     model = load_model(f"models/{arch}/1", store).module
     with torch.no_grad():
         reference = [model(torch.tensor([p])).logits[0] for p in prompts]  # each [len, vocab]
     cache = KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=64))
     for i, p in enumerate(prompts):
         cache.allocate(str(i), len(p))
-    return reference, ModelRunner(model, cache)
+    return reference, ModelRunner(model, cache, compile=compile)
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
@@ -90,3 +90,24 @@ def test_the_fused_pass_keeps_projection_biases(store: ArtifactStore) -> None:
     cache.allocate("0", len(tokens))
     logits = ModelRunner(model, cache).forward([Chunk("0", tokens, 0, sample=True)])
     torch.testing.assert_close(logits[0], reference[-1], atol=ATOL, rtol=0)
+
+
+def test_compiled_decode_steps_match_transformers(store: ArtifactStore) -> None:
+    """Decode steps of two sequences with different contexts (a masked batch), then of one alone: each
+    a compiled graph, each row's logits transformers' own. (About a minute: two graphs compile.)"""
+    from torch._dynamo.utils import counters
+
+    prompts = [prompt(n, seed=n) for n in (13, 8)]
+    reference, runner = reference_and_runner(store, "llama", prompts, compile=True)
+    assert runner.compiled is not None
+    graphs = counters["stats"]["unique_graphs"]
+    runner.forward([Chunk("0", prompts[0][:10], 0, False), Chunk("1", prompts[1][:4], 0, False)])  # eager
+    for step in range(3):
+        first, second = prompts[0][10 + step], prompts[1][4 + step]
+        logits = runner.forward([Chunk("0", [first], 10 + step, True), Chunk("1", [second], 4 + step, True)])
+        torch.testing.assert_close(logits[0], reference[0][10 + step], atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits[1], reference[1][4 + step], atol=ATOL, rtol=0)
+    (logits,) = runner.forward([Chunk("1", [prompts[1][7]], 7, True)])
+    torch.testing.assert_close(logits, reference[1][7], atol=ATOL, rtol=0)
+    assert runner.compiled is not None, "the compiled graph failed and the runner fell back to eager"
+    assert counters["stats"]["unique_graphs"] >= graphs + 2  # the batch of two and the one alone
