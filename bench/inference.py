@@ -123,12 +123,11 @@ def engine_for(
 
 
 def compiled_engine(model: PreTrainedModel) -> tuple[LLMEngine, float]:
-    """An engine whose decode steps run compiled (the batch-1 configuration), warmed: (engine, seconds to compile)."""
+    """An engine whose decode steps run compiled (the batch-1 configuration), warmed up: (engine, compile seconds)."""
     engine = engine_for(model, kv_mb=64, compile=True)
-    start = time.perf_counter()
-    engine_decode(engine, list(range(100, 116)), 4)
+    seconds = engine.warm_up()
     assert engine.runner.compiled is not None, "torch.compile failed: see the warning above"
-    return engine, time.perf_counter() - start
+    return engine, seconds
 
 
 def greedy(n: int) -> SamplingParams:
@@ -151,10 +150,12 @@ def engine_decode(engine: LLMEngine, prompt: list[int], n: int) -> tuple[float, 
     return (end - first[0]) / max(total - first[1], 1), c.token_ids, (c.num_draft_tokens, c.num_accepted_tokens)
 
 
-def best_of(engines: list[LLMEngine], prompt: list[int], n: int) -> list[tuple[float, list[int], tuple[int, int]]]:
-    """`engine_decode` on each engine, REPEATS times interleaved (the machine's load moves in between): the
+def best_of(
+    engines: list[LLMEngine], prompt: list[int], n: int, repeats: int = REPEATS
+) -> list[tuple[float, list[int], tuple[int, int]]]:
+    """`engine_decode` on each engine, `repeats` times interleaved (the machine's load moves in between): the
     fastest run of each."""
-    runs = [[engine_decode(engine, prompt, n) for engine in engines] for _ in range(REPEATS)]
+    runs = [[engine_decode(engine, prompt, n) for engine in engines] for _ in range(repeats)]
     return [min(column, key=lambda run: run[0]) for column in zip(*runs, strict=True)]
 
 
@@ -282,7 +283,7 @@ def bandwidth(quick: bool) -> tuple[PreTrainedModel, list[int], int]:
     readings = [read_bandwidth(quick)]
     itl_generate = generate_itl(model, prompt, n)
     readings.append(read_bandwidth(quick))
-    itl_ours, itl_eager = (run[0] for run in best_of([compiled, eager], prompt, n))
+    itl_ours, itl_eager = (run[0] for run in best_of([compiled, eager], prompt, n, repeats=3))
     readings.append(read_bandwidth(quick))
     bw = max(readings)
     limit = bw / per_token
@@ -402,7 +403,8 @@ def quantisation(models: Models, big: PreTrainedModel, prompt: list[int], n: int
         engine_decode(eager, prompt, 4)
         compiled, compile_s = compiled_engine(fast)
         # fp32 and quantised, eager and compiled, interleaved: the machine's load moves in between
-        itl_fp32, itl_fp32_compiled, itl_eager, itl = (run[0] for run in best_of([*fp32, eager, compiled], prompt, n))
+        runs = best_of([*fp32, eager, compiled], prompt, n, repeats=3)
+        itl_fp32, itl_fp32_compiled, itl_eager, itl = (run[0] for run in runs)
         name = f"{method} batch-1 decode vs fp32 (100M+ model)"
         note = f"(compiled decode, both; kernels {report.kernels}; {compile_s:.0f} s to compile)"
         record(Row(name, 1 / itl, 1 / itl_fp32_compiled, "tok/s", 1.5, note=note))

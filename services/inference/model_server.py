@@ -148,6 +148,7 @@ class ModelServer:
         self.engine = LLMEngine(
             model, engine_config(spec.engine, limits), detokenize=detokenize, drafter=drafter, store=store
         )
+        self.engine.warm_up()  # with engine.compile, ready when loaded rather than at the first requests
         self.load_seconds = time.perf_counter() - start
         self.failure: BaseException | None = None
         self._adapters: OrderedDict[str, None] = OrderedDict()  # loaded adapter folders, least recent first

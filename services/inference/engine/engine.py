@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -58,7 +59,7 @@ class EngineConfig:
     """Context limit in tokens; default the model's, capped by what the KV cache holds."""
     compile: bool = False
     """Run decode steps of Llama-style models as one compiled graph (model_runner.py); the first
-    step of each kind compiles, which takes about a minute on a small CPU."""
+    decode step compiles it, which takes about a minute on a small CPU."""
 
 
 @dataclass
@@ -234,6 +235,20 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
+
+    def warm_up(self) -> float:
+        """With `compile`, compile the decode graphs now instead of in the first requests' steps: a
+        decode step of one sequence and one of two. Call before serving. Returns the seconds it took."""
+        if self.runner.compiled is None:
+            return 0.0
+        start = time.perf_counter()
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        for batch in (1, 2):
+            for i in range(batch):
+                self.add_request([0] * (2 + i), params)
+            while self.has_unfinished():
+                self.step()
+        return time.perf_counter() - start
 
     # -- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

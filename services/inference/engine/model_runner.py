@@ -18,9 +18,11 @@ common case once prompts are in, runs as one `torch.compile`d graph from embeddi
 The norms, rotary embeddings, cache writes and gathers, residual adds and activations of every
 layer become a few generated kernels between the projections' matmuls instead of about fifty
 dispatched operations each, which at small batches costs as much as reading the weights. Shapes
-are dynamic (batch, context), so a graph serves every length; the first step of each kind
-compiles (about a minute on two CPU cores). Steps with prompt chunks, drafted tokens or LoRA
-adapters run eagerly; a toolchain that can't compile turns it off with a warning.
+are dynamic (batch, context), so two graphs serve every decode step, a batch of one and a batch
+of more; each compiles at its first step (about a minute on two CPU cores), or at load with
+LLMEngine.warm_up. Steps with prompt chunks,
+drafted tokens or LoRA adapters run eagerly; a toolchain that can't compile turns it off with a
+warning.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -193,7 +196,7 @@ class ModelRunner:
             # Graphs are kept per code object: every runner in the process (models of other shapes or
             # quantisations, batch of one or many, masked or not) shares dynamo's default limit of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled = torch.compile(self._decode, dynamic=True)
+            self.compiled = torch.compile(self._decode)
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -202,14 +205,22 @@ class ModelRunner:
         positions = torch.tensor(
             [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))], device=self.device
         )
-        step = self.metadata(chunks)
         ends = (torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1).tolist()
         rows = [e - i for e, c in zip(ends, chunks, strict=True) if c.sample for i in range(c.num_logits - 1, -1, -1)]
         wanted = torch.tensor(rows, dtype=torch.long, device=self.device)
-        if self.compiled is not None and len(ids) == len(rows) == len(chunks) and self.decoder.plain():  # type: ignore[union-attr]
+        decode = len(ids) == len(rows) == len(chunks)  # one token a chunk, each sampled
+        compiled = self.compiled if decode and self.decoder is not None and self.decoder.plain() else None
+        step = self.metadata(chunks, masked=compiled is not None)
+        if compiled is not None:
             g = step.groups[0]  # one token a chunk: one group, in step order
             try:
-                return self.compiled(ids, positions, step.write_slots, g.read_blocks, g.width, g.mask, wanted)
+                # Batch size and context are dynamic and the mask is never dropped, so two graphs serve
+                # every decode step: a batch of one and a batch of more (see warm_up in engine.py).
+                args = (ids, positions, step.write_slots, g.read_blocks, g.mask, wanted)
+                for tensor, dims in zip(args, [(0,), (0,), (0,), (0, 1), (0, 3), (0,)], strict=True):
+                    torch._dynamo.maybe_mark_dynamic(tensor, dims)
+                with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+                    return compiled(*args)
             except Exception as e:  # the compiler failed (no toolchain, an unsupported op): eager from now on
                 log.warning("compiled decode is off, running eagerly: %s", e)
                 self.compiled = None
@@ -227,18 +238,19 @@ class ModelRunner:
         positions: torch.Tensor,
         slots: torch.Tensor,
         read_blocks: torch.Tensor,
-        width: int,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor,
         wanted: torch.Tensor,
     ) -> torch.Tensor:
         """A step of single-token chunks through the Llama decoder and the head (what `compiled` compiles)."""
         n = ids.shape[0]
+        width = read_blocks.shape[1] * self.cache.block_size  # the mask hides keys past each row's end
         group = AttentionGroup(torch.arange(n, device=self.device)[:, None], read_blocks, width, mask)
         step = StepMetadata(self.cache, slots, [group], Gather(), self.gqa)
         hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # type: ignore[union-attr]
         return self.model.get_output_embeddings()(hidden[wanted]).float()
 
-    def metadata(self, chunks: list[Chunk]) -> StepMetadata:
+    def metadata(self, chunks: list[Chunk], masked: bool = False) -> StepMetadata:
+        """The step's cache slots and attention groups; `masked`: every group has a mask, even where not needed."""
         offsets = [0]
         write: list[int] = []
         by_length: dict[int, list[int]] = {}
@@ -246,23 +258,25 @@ class ModelRunner:
             write.extend(self.cache.slot_ids(c.seq_id, c.start, c.start + len(c.token_ids)))
             offsets.append(offsets[-1] + len(c.token_ids))
             by_length.setdefault(len(c.token_ids), []).append(i)
-        groups = [self.group([chunks[i] for i in ix], [offsets[i] for i in ix]) for ix in by_length.values()]
+        groups = [self.group([chunks[i] for i in ix], [offsets[i] for i in ix], masked) for ix in by_length.values()]
         slots = torch.tensor(write, dtype=torch.long, device=self.device)
         return StepMetadata(self.cache, slots, groups, self.buffers, self.gqa)
 
-    def group(self, chunks: list[Chunk], offsets: list[int]) -> AttentionGroup:
+    def group(self, chunks: list[Chunk], offsets: list[int], masked: bool = False) -> AttentionGroup:
         """Chunks of equal length q attending to their contexts, padded to the longest context."""
         q = len(chunks[0].token_ids)
         size = self.cache.block_size
         ends = [c.start + q for c in chunks]  # context of each row after this step
         width = max(ends)
         blocks = -(-width // size)
+        if masked:  # every key of the blocks read, so the width follows from the blocks' shape
+            width = blocks * size
         read = torch.tensor(
             [(b := self.cache.blocks(c.seq_id)[:blocks]) + [0] * (blocks - len(b)) for c in chunks], dtype=torch.long
         )  # [b, n]: padding reads block 0, hidden by the mask
         token_index = torch.tensor(offsets)[:, None] + torch.arange(q)  # [b, q]
         mask = None
-        if q > 1 or min(ends) < width or (self.sliding_window is not None and width > self.sliding_window):
+        if masked or q > 1 or min(ends) < width or (self.sliding_window is not None and width > self.sliding_window):
             query_pos = torch.tensor(ends)[:, None] - q + torch.arange(q)  # [b, q]
             key_pos = torch.arange(width)  # [c]
             mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [b, q, c]: causal; also hides padding

@@ -200,3 +200,20 @@ def test_streaming_yields_tokens_as_they_come_and_closing_aborts(models) -> None
     assert [t for p in pieces for t in p] == alone(models, [tokens])[0]
     asyncio.run(give_up())
     assert e.cache.usage == 0
+
+
+def test_compiled_decode_is_warmed_up_at_load_and_gives_the_same_tokens(models) -> None:
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(KVCacheConfig(block_size=4, num_blocks=64), SchedulerConfig(), compile=True)
+    e = LLMEngine(models["llama"], config)
+    assert e.warm_up() > 0 and not e.has_unfinished()
+    graphs = counters["stats"]["unique_graphs"]
+    prompts = [prompt(n, seed=n) for n in (3, 9, 17)]
+    ids = [e.add_request(p, GREEDY) for p in prompts[:2]]
+    e.step()
+    ids.append(e.add_request(prompts[2], GREEDY))  # joins while the others decode
+    tokens = run(e)
+    assert [tokens[i] for i in ids] == alone(models, prompts)
+    assert e.runner.compiled is not None, "the compiled graph failed and the engine fell back to eager"
+    assert counters["stats"]["unique_graphs"] == graphs  # warm-up compiled every graph the requests needed
