@@ -208,8 +208,9 @@ class ModelRunner:
         ends = (torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0) - 1).tolist()
         rows = [e - i for e, c in zip(ends, chunks, strict=True) if c.sample for i in range(c.num_logits - 1, -1, -1)]
         wanted = torch.tensor(rows, dtype=torch.long, device=self.device)
-        decode = len(ids) == len(rows) == len(chunks)  # one token a chunk, each sampled
-        compiled = self.compiled if decode and self.decoder is not None and self.decoder.plain() else None
+        compiled = self.compiled
+        if compiled is not None and not (len(ids) == len(rows) == len(chunks) and self.decoder.plain()):  # type: ignore[union-attr]
+            compiled = None  # not a decode step (one token a chunk, each sampled), or an adapter is on
         step = self.metadata(chunks, masked=compiled is not None)
         if compiled is not None:
             g = step.groups[0]  # one token a chunk: one group, in step order

@@ -8,7 +8,7 @@ import torch
 from libs.common.errors import InvalidArgument, ResourceExhausted
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams, SchedulerConfig
 
-from .tiny import CONFIGS, prompt
+from .tiny import CONFIGS, NEEDS_COMPILER, prompt
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -202,6 +202,7 @@ def test_streaming_yields_tokens_as_they_come_and_closing_aborts(models) -> None
     assert e.cache.usage == 0
 
 
+@NEEDS_COMPILER
 def test_compiled_decode_is_warmed_up_at_load_and_gives_the_same_tokens(models) -> None:
     from torch._dynamo.utils import counters
 

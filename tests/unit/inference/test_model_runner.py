@@ -11,7 +11,7 @@ from services.inference.engine import KVCacheConfig, load_model
 from services.inference.engine.kv_cache import KVCache
 from services.inference.engine.model_runner import Chunk, ModelRunner
 
-from .tiny import CONFIGS, prompt
+from .tiny import CONFIGS, NEEDS_COMPILER, prompt
 
 ATOL = 1e-4
 
@@ -92,6 +92,7 @@ def test_the_fused_pass_keeps_projection_biases(store: ArtifactStore) -> None:
     torch.testing.assert_close(logits[0], reference[-1], atol=ATOL, rtol=0)
 
 
+@NEEDS_COMPILER
 def test_compiled_decode_steps_match_transformers(store: ArtifactStore) -> None:
     """Decode steps of one, two and three sequences, contexts of one block and several, unequal in a
     batch: each row's logits transformers' own, from no more than two compiled graphs (batches of one
