@@ -6,18 +6,20 @@
 2. Mixed requests (prompts 16-512, outputs 16-256, arriving over time) vs the same requests
    served as static `generate` batches in arrival order (>= 1.5x).
 3. Batch-1 decode as a fraction of the memory-bandwidth limit (weight bytes read per token over
-   the read bandwidth of a large tensor sum) on a >= 100M-parameter model (>= 70%), and generate's.
+   the read bandwidth of a large tensor sum) on a >= 100M-parameter model (>= 70%), with compiled
+   decode steps (EngineConfig.compile); the eager engine's and generate's fractions beside it.
 4. KV cache on vs off (recomputing the whole sequence each step) at 512 generated tokens on the
    >= 100M model (>= 5x); the off side is timed on a sample of the steps spread over all lengths.
 5. Speculative decoding at temperature 0: a draft distilled from the target (>= 1.8x inter-token
    latency, with the acceptance rate) and n-gram prompt lookup on a code-editing prompt (reported).
 6. INT8 / INT4 weight-only: bytes per parameter (<= 1.1 / <= 0.6), perplexity change on held-out
-   text (<= 2% / <= 10%), batch-1 decode speed vs fp32 on the >= 100M model (>= 1.5x).
+   text (<= 2% / <= 10%), batch-1 decode speed vs fp32 on the >= 100M model (>= 1.5x), both
+   compiled; the eager ratio beside it.
 
 Models: a 12-layer target Llama trained here on the standard library's source and a 1-layer draft
 distilled from it (built once, about 6 minutes on 2 cores, and cached under ~/.cache/llmp-bench: see
 inference_models.py); the 100M model has random weights (speed only). The full run takes about
-6 minutes after that, --quick about 1.
+15 minutes after that, of which 7 compile the four compiled engines; --quick about 3.
 The machine may be shared: ratios within one run are what counts.
 
 Run: python -m bench inference [--quick] [--threads=N]

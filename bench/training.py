@@ -216,7 +216,7 @@ def main() -> None:
         print(f"  {label:52} {ours:9.0f} vs {reference:9.0f} tokens/s   ratio {ours / reference:.3f}  {target}")
 
     window = STEPS // WINDOWS
-    print(f"  (tokens/s: the fastest of {WINDOWS} windows of {window} steps; over all {STEPS} steps in brackets)")
+    print(f'  (tokens/s: the fastest of {WINDOWS} windows of {window} steps; "over all steps": all {STEPS} of them)')
     show("Ray Train (1 worker) vs plain PyTorch loop", one["tokens_per_second"], plain["tokens_per_second"], ">= 0.9")
     show("  over all steps", one["mean_tokens_per_second"], plain["mean_tokens_per_second"])
     if two is not None:
