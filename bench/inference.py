@@ -19,7 +19,7 @@
 Models: a 12-layer target Llama trained here on the standard library's source and a 1-layer draft
 distilled from it (built once, about 6 minutes on 2 cores, and cached under ~/.cache/llmp-bench: see
 inference_models.py); the 100M model has random weights (speed only). The full run takes about
-15 minutes after that, of which 7 compile the four compiled engines; --quick about 3.
+15 minutes after that, of which 7 compile the four compiled engines; --quick about 4.
 The machine may be shared: ratios within one run are what counts.
 
 Run: python -m bench inference [--quick] [--threads=N]
