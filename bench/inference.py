@@ -1,8 +1,8 @@
 """Inference engine benchmarks, in-process, against `transformers` measured in the same run.
 
 1. Throughput, equal-length requests at 16 and 64 concurrent, vs `generate` on one static batch
-   (>= 0.9x), `generate` one request at a time (>= 5x) and transformers' continuous batching
-   `generate_batch` (>= 3x).
+   (>= 0.9x, compiled decode; the eager engine's ratio beside it), `generate` one request at a
+   time (>= 5x) and transformers' continuous batching `generate_batch` (>= 3x), both eager.
 2. Mixed requests (prompts 16-512, outputs 16-256, arriving over time) vs the same requests
    served as static `generate` batches in arrival order (>= 1.5x).
 3. Batch-1 decode as a fraction of the memory-bandwidth limit (weight bytes read per token over
@@ -19,7 +19,7 @@
 Models: a 12-layer target Llama trained here on the standard library's source and a 1-layer draft
 distilled from it (built once, about 6 minutes on 2 cores, and cached under ~/.cache/llmp-bench: see
 inference_models.py); the 100M model has random weights (speed only). The full run takes about
-15 minutes after that, of which 7 compile the four compiled engines; --quick about 4.
+18 minutes after that, of which 9 compile the compiled engines; --quick about 5.
 The machine may be shared: ratios within one run are what counts.
 
 Run: python -m bench inference [--quick] [--threads=N]
@@ -185,24 +185,29 @@ def windows(models: Models, count: int, length: int, seed: int) -> list[list[int
 def throughput(models: Models, profile: Profile, quick: bool) -> None:
     prompt_len, out_len = (16, 8) if quick else (32, 64)
     reference = models.target
-    ours = copy.deepcopy(reference)
+    ours, ours_compiled = copy.deepcopy(reference), copy.deepcopy(reference)
     for concurrency in (4, 8) if quick else (16, 64):
         prompts = windows(models, concurrency, prompt_len, seed=concurrency)
         tokens = concurrency * out_len
         engine = engine_for(ours, kv_mb=256, budget=2048)
         engine.generate(prompts[:2], greedy(4))  # warm-up
+        compiled = engine_for(ours_compiled, kv_mb=256, budget=2048, compile=True)
+        compile_s = compiled.warm_up()
         batch = torch.tensor(prompts)
         gen = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False)
         reference.generate(batch[:2], attention_mask=torch.ones_like(batch[:2]), max_new_tokens=4, do_sample=False)
-        t_ours, t_static = float("inf"), float("inf")
+        t_ours, t_compiled, t_static = float("inf"), float("inf"), float("inf")
         for _ in range(REPEATS + 1):  # interleaved, best of each: the machine's load moves in between
             t_ours = min(t_ours, timed(engine.generate, prompts, greedy(out_len)))
+            t_compiled = min(t_compiled, timed(compiled.generate, prompts, greedy(out_len)))
             t_static = min(t_static, timed(reference.generate, batch, attention_mask=torch.ones_like(batch), **gen))
         alone = prompts[:4]  # a rate: 4 suffice, each the best of REPEATS runs
         t_alone = sum(min(timed(reference.generate, torch.tensor([p]), **gen) for _ in range(REPEATS)) for p in alone)
         rate = tokens / t_ours
         name = f"throughput {concurrency} concurrent, {prompt_len}+{out_len} tok"
-        record(Row(f"{name} vs static generate", rate, tokens / t_static, "tok/s", 0.9))
+        note = f"(compiled decode; {compile_s:.0f} s to compile)"
+        record(Row(f"{name} vs static generate", tokens / t_compiled, tokens / t_static, "tok/s", 0.9, note=note))
+        record(Row("  eager engine vs static generate", rate, tokens / t_static, "tok/s", None))
         record(Row(f"{name} vs generate one at a time", rate, len(alone) * out_len / t_alone, "tok/s", 5))
         cb = copy.deepcopy(models.target)
         config = GenerationConfig(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, eos_token_id=-1)
