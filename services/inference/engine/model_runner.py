@@ -220,7 +220,12 @@ class ModelRunner:
                 args = (ids, positions, step.write_slots, g.read_blocks, g.mask, wanted)
                 for tensor, dims in zip(args, [(0,), (0,), (0,), (0, 1), (0, 3), (0,)], strict=True):
                     torch._dynamo.maybe_mark_dynamic(tensor, dims)
-                with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+                # Only the marked dims vary: a model of other shapes compiled earlier in the process
+                # must not turn this one's head counts and sizes into symbols (automatic dynamic).
+                with (
+                    torch.fx.experimental._config.patch(backed_size_oblivious=True),  # type: ignore[attr-defined]
+                    torch._dynamo.config.patch(automatic_dynamic_shapes=False),
+                ):
                     return compiled(*args)
             except Exception as e:  # the compiler failed (no toolchain, an unsupported op): eager from now on
                 log.warning("compiled decode is off, running eagerly: %s", e)

@@ -119,3 +119,19 @@ def test_compiled_decode_steps_match_transformers(store: ArtifactStore) -> None:
     decode({0: 13, 1: 8})
     assert runner.compiled is not None, "the compiled graph failed and the runner fell back to eager"
     assert counters["stats"]["unique_graphs"] - graphs <= 2
+
+    # A model of other shapes in the same process compiles graphs of its own, its sizes static.
+    torch.manual_seed(1)
+    config = CONFIGS["llama"]()
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 96, 6, 3
+    other = AutoModelForCausalLM.from_config(config).eval()
+    tokens = prompt(7, seed=5)
+    with torch.no_grad():
+        expected = other(torch.tensor([tokens])).logits[0]
+    cache = KVCache(other.config, KVCacheConfig(block_size=4, num_blocks=16))
+    cache.allocate("x", len(tokens))
+    runner = ModelRunner(other, cache, compile=True)
+    runner.forward([Chunk("x", tokens[:6], 0, False)])
+    (logits,) = runner.forward([Chunk("x", tokens[6:], 6, True)])
+    torch.testing.assert_close(logits, expected[6], atol=ATOL, rtol=0)
+    assert runner.compiled is not None, "the second model's graph failed and the runner fell back to eager"
