@@ -20,9 +20,8 @@ layer become a few generated kernels between the projections' matmuls instead of
 dispatched operations each, which at small batches costs as much as reading the weights. Shapes
 are dynamic (batch, context), so two graphs serve every decode step, a batch of one and a batch
 of more; each compiles at its first step (about a minute on two CPU cores), or at load with
-LLMEngine.warm_up. Steps with prompt chunks,
-drafted tokens or LoRA adapters run eagerly; a toolchain that can't compile turns it off with a
-warning.
+LLMEngine.warm_up. Steps with prompt chunks, drafted tokens or LoRA adapters run eagerly; a
+toolchain that can't compile turns it off with a warning.
 """
 
 from __future__ import annotations
