@@ -18,7 +18,7 @@ from libs.common.artifacts import ArtifactStore
 from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.errors import InvalidArgument
 from libs.common.plugins import import_object
-from services.training.dataprep.stage import field_prefix
+from services.training.dataprep.stage import field_prefix, require
 from services.training.jobstore import JobRecord, JobStore
 from services.training.registry import ModelRegistry
 
@@ -49,6 +49,45 @@ class JobContext:
     worker_memory_bytes: int
     ray_storage: str
     worker_gpus: int = 0
+
+
+@dataclass(kw_only=True)
+class LoopSettings:
+    """The optimisation loop's settings every training job shares.
+
+    Both loops extend it: pretraining's own (`pretrain.LoopConfig`, these defaults) and the `trl`
+    trainer's for alignment (`hf_loop.HFLoop`, which sets its own defaults).
+    """
+
+    max_steps: int = 1000
+    """Optimiser steps."""
+    micro_batch_size: int = 8
+    """Sequences (examples) per worker per forward pass."""
+    grad_accum_steps: int = 1
+    """Forward passes summed into one optimiser step."""
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at learning_rate * min_lr_ratio."""
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 2
+    """Ray Train workers (data-parallel replicas)."""
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def check_loop(self) -> None:
+        """Refuse settings no loop can run with (InvalidArgument naming the field)."""
+        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "num_workers")
+        for name in (*positive, "checkpoint_every", "keep_checkpoints", "log_every"):
+            require(getattr(self, name) >= 1, "must be >= 1", name)
+        require(0 <= self.warmup_steps < self.max_steps, "must be in [0, max_steps)", "warmup_steps")
+        require(0 < self.learning_rate <= 1, "must be in (0, 1]", "learning_rate")
+        require(0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", "min_lr_ratio")
+        require(self.weight_decay >= 0, "must be >= 0", "weight_decay")
+        require(self.grad_clip >= 0, "must be >= 0 (0: no clipping)", "grad_clip")
 
 
 class JobType(Protocol):

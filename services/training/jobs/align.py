@@ -87,25 +87,11 @@ class AlignConfig(HFLoop):
     def __post_init__(self) -> None:
         check_name(self.model_name, "model_name")
         require(bool(self.data), "give at least one data set", "data")
-        for name in (
-            "max_length",
-            "max_eval_records",
-            "max_steps",
-            "micro_batch_size",
-            "grad_accum_steps",
-            "num_workers",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-        ):
+        self.check_loop()
+        for name in ("max_length", "max_eval_records"):
             require(getattr(self, name) >= 1, "must be >= 1", name)
         require(self.max_records >= 0, "must be >= 0 (0: all)", "max_records")
         require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
-        require(0 < self.learning_rate <= 1, "must be in (0, 1]", "learning_rate")
-        require(0 <= self.warmup_steps < self.max_steps, "must be in [0, max_steps)", "warmup_steps")
-        require(0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", "min_lr_ratio")
-        require(self.weight_decay >= 0, "must be >= 0", "weight_decay")
-        require(self.grad_clip >= 0, "must be >= 0 (0: no clipping)", "grad_clip")
         require(self.lora_rank >= 0, "must be >= 0 (0: full fine-tuning)", "lora_rank")
         require(self.lora_alpha > 0, "must be > 0", "lora_alpha")
         require(0 <= self.lora_dropout < 1, "must be in [0, 1)", "lora_dropout")

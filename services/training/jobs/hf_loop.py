@@ -36,7 +36,7 @@ from transformers import TrainingArguments as HFArguments
 
 from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
-from services.training.jobs import JobContext
+from services.training.jobs import JobContext, LoopSettings
 from services.training.jobs.lm_loop import run_on_workers, write_final, write_json
 from services.training.jobstore import JobRecord, JobStore
 
@@ -51,26 +51,16 @@ PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
 
 
 @dataclass(kw_only=True)
-class HFLoop:
-    """The trainer's settings every alignment job shares (its config extends this)."""
+class HFLoop(LoopSettings):
+    """The trainer's settings every alignment job shares (its config extends this), with fine-tuning's defaults."""
 
     max_steps: int = 100
-    micro_batch_size: int = 8
-    """Examples per worker per forward pass."""
-    grad_accum_steps: int = 1
     learning_rate: float = 1e-4
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    """The cosine schedule ends at learning_rate * min_lr_ratio."""
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
     num_workers: int = 1
-    """Ray Train workers (data-parallel replicas)."""
-    use_gpu: bool = False
     checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    use_gpu: bool = False
 
 
 class TrainerSpec(ABC):

@@ -30,7 +30,7 @@ from libs.common.planning import GB, ModelShape, TrainingMemory, training_memory
 from services.training import checkpoints
 from services.training.dataprep import DataPrepConfig, prepare_dataset
 from services.training.dataprep.stage import field_prefix, require
-from services.training.jobs import DONE, JobContext, parse_config
+from services.training.jobs import DONE, JobContext, LoopSettings, parse_config
 from services.training.jobstore import JobRecord
 from services.training.registry import Lineage
 
@@ -39,53 +39,20 @@ if TYPE_CHECKING:
 
 DATASETS = "datasets"
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
-LOOP_POSITIVE = (
-    "seq_len",
-    "micro_batch_size",
-    "grad_accum_steps",
-    "max_steps",
-    "num_workers",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "log_every",
-)
 
 
 @dataclass(kw_only=True)
-class LoopConfig:
+class LoopConfig(LoopSettings):
     """The training loop's settings, shared by every job over `lm_loop` (and the only part its workers see)."""
 
     seq_len: int = 256
     """Tokens per training sequence."""
-    micro_batch_size: int = 8
-    """Sequences per worker per forward pass."""
-    grad_accum_steps: int = 1
-    """Forward passes summed into one optimiser step."""
-    max_steps: int = 1000
-    """Optimiser steps."""
-    learning_rate: float = 3e-4
-    min_lr_ratio: float = 0.1
-    """The cosine schedule ends at learning_rate * min_lr_ratio."""
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
     eval_fraction: float = 0.05
     """Share of the packed sequences held out for the validation loss."""
-    num_workers: int = 2
-    """Ray Train workers (data-parallel replicas)."""
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in LOOP_POSITIVE:
-            require(getattr(self, name) >= 1, "must be >= 1", name)
-        require(0 <= self.warmup_steps < self.max_steps, "must be in [0, max_steps)", "warmup_steps")
-        require(0 < self.learning_rate <= 1, "must be in (0, 1]", "learning_rate")
-        require(0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", "min_lr_ratio")
-        require(self.weight_decay >= 0, "must be >= 0", "weight_decay")
-        require(self.grad_clip >= 0, "must be >= 0 (0: no clipping)", "grad_clip")
+        self.check_loop()
+        require(self.seq_len >= 1, "must be >= 1", "seq_len")
         require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
 
     def loop(self) -> LoopConfig:
