@@ -10,6 +10,7 @@ rest chosen over the same words shuffled).
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 import grpc
@@ -19,7 +20,15 @@ from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from libs.common.artifacts import ArtifactStore
-from tests.integration.training_stack import GPU, WATCH_TIMEOUT_S, Stack, follow_until, refused, run_to_end
+from tests.integration.training_stack import (
+    GPU,
+    WATCH_TIMEOUT_S,
+    Stack,
+    follow_until,
+    refused,
+    run_to_end,
+    train_workers,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -156,6 +165,27 @@ def test_a_cancelled_lora_job_keeps_its_checkpoint_and_resumes_to_an_adapter(sta
     ids = torch.tensor([list(range(5, 40))])
     on_base = logits(folder(stack, "base:latest"), ids, adapter=folder(stack, final.model))
     assert not torch.allclose(on_base, logits(folder(stack, "base:latest"), ids), atol=1e-3)
+
+
+def test_a_killed_worker_resumes_from_the_trainers_last_checkpoint(stack: Stack, base: pb.Job) -> None:
+    every = 4
+    config = {**SFT, **LORA, "model_name": "al-killed", "max_steps": 16, "checkpoint_every": every}
+    job = stack.client.submit("sft", config)
+    follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
+    at_kill = stack.client.get(job.job_id)
+    # the newest: an earlier job's worker may still be on its way out
+    worker = max(train_workers(stack.training.proc.pid), key=lambda proc: proc.create_time())
+    worker.send_signal(signal.SIGKILL)
+
+    final = stack.client.wait(job.job_id, timeout=WATCH_TIMEOUT_S)
+    assert final.state == pb.Job.SUCCEEDED and final.progress.step == 16, final.reason
+    logs = [e.log for e in stack.client.watch(job.job_id, timeout=WATCH_TIMEOUT_S) if e.log]
+    resumed = [line for line in logs if line.startswith(f"resumed from checkpoints/{job.job_id}/hf/checkpoint-")]
+    assert resumed, logs
+    step = int(resumed[-1].rsplit("-", 1)[1])
+    # the newest checkpoint the trainer completed before the kill: at most one interval is lost
+    assert step % every == 0 and step >= at_kill.progress.step - every, (step, at_kill.progress.step)
+    assert final.metrics["eval_loss"] < final.metrics["eval_loss_before"] and final.model == "al-killed:1"
 
 
 def test_reward_model_ranks_held_out_pairs(stack: Stack, reward: pb.Job) -> None:

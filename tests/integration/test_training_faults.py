@@ -18,30 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from llmp.training.v1 import training_pb2 as pb
 
 from libs.common.clients.training import TrainingClient
 from tests.conftest import free_port, start_service
-from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until
+from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, train_workers
 
 pytestmark = pytest.mark.integration
 
 MAX_STEPS, CHECKPOINT_EVERY = 40, 10
 FAULTY = {**TINY, "max_steps": MAX_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "warmup_steps": 5, "log_every": 5}
-
-
-def train_workers(service_pid: int) -> list[psutil.Process]:
-    """The Ray Train worker processes under the service (its local Ray is its child)."""
-    found = []
-    for proc in psutil.Process(service_pid).children(recursive=True):
-        try:
-            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def run_to_end(client: TrainingClient, job_id: str) -> tuple[pb.Job, list[str]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import torch
 from llmp.training.v1 import training_pb2 as pb
@@ -129,3 +130,15 @@ def follow_until(client: TrainingClient, job_id: str, seen: str) -> pb.Job:
             events.cancel()
             return event.job
     raise AssertionError(f"the job ended before logging {seen!r}")
+
+
+def train_workers(service_pid: int) -> list[psutil.Process]:
+    """The Ray Train worker processes under the service (its local Ray is its child)."""
+    found = []
+    for proc in psutil.Process(service_pid).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
