@@ -233,10 +233,8 @@ def main() -> None:
         f"  (tokens/s: the fastest of {WINDOWS} windows of {window} steps, best of {ROUNDS} alternating rounds; "
         f'"over all steps": all {STEPS} of them)'
     )
-    rounds = ", ".join(
-        f"{p:.0f} / {o:.0f} = {o / p:.2f}"
-        for p, o in ((p["tokens_per_second"], o["tokens_per_second"]) for p, o in zip(plains, ones, strict=True))
-    )
+    pairs = [(p["tokens_per_second"], o["tokens_per_second"]) for p, o in zip(plains, ones, strict=True)]
+    rounds = ", ".join(f"{p:.0f} / {o:.0f} = {o / p:.2f}" for p, o in pairs)
     print(f"  rounds, plain / Ray 1 worker: {rounds}")
     show("Ray Train (1 worker) vs plain PyTorch loop", one["tokens_per_second"], plain["tokens_per_second"], ">= 0.9")
     show("  over all steps", one["mean_tokens_per_second"], plain["mean_tokens_per_second"])

@@ -77,17 +77,27 @@ class LoopSettings:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    eval_fraction: float = 0.05
+    """Share of the data held out for the validation loss."""
 
     def check_loop(self) -> None:
         """Refuse settings no loop can run with (InvalidArgument naming the field)."""
-        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "num_workers")
-        for name in (*positive, "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in (
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum_steps",
+            "num_workers",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
             require(getattr(self, name) >= 1, "must be >= 1", name)
         require(0 <= self.warmup_steps < self.max_steps, "must be in [0, max_steps)", "warmup_steps")
         require(0 < self.learning_rate <= 1, "must be in (0, 1]", "learning_rate")
         require(0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", "min_lr_ratio")
         require(self.weight_decay >= 0, "must be >= 0", "weight_decay")
         require(self.grad_clip >= 0, "must be >= 0 (0: no clipping)", "grad_clip")
+        require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
 
 
 class JobType(Protocol):

@@ -71,7 +71,6 @@ class AlignConfig(HFLoop):
     """Tokens per example (prompt and answer); longer ones are truncated."""
     max_records: int = 0
     """Use at most this many records (after a seeded shuffle); 0: all."""
-    eval_fraction: float = 0.1
     max_eval_records: int = 64
     lora_rank: int = 0
     """0: train every weight; > 0: a LoRA adapter of this rank."""
@@ -91,7 +90,6 @@ class AlignConfig(HFLoop):
         for name in ("max_length", "max_eval_records"):
             require(getattr(self, name) >= 1, "must be >= 1", name)
         require(self.max_records >= 0, "must be >= 0 (0: all)", "max_records")
-        require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
         require(self.lora_rank >= 0, "must be >= 0 (0: full fine-tuning)", "lora_rank")
         require(self.lora_alpha > 0, "must be > 0", "lora_alpha")
         require(0 <= self.lora_dropout < 1, "must be in [0, 1)", "lora_dropout")

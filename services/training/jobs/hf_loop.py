@@ -60,6 +60,7 @@ class HFLoop(LoopSettings):
     weight_decay: float = 0.0
     num_workers: int = 1
     checkpoint_every: int = 50
+    eval_fraction: float = 0.1
     use_gpu: bool = False
 
 

@@ -47,13 +47,10 @@ class LoopConfig(LoopSettings):
 
     seq_len: int = 256
     """Tokens per training sequence."""
-    eval_fraction: float = 0.05
-    """Share of the packed sequences held out for the validation loss."""
 
     def __post_init__(self) -> None:
         self.check_loop()
         require(self.seq_len >= 1, "must be >= 1", "seq_len")
-        require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
 
     def loop(self) -> LoopConfig:
         """Only the loop's settings, as the workers get them."""
