@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -54,11 +55,18 @@ class Kit:
         return Registration(lambda h, server: server.add_generic_rpc_handlers((h,)), handler, "test.Kit")
 
 
-async def started(kit: Kit, **overrides: int) -> tuple[Server, grpc.aio.Channel]:
+@contextlib.asynccontextmanager
+async def started(kit: Kit, **overrides: int) -> AsyncIterator[tuple[Server, grpc.aio.Channel]]:
+    """A started server and a channel to it, both closed however the test ends."""
     config = ServiceConfig(port=0, metrics_port=-1, **overrides)
     server = Server("kit", config, [kit.registration()])
     port = await server.start()
-    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield server, ch
+    finally:
+        await ch.close()
+        await server.stop()
 
 
 def call(ch: grpc.aio.Channel, method: str):
@@ -72,45 +80,39 @@ def run(coro) -> None:
 def test_errors_become_status_codes_without_internals() -> None:
     async def body() -> None:
         kit = Kit()
-        server, ch = await started(kit)
-        before = REQUESTS.labels("kit", "crash", "INTERNAL")._value.get()
-        with pytest.raises(grpc.aio.AioRpcError) as bad:
-            await call(ch, "invalid")(b"")
-        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad.value.details() == "vocab_size: must be positive"
-        with pytest.raises(grpc.aio.AioRpcError) as crash:
-            await call(ch, "crash")(b"", metadata=(("x-request-id", "req-42"),))
-        assert crash.value.code() == grpc.StatusCode.INTERNAL
-        assert crash.value.details() == "internal error (request id req-42)"
-        assert REQUESTS.labels("kit", "crash", "INTERNAL")._value.get() == before + 1
-        await ch.close()
-        await server.stop()
+        async with started(kit) as (_server, ch):
+            before = REQUESTS.labels("kit", "crash", "INTERNAL")._value.get()
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await call(ch, "invalid")(b"")
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad.value.details() == "vocab_size: must be positive"
+            with pytest.raises(grpc.aio.AioRpcError) as crash:
+                await call(ch, "crash")(b"", metadata=(("x-request-id", "req-42"),))
+            assert crash.value.code() == grpc.StatusCode.INTERNAL
+            assert crash.value.details() == "internal error (request id req-42)"
+            assert REQUESTS.labels("kit", "crash", "INTERNAL")._value.get() == before + 1
 
     run(body())
 
 
 def test_request_id_is_echoed_or_created() -> None:
     async def body() -> None:
-        server, ch = await started(Kit())
-        reply = call(ch, "echo")(b"hi", metadata=(("x-request-id", "abc"),))
-        assert await reply == b"hi"
-        assert ("x-request-id", "abc") in tuple(await reply.initial_metadata())
-        fresh = call(ch, "echo")(b"")
-        await fresh
-        assert dict(await fresh.initial_metadata())["x-request-id"]
-        await ch.close()
-        await server.stop()
+        async with started(Kit()) as (_server, ch):
+            reply = call(ch, "echo")(b"hi", metadata=(("x-request-id", "abc"),))
+            assert await reply == b"hi"
+            assert ("x-request-id", "abc") in tuple(await reply.initial_metadata())
+            fresh = call(ch, "echo")(b"")
+            await fresh
+            assert dict(await fresh.initial_metadata())["x-request-id"]
 
     run(body())
 
 
 def test_deadline_travels_into_the_handler() -> None:
     async def body() -> None:
-        server, ch = await started(Kit())
-        remaining = float(await call(ch, "budget")(b"", timeout=5))
-        assert 0 < remaining <= 5
-        await ch.close()
-        await server.stop()
+        async with started(Kit()) as (_server, ch):
+            remaining = float(await call(ch, "budget")(b"", timeout=5))
+            assert 0 < remaining <= 5
 
     run(body())
 
@@ -118,29 +120,25 @@ def test_deadline_travels_into_the_handler() -> None:
 def test_concurrency_cap_refuses_instead_of_queueing() -> None:
     async def body() -> None:
         kit = Kit()
-        server, ch = await started(kit, max_concurrent_rpcs=1)
-        first = asyncio.ensure_future(call(ch, "slow")(b""))
-        await kit.entered.wait()
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call(ch, "echo")(b"x")
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        kit.release.set()
-        assert await first == b"done"
-        await ch.close()
-        await server.stop()
+        async with started(kit, max_concurrent_rpcs=1) as (_server, ch):
+            first = asyncio.ensure_future(call(ch, "slow")(b""))
+            await kit.entered.wait()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(ch, "echo")(b"x")
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            kit.release.set()
+            assert await first == b"done"
 
     run(body())
 
 
 def test_message_size_limit() -> None:
     async def body() -> None:
-        server, ch = await started(Kit(), max_message_bytes=1024)
-        assert await call(ch, "echo")(b"x" * 512) == b"x" * 512
-        with pytest.raises(grpc.aio.AioRpcError) as big:
-            await call(ch, "echo")(b"x" * 4096)
-        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await ch.close()
-        await server.stop()
+        async with started(Kit(), max_message_bytes=1024) as (_server, ch):
+            assert await call(ch, "echo")(b"x" * 512) == b"x" * 512
+            with pytest.raises(grpc.aio.AioRpcError) as big:
+                await call(ch, "echo")(b"x" * 4096)
+            assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     run(body())
 
@@ -148,28 +146,27 @@ def test_message_size_limit() -> None:
 def test_health_and_drain_with_a_call_in_flight() -> None:
     async def body() -> None:
         kit = Kit()
-        server, ch = await started(kit)
-        health = health_pb2_grpc.HealthStub(ch)
-        check = health_pb2.HealthCheckRequest(service="test.Kit")
-        assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        await server.set_serving(True)
-        assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+        async with started(kit) as (server, ch):
+            health = health_pb2_grpc.HealthStub(ch)
+            check = health_pb2.HealthCheckRequest(service="test.Kit")
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await server.set_serving(True)
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
 
-        in_flight = asyncio.ensure_future(call(ch, "slow")(b""))
-        await kit.entered.wait()
-        seen_during_drain: list[float] = []
+            in_flight = asyncio.ensure_future(call(ch, "slow")(b""))
+            await kit.entered.wait()
+            seen_during_drain: list[float] = []
 
-        async def drain() -> None:
-            seen_during_drain.append(SERVING.labels("kit")._value.get())
-            kit.release.set()
+            async def drain() -> None:
+                seen_during_drain.append(SERVING.labels("kit")._value.get())
+                kit.release.set()
 
-        await server.stop(drain)
-        assert await in_flight == b"done", "an in-flight call finishes during the drain"
-        assert seen_during_drain == [0.0], "health is NOT_SERVING while draining"
-        with pytest.raises(grpc.aio.AioRpcError) as after:
-            await call(ch, "echo")(b"", timeout=2)
-        assert after.value.code() == grpc.StatusCode.UNAVAILABLE
-        await ch.close()
+            await server.stop(drain)
+            assert await in_flight == b"done", "an in-flight call finishes during the drain"
+            assert seen_during_drain == [0.0], "health is NOT_SERVING while draining"
+            with pytest.raises(grpc.aio.AioRpcError) as after:
+                await call(ch, "echo")(b"", timeout=2)
+            assert after.value.code() == grpc.StatusCode.UNAVAILABLE
 
     run(body())
 
@@ -186,10 +183,8 @@ async def _reflected(ch: grpc.aio.Channel) -> AsyncIterator[str]:
 
 def test_reflection_lists_the_services() -> None:
     async def body() -> None:
-        server, ch = await started(Kit())
-        names = [n async for n in _reflected(ch)]
-        assert {"test.Kit", "grpc.health.v1.Health"} <= set(names)
-        await ch.close()
-        await server.stop()
+        async with started(Kit()) as (_server, ch):
+            names = [n async for n in _reflected(ch)]
+            assert {"test.Kit", "grpc.health.v1.Health"} <= set(names)
 
     run(body())

@@ -94,6 +94,7 @@ class _Call:
 
     def __init__(self, service: str, method: str, rid: str) -> None:
         self.service, self.method, self.rid = service, method, rid
+        self._ended = False
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> float:
         request_id.set(self.rid)
@@ -104,18 +105,23 @@ class _Call:
         return time.perf_counter()
 
     def _exit(self, start: float, code: str) -> None:
+        """Record the call's end once: on a failure before its status goes out, else on return."""
+        if self._ended:
+            return
+        self._ended = True
         IN_FLIGHT.labels(self.service, self.method).dec()
         LATENCY.labels(self.service, self.method).observe(time.perf_counter() - start)
         REQUESTS.labels(self.service, self.method, code).inc()
 
-    async def _fail(self, context: grpc.aio.ServicerContext, error: BaseException) -> str:
-        """Abort the call with the right status; returns the code name for metrics."""
+    async def _fail(self, context: grpc.aio.ServicerContext, start: float, error: BaseException) -> None:
+        """Abort the call with the right status, recorded first: a caller holding the status sees it counted."""
         if isinstance(error, LlmpError):
+            self._exit(start, error.grpc_code.name)
             log.info("%s refused: %s", self.method, error.message, extra={"code": error.grpc_code.name})
             await context.abort(error.grpc_code, error.message)
+        self._exit(start, "INTERNAL")
         log.error("%s failed", self.method, exc_info=error)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {self.rid})")
-        return "INTERNAL"  # not reached: abort raises
 
     def unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -130,8 +136,7 @@ class _Call:
                 code = "CANCELLED"
                 raise
             except Exception as e:
-                code = e.grpc_code.name if isinstance(e, LlmpError) else "INTERNAL"
-                await self._fail(context, e)
+                await self._fail(context, start, e)
             finally:
                 self._exit(start, code)
 
@@ -159,8 +164,7 @@ class _Call:
                 code = "CANCELLED"
                 raise
             except Exception as e:
-                code = e.grpc_code.name if isinstance(e, LlmpError) else "INTERNAL"
-                await self._fail(context, e)
+                await self._fail(context, start, e)
             finally:
                 self._exit(start, code)
 
