@@ -112,7 +112,7 @@ def test_deadline_travels_into_the_handler() -> None:
     async def body() -> None:
         async with started(Kit()) as (_server, ch):
             remaining = float(await call(ch, "budget")(b"", timeout=5))
-            assert 0 < remaining <= 5
+            assert 0 < remaining <= 5.5, remaining  # the call's 5 s (gRPC may round it up a little), not 60 s
 
     run(body())
 

@@ -121,10 +121,14 @@ def refused(call, *args) -> grpc.RpcError:
     return e.value
 
 
-def follow_until(client: TrainingClient, job_id: str, seen: str) -> pb.Job:
-    """Read the job's events until a log line containing `seen`; returns the job at that point."""
+def follow_until(client: TrainingClient, job_id: str, seen: str, after: str | None = None) -> pb.Job:
+    """Read the job's events until a log line containing `seen` (after one containing `after`, if given);
+    returns the job at that point."""
     events = client.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=WATCH_TIMEOUT_S)
     for event in events:
+        if after is not None:
+            after = None if after in event.log else after
+            continue
         assert event.job.state in (pb.Job.PENDING, pb.Job.RUNNING), event.job.reason
         if seen in event.log:
             events.cancel()
