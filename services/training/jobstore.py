@@ -92,6 +92,7 @@ class JobRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str = ""
     model: str = ""
+    dataset: str = ""
     attempts: int = 0
     created_at: str = ""
     started_at: str = ""
@@ -225,7 +226,7 @@ class JobStore:
 
     # -- progress, results and logs ----------------------------------------------------------
     def update(self, job_id: str, **fields: Any) -> None:
-        """Set plain fields (checkpoint, model) or the JSON ones (metrics) of a job."""
+        """Set plain fields (checkpoint, model, dataset) or the JSON ones (metrics) of a job."""
         values = {k: json.dumps(v) if k in JobRecord._JSON else str(v) for k, v in fields.items()}
         self.redis.hset(self._key(job_id), mapping=values)
 

@@ -50,6 +50,7 @@ def job_pb(job: JobRecord) -> pb.Job:
         metrics=job.metrics,
         checkpoint=job.checkpoint,
         model=job.model,
+        dataset=job.dataset,
         attempts=job.attempts,
         created_at=job.created_at,
         started_at=job.started_at,

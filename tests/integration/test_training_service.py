@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForCausalLM
 
+from libs.common import corpora
 from libs.common.cli import training as cli_training
 from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused
 
@@ -92,9 +93,65 @@ def test_bad_input_is_refused_before_anything_starts(stack: Stack) -> None:
     assert refused(client.model, "nope:1").code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_job_outlives_a_service_restart_then_cancel_keeps_its_last_checkpoint(stack: Stack) -> None:
-    config = {**TINY, "max_steps": 5000, "checkpoint_every": 5, "warmup_steps": 10, "num_workers": 1}
-    config["model_name"] = "tiny-restarted"
+PREPARE = {
+    "tokenizer": "topics-bpe",
+    "corpus": ["data/topic-files"],
+    "seq_len": TINY["seq_len"],
+    "stages": [
+        {"type": "normalize"},
+        {"type": "exact_dedup"},
+        {"type": "near_dedup"},
+        {"type": "quality", "min_chars": 200},
+        {"type": "pii"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(stack: Stack) -> pb.Job:
+    """A prepare job over a folder of pydoc's topics, one file each, with a copy, a near copy, a scrap and
+    an e-mail address among them."""
+    folder = stack.home / "artifacts" / "data" / "topic-files"
+    folder.mkdir(parents=True)
+    texts = list(dict.fromkeys(text for _, text in corpora.pydoc_topics() if len(text) > 300))[:60]
+    texts += [texts[0], texts[1] + " again", "a scrap", texts[2] + "\nWrite to someone@example.com for help."]
+    for i, text in enumerate(texts):
+        (folder / f"{i:03}.txt").write_text(text)
+    job = stack.client.submit("prepare", PREPARE)
+    return stack.client.wait(job.job_id, timeout=WATCH_TIMEOUT_S)
+
+
+def test_a_prepare_job_writes_a_data_set_that_training_jobs_take(stack: Stack, prepared: pb.Job) -> None:
+    assert prepared.state == pb.Job.SUCCEEDED, prepared.reason
+    assert prepared.dataset == f"datasets/{prepared.job_id}" and not prepared.model
+    metrics = prepared.metrics
+    assert metrics["read_docs_out"] == 64 and metrics["exact_dedup_docs_out"] == 63, dict(metrics)
+    # the near copy goes (and any near pair among the topics), then the scrap
+    assert metrics["near_dedup_docs_out"] <= 62 and metrics["quality_docs_out"] == metrics["near_dedup_docs_out"] - 1
+    assert metrics["documents"] == metrics["quality_docs_out"] and metrics["sequences"] >= 2, dict(metrics)
+    logs = [e.log for e in stack.client.watch(prepared.job_id, timeout=WATCH_TIMEOUT_S) if e.log]
+    assert any(line.startswith("data near_dedup: ") for line in logs), logs
+    assert f"data set {prepared.dataset}: {metrics['sequences']:.0f} sequences of {TINY['seq_len']}" in logs
+
+    client, before = stack.client, len(stack.client.list_jobs())
+    missing, invalid = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
+    from_data = {k: v for k, v in TINY.items() if k != "corpus"}
+    cases = [
+        ("pretrain", {**from_data, "dataset": "train-nope"}, missing, "no prepared data set"),
+        ("pretrain", {**from_data, "dataset": prepared.job_id, "seq_len": 32}, invalid, "this job needs 32"),
+        ("pretrain", {**TINY, "dataset": prepared.job_id}, invalid, "one of them"),
+        ("prepare", {**PREPARE, "dataset": prepared.job_id}, invalid, "takes no prepared dataset"),
+    ]
+    for job_type, config, code, words in cases:
+        error = refused(client.submit, job_type, config)
+        assert error.code() == code and words in error.details(), error.details()
+    assert len(client.list_jobs()) == before
+
+
+def test_a_job_outlives_a_service_restart_then_cancel_keeps_its_last_checkpoint(stack: Stack, prepared: pb.Job) -> None:
+    # It trains on the prepared data set: nothing is prepared again when it resumes.
+    config = {k: v for k, v in TINY.items() if k != "corpus"} | {"dataset": prepared.job_id}
+    config.update(max_steps=5000, checkpoint_every=5, warmup_steps=10, num_workers=1, model_name="tiny-restarted")
     job = stack.client.submit("pretrain", config)
     follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
     stack.restart_training()
@@ -111,3 +168,5 @@ def test_a_job_outlives_a_service_restart_then_cancel_keeps_its_last_checkpoint(
     assert (stack.home / "artifacts" / final.checkpoint / "model.safetensors").is_file()
     assert final.progress.step < 5000 and not final.model
     assert refused(stack.client.cancel, job.job_id).code() == grpc.StatusCode.FAILED_PRECONDITION
+    logs = [e.log for e in stack.client.watch(job.job_id, timeout=WATCH_TIMEOUT_S) if e.log]
+    assert not any(line.startswith("preparing data") for line in logs), logs

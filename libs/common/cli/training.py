@@ -1,6 +1,8 @@
 """`llmp train ...`: submit, follow and control training jobs, and look up registered models.
 
     llmp train submit pretrain tokenizer=code corpus=[stdlib] model_name=tiny max_steps=500 --watch
+    llmp train submit prepare tokenizer=code corpus=[stdlib] seq_len=256 --watch
+    llmp train submit pretrain tokenizer=code dataset=<prepare job id> model_name=tiny
     llmp train submit distill --config distill.yaml target=tiny:latest
     llmp train submit sft base=tiny:latest data=[pydoc:instructions] model_name=tiny-sft lora_rank=8
     llmp train watch <job id>          # a progress bar: steps, loss, tokens/s, ETA; log lines
@@ -90,8 +92,9 @@ def follow(client: TrainingClient, job_id: str) -> pb.Job:
                 )
     colour = {"SUCCEEDED": "green", "FAILED": "red"}.get(state_name(final), "yellow")
     console.print(f"[{colour}]{state_name(final).lower()}[/] {job_id}" + (f": {final.reason}" if final.reason else ""))
-    if final.model:
-        console.print(f"model {final.model}; " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.metrics.items())))
+    output = f"model {final.model}" if final.model else f"data set {final.dataset}" if final.dataset else ""
+    if output:
+        console.print(f"{output}; " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.metrics.items())))
     return final
 
 
@@ -101,7 +104,7 @@ def show_job(job: pb.Job) -> None:
 
 @click.group()
 def group() -> None:
-    """Training jobs (pretrain, mlm, distill, sweep) and the model registry."""
+    """Training jobs (prepare, pretrain, mlm, distill, sweep, sft, reward, dpo, grpo) and the model registry."""
 
 
 @group.command()
@@ -141,12 +144,12 @@ def list_jobs(state: str | None, job_type: str, limit: int) -> None:
         jobs = TrainingClient().list_jobs(state or "", job_type, limit)
     table = Table()
     table.add_column("job", no_wrap=True, min_width=max((len(j.job_id) for j in jobs), default=3))  # copyable
-    for heading in ("type", "state", "step", "loss", "model", "created"):
+    for heading in ("type", "state", "step", "loss", "output", "created"):
         table.add_column(heading)
     for j in jobs:
         step = f"{j.progress.step}/{j.progress.total_steps}" if j.progress.total_steps else ""
         loss = f"{j.progress.loss:.4f}" if j.progress.total_steps else ""
-        table.add_row(j.job_id, j.type, state_name(j).lower(), step, loss, j.model, j.created_at)
+        table.add_row(j.job_id, j.type, state_name(j).lower(), step, loss, j.model or j.dataset, j.created_at)
     console.print(table)
 
 

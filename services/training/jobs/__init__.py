@@ -26,6 +26,7 @@ DONE = "done"
 C = TypeVar("C")
 
 JOB_TYPES: dict[str, str] = {
+    "prepare": "services.training.jobs.prepare:PrepareJob",
     "pretrain": "services.training.jobs.pretrain:PretrainJob",
     "mlm": "services.training.jobs.mlm:MaskedLMJob",
     "sweep": "services.training.jobs.sweep:ScalingSweepJob",

@@ -183,7 +183,7 @@ class DistillJob:
         end_of_document_token(cfg, info)
         positions = int(target.config.get("max_position_embeddings") or cfg.seq_len)
         require(cfg.seq_len <= positions, f"must be <= the target's context ({positions})", "config.seq_len")
-        check_data(cfg, context, cfg.seq_len, info.vocab_size)
+        check_data(cfg, context, cfg.seq_len, info)
         vocab = int(target.config["vocab_size"])
         teacher = target.shape.param_count() * BYTES_FP32
         teacher_logits = cfg.micro_batch_size * cfg.seq_len * vocab * BYTES_FP32 * 2

@@ -181,7 +181,7 @@ class MaskedLMJob:
         cfg = parse_config(MaskedLMConfig, config)
         info = describe_tokenizer(context, cfg.tokenizer)
         specials(cfg, info)
-        check_data(cfg, context, cfg.seq_len - 2, info.vocab_size)
+        check_data(cfg, context, cfg.seq_len - 2, info)
         need = training_memory(cfg.shape(info.vocab_size), cfg.micro_batch_size, cfg.seq_len, precision="fp32")
         check_memory(context, need)
         return {**config, "tokenizer": info.ref}

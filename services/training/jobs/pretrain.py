@@ -1,6 +1,6 @@
 """Causal-LM pretraining from scratch: a Llama-style model on a corpus, with Ray Train across workers.
 
-A job config, as submitted (only `tokenizer`, `corpus` and `model_name` are required):
+A job config, as submitted (only `tokenizer`, `corpus` or `dataset`, and `model_name` are required):
 
     {"tokenizer": "code", "corpus": ["stdlib"], "model_name": "tiny-code",
      "hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "seq_len": 256,
@@ -8,7 +8,8 @@ A job config, as submitted (only `tokenizer`, `corpus` and `model_name` are requ
      "warmup_steps": 100, "num_workers": 2, "checkpoint_every": 100}
 
 The driver (`PretrainJob.run`, in the service or in a RayJob's driver pod) prepares the data with
-`services.training.dataprep` (tokenising through the tokeniser service over gRPC), runs
+`services.training.dataprep` (tokenising through the tokeniser service over gRPC), or takes the
+data set a `prepare` job wrote (`"dataset": "<its job id>"` in place of `corpus`), runs
 `lm_loop.train_loop` on `num_workers` Ray Train workers under DDP, and registers the finished model.
 The model is `transformers`' LlamaForCausalLM: RoPE, grouped-query attention (`num_kv_heads`),
 SwiGLU MLP and RMSNorm.
@@ -16,6 +17,7 @@ SwiGLU MLP and RMSNorm.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,7 @@ from libs.common.errors import InvalidArgument, NotFound, Unavailable
 from libs.common.planning import GB, ModelShape, TrainingMemory, training_memory
 from services.training import checkpoints
 from services.training.dataprep import DataPrepConfig, prepare_dataset
+from services.training.dataprep.packing import MANIFEST
 from services.training.dataprep.stage import field_prefix, require
 from services.training.jobs import DONE, JobContext, LoopSettings, parse_config
 from services.training.jobstore import JobRecord
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from services.training.jobs import lm_loop
 
 DATASETS = "datasets"
+SOURCE = "source.json"  # beside a prepared data set's manifest: the tokeniser and corpora it came from
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 
 
@@ -117,14 +121,21 @@ class DataConfig:
 
     tokenizer: str
     """Tokeniser reference in the tokeniser service ("name" or "name:version")."""
-    corpus: list[str]
+    corpus: list[str] = field(default_factory=list)
     """Corpus names (from UploadCorpus) or folders/files relative to the artifact store."""
+    dataset: str = ""
+    """Instead of `corpus`: a data set a `prepare` job wrote (its job id, or its path in the store), used as is.
+    It must have been tokenised by `tokenizer` into sequences of the length this job trains on."""
     stages: list[dict[str, Any]] = field(default_factory=lambda: [{"type": "normalize"}, {"type": "exact_dedup"}])
     """Data-preparation stages before tokenising (see services.training.dataprep)."""
 
     def check_data(self) -> None:
         require(bool(self.tokenizer), "is required", "tokenizer")
-        require(bool(self.corpus), "give at least one corpus", "corpus")
+        require(
+            bool(self.corpus) != bool(self.dataset),
+            "give corpora to prepare or a prepared dataset, one of them",
+            "corpus",
+        )
 
 
 @dataclass(kw_only=True)
@@ -200,11 +211,36 @@ def dataprep(cfg: DataConfig, paths: list[Path], seq_len: int, eos_id: int, voca
     }
 
 
-def check_data(cfg: DataConfig, context: JobContext, seq_len: int, vocab_size: int) -> None:
-    """The corpus exists and the data-preparation stages are valid."""
+def check_data(cfg: DataConfig, context: JobContext, seq_len: int, info: TokenizerInfo) -> None:
+    """The corpus exists and the data-preparation stages are valid, or the prepared data set fits the job."""
+    if cfg.dataset:
+        prepared_dataset(context, cfg.dataset, info.ref, seq_len)
+        return
     paths = [corpus_path(context, ref, i) for i, ref in enumerate(cfg.corpus)]
     with field_prefix("config"):
-        DataPrepConfig.from_dict(dataprep(cfg, paths, seq_len, 0, vocab_size))
+        DataPrepConfig.from_dict(dataprep(cfg, paths, seq_len, 0, info.vocab_size))
+
+
+def prepared_dataset(context: JobContext, ref: str, tokenizer: str, seq_len: int, eos_id: int | None = None) -> Path:
+    """A complete data set a prepare job wrote (`ref`: its job id or its path in the store), tokenised by
+    `tokenizer` into sequences of `seq_len` tokens, each document ended by `eos_id` (when given)."""
+    name = "config.dataset"
+    path = context.artifacts.path(ref if "/" in ref else f"{DATASETS}/{ref}", field=name)
+    if not (path / MANIFEST).is_file() or not (path / SOURCE).is_file():
+        raise NotFound(f"no prepared data set {ref!r} in the artifact store (a prepare job's id or path)", field=name)
+    manifest = json.loads((path / MANIFEST).read_text())
+    made_with = json.loads((path / SOURCE).read_text())["tokenizer"]
+    if made_with != tokenizer:
+        raise InvalidArgument(f"data set {ref!r} was tokenised by {made_with}, not {tokenizer}", field=name)
+    if manifest["seq_len"] != seq_len:
+        raise InvalidArgument(
+            f"data set {ref!r} holds sequences of {manifest['seq_len']} tokens; this job needs {seq_len}", field=name
+        )
+    if eos_id is not None and manifest["eos_id"] != eos_id:
+        raise InvalidArgument(
+            f"data set {ref!r} ends documents with token {manifest['eos_id']}; this job needs {eos_id}", field=name
+        )
+    return path
 
 
 def check_memory(context: JobContext, need: TrainingMemory, extra: int = 0, what: str = "the model size") -> None:
@@ -220,7 +256,9 @@ def check_memory(context: JobContext, need: TrainingMemory, extra: int = 0, what
 
 
 def prepare_data(job: JobRecord, cfg: DataConfig, context: JobContext, seq_len: int, eos_id: int, vocab: int) -> Path:
-    """Clean, tokenise and pack the corpus once per job (a resumed job reuses it)."""
+    """Clean, tokenise and pack the corpus once per job (a resumed job reuses it), or take the prepared data set."""
+    if cfg.dataset:
+        return prepared_dataset(context, cfg.dataset, cfg.tokenizer, seq_len, eos_id)
     out = context.artifacts.path(f"{DATASETS}/{job.job_id}")
     if (out / "manifest.json").exists():
         return out
@@ -229,6 +267,7 @@ def prepare_data(job: JobRecord, cfg: DataConfig, context: JobContext, seq_len: 
     prep = DataPrepConfig.from_dict(dataprep(cfg, paths, seq_len, eos_id, vocab))
     with context.artifacts.staging(f"{DATASETS}/{job.job_id}") as tmp:
         report = prepare_dataset(prep, tmp, lambda texts: context.tokenizer.encode_batch(cfg.tokenizer, texts))
+        (tmp / SOURCE).write_text(json.dumps({"tokenizer": cfg.tokenizer, "corpus": cfg.corpus}))
     for stage in report.stages:
         context.store.log(job.job_id, f"data {stage.name}: {stage.docs_in} in, {stage.docs_out} out")
     packed = report.packing
@@ -291,7 +330,7 @@ class PretrainJob:
         cfg = parse_config(PretrainConfig, config)
         info = describe_tokenizer(context, cfg.tokenizer)
         end_of_document_token(cfg, info)
-        check_data(cfg, context, cfg.seq_len, info.vocab_size)
+        check_data(cfg, context, cfg.seq_len, info)
         check_memory(
             context, training_memory(cfg.shape(info.vocab_size), cfg.micro_batch_size, cfg.seq_len, precision="fp32")
         )

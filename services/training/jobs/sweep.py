@@ -153,7 +153,7 @@ class ScalingSweepJob:
         cfg = parse_config(SweepConfig, config)
         info = describe_tokenizer(context, cfg.tokenizer)
         end_of_document_token(cfg, info)
-        check_data(cfg, context, cfg.seq_len, info.vocab_size)
+        check_data(cfg, context, cfg.seq_len, info)
         rungs = plan_ladder(cfg, info.vocab_size)
         largest = max(rungs, key=lambda r: r.params)
         need = training_memory(

@@ -97,8 +97,11 @@ def test_bad_input_is_refused_naming_the_field(
 
 def test_a_missing_setting_and_an_unknown_type_are_named() -> None:
     with pytest.raises(InvalidArgument) as refused:
-        job_type("pretrain").check({"tokenizer": "tok"}, None)  # type: ignore[arg-type]
-    assert refused.value.field == "config.corpus"
+        job_type("pretrain").check({"tokenizer": "tok", "corpus": ["c"]}, None)  # type: ignore[arg-type]
+    assert refused.value.field == "config.model_name"
+    with pytest.raises(InvalidArgument) as neither:
+        job_type("pretrain").check({"tokenizer": "tok", "model_name": "m"}, None)  # type: ignore[arg-type]
+    assert neither.value.field == "config.corpus" and "prepared dataset" in neither.value.message
     with pytest.raises(InvalidArgument) as unknown:
         job_type("finetune")
     assert unknown.value.field == "type"
