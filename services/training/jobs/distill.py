@@ -39,12 +39,11 @@ from services.training.jobs.pretrain import (
     DataConfig,
     LlamaShape,
     LoopConfig,
+    causal_data,
     check_data,
     check_memory,
     describe_tokenizer,
     end_of_document_token,
-    prepare_data,
-    token_id,
     train_and_register,
 )
 from services.training.jobstore import JobRecord
@@ -194,10 +193,8 @@ class DistillJob:
     def run(self, job: JobRecord, context: JobContext) -> str:
         cfg = parse_config(DistillConfig, job.config)
         target = find_target(cfg, context)
-        info = describe_tokenizer(context, cfg.tokenizer)
-        eos_id = token_id(context, cfg.tokenizer, end_of_document_token(cfg, info))
         vocab = int(target.config["vocab_size"])
-        dataset = prepare_data(job, cfg, context, cfg.seq_len, eos_id, vocab)
+        info, eos_id, dataset = causal_data(job, cfg, context, cfg.seq_len, vocab)
         positions = int(target.config.get("max_position_embeddings") or cfg.seq_len)
         student = cfg.model_config(vocab, eos_id, positions)
         objective = Distillation(student, target.path, cfg.temperature, cfg.hard_label_weight)

@@ -21,14 +21,7 @@ from typing import Any
 from services.training.dataprep.packing import MANIFEST
 from services.training.dataprep.stage import require
 from services.training.jobs import DONE, JobContext, parse_config
-from services.training.jobs.pretrain import (
-    DataConfig,
-    check_data,
-    describe_tokenizer,
-    end_of_document_token,
-    prepare_data,
-    token_id,
-)
+from services.training.jobs.pretrain import DataConfig, causal_data, check_causal_data
 from services.training.jobstore import JobRecord
 
 
@@ -52,16 +45,11 @@ class PrepareJob:
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
         """Refuse what cannot run; returns the config with the tokeniser pinned to its version."""
         cfg = parse_config(PrepareConfig, config)
-        info = describe_tokenizer(context, cfg.tokenizer)
-        end_of_document_token(cfg, info)
-        check_data(cfg, context, cfg.seq_len, info)
-        return {**config, "tokenizer": info.ref}
+        return {**config, "tokenizer": check_causal_data(cfg, context, cfg.seq_len).ref}
 
     def run(self, job: JobRecord, context: JobContext) -> str:
         cfg = parse_config(PrepareConfig, job.config)
-        info = describe_tokenizer(context, cfg.tokenizer)
-        eos_id = token_id(context, cfg.tokenizer, end_of_document_token(cfg, info))
-        dataset = prepare_data(job, cfg, context, cfg.seq_len, eos_id, info.vocab_size)
+        _, _, dataset = causal_data(job, cfg, context, cfg.seq_len)
         manifest = json.loads((dataset / MANIFEST).read_text())
         metrics = {f"{stage['name']}_docs_out": float(stage["docs_out"]) for stage in manifest["report"]["stages"]}
         metrics.update({key: float(value) for key, value in manifest["stats"].items()})

@@ -221,6 +221,25 @@ def check_data(cfg: DataConfig, context: JobContext, seq_len: int, info: Tokeniz
         DataPrepConfig.from_dict(dataprep(cfg, paths, seq_len, 0, info.vocab_size))
 
 
+def check_causal_data(cfg: DataConfig | Any, context: JobContext, seq_len: int) -> TokenizerInfo:
+    """At submission, for a job that packs documents each ended by an end-of-document token: the tokeniser
+    exists and has that token, and the data (corpus or prepared set) fit; returns the tokeniser's description."""
+    info = describe_tokenizer(context, cfg.tokenizer)
+    end_of_document_token(cfg, info)
+    check_data(cfg, context, seq_len, info)
+    return info
+
+
+def causal_data(
+    job: JobRecord, cfg: DataConfig | Any, context: JobContext, seq_len: int, vocab: int = 0
+) -> tuple[TokenizerInfo, int, Path]:
+    """When the job runs: (tokeniser description, end-of-document id, packed data set), the set prepared now
+    or taken as given (`vocab`: the ids' bound when not the tokeniser's)."""
+    info = describe_tokenizer(context, cfg.tokenizer)
+    eos_id = token_id(context, cfg.tokenizer, end_of_document_token(cfg, info))
+    return info, eos_id, prepare_data(job, cfg, context, seq_len, eos_id, vocab or info.vocab_size)
+
+
 def prepared_dataset(context: JobContext, ref: str, tokenizer: str, seq_len: int, eos_id: int | None = None) -> Path:
     """A complete data set a prepare job wrote (`ref`: its job id or its path in the store), tokenised by
     `tokenizer` into sequences of `seq_len` tokens, each document ended by `eos_id` (when given)."""
@@ -328,9 +347,7 @@ class PretrainJob:
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
         """Refuse what cannot run; returns the config with the tokeniser pinned to its version."""
         cfg = parse_config(PretrainConfig, config)
-        info = describe_tokenizer(context, cfg.tokenizer)
-        end_of_document_token(cfg, info)
-        check_data(cfg, context, cfg.seq_len, info)
+        info = check_causal_data(cfg, context, cfg.seq_len)
         check_memory(
             context, training_memory(cfg.shape(info.vocab_size), cfg.micro_batch_size, cfg.seq_len, precision="fp32")
         )
@@ -340,8 +357,6 @@ class PretrainJob:
         from services.training.jobs import lm_loop
 
         cfg = parse_config(PretrainConfig, job.config)
-        info = describe_tokenizer(context, cfg.tokenizer)
-        eos_id = token_id(context, cfg.tokenizer, end_of_document_token(cfg, info))
-        dataset = prepare_data(job, cfg, context, cfg.seq_len, eos_id, info.vocab_size)
+        info, eos_id, dataset = causal_data(job, cfg, context, cfg.seq_len)
         objective = lm_loop.CausalLM(cfg.model_config(info.vocab_size, eos_id))
         return train_and_register(job, context, dataset, objective, cfg, info, cfg.shape(info.vocab_size).param_count())

@@ -37,12 +37,9 @@ from services.training.jobs.pretrain import (
     DataConfig,
     LlamaShape,
     LoopConfig,
-    check_data,
+    causal_data,
+    check_causal_data,
     check_memory,
-    describe_tokenizer,
-    end_of_document_token,
-    prepare_data,
-    token_id,
 )
 from services.training.jobstore import JobRecord
 
@@ -151,9 +148,7 @@ class ScalingSweepJob:
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
         """Refuse what cannot run (shapes, budget, memory of the largest model); pins the tokeniser."""
         cfg = parse_config(SweepConfig, config)
-        info = describe_tokenizer(context, cfg.tokenizer)
-        end_of_document_token(cfg, info)
-        check_data(cfg, context, cfg.seq_len, info)
+        info = check_causal_data(cfg, context, cfg.seq_len)
         rungs = plan_ladder(cfg, info.vocab_size)
         largest = max(rungs, key=lambda r: r.params)
         need = training_memory(
@@ -166,9 +161,7 @@ class ScalingSweepJob:
         from services.training.jobs import lm_loop
 
         cfg = parse_config(SweepConfig, job.config)
-        info = describe_tokenizer(context, cfg.tokenizer)
-        eos_id = token_id(context, cfg.tokenizer, end_of_document_token(cfg, info))
-        dataset = prepare_data(job, cfg, context, cfg.seq_len, eos_id, info.vocab_size)
+        info, eos_id, dataset = causal_data(job, cfg, context, cfg.seq_len)
         rungs = plan_ladder(cfg, info.vocab_size)
         total = sum(r.steps for r in rungs)
         losses = []
