@@ -2,19 +2,21 @@
 
     corpora/<name>/
         part-00000.txt ...   UTF-8 text, documents separated by a blank line, shards of ~64 MiB
-        manifest.json        {"documents": n, "bytes": n}
+        manifest.json        {"documents": n, "bytes": n, "shards": {shard: [each document's byte offset]}}
+
+(libs/common/corpus_shards.py: the training jobs read the documents back one by one.)
 
 A corpus reference is a corpus name, or a file or folder path relative to the store root.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.common.artifacts import ArtifactStore, check_name
+from libs.common.corpus_shards import MANIFEST, SEPARATOR, shard_name, write_manifest
 from libs.common.errors import AlreadyExists, InvalidArgument, NotFound
 
 KIND = "corpora"
@@ -29,12 +31,14 @@ class CorpusStats:
 
 
 class _ShardWriter:
-    """Appends documents to part-NNNNN.txt files, starting a new shard past SHARD_BYTES."""
+    """Appends documents to part-NNNNN.txt files, starting a new shard past SHARD_BYTES, and records
+    where each document starts."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.bytes = self.documents = self._shard_bytes = self._index = 0
-        self._fh = open(folder / "part-00000.txt", "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.starts: dict[str, list[int]] = {shard_name(0): []}
+        self._fh = open(folder / shard_name(0), "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, text: str, new_document: bool) -> None:
         if new_document or self.documents == 0:
@@ -42,9 +46,12 @@ class _ShardWriter:
                 self._fh.close()
                 self._index += 1
                 self._shard_bytes = 0
-                self._fh = open(self.folder / f"part-{self._index:05d}.txt", "w", encoding="utf-8")  # noqa: SIM115
+                self.starts[shard_name(self._index)] = []
+                self._fh = open(self.folder / shard_name(self._index), "w", encoding="utf-8")  # noqa: SIM115
             elif self.documents:
-                self._fh.write("\n\n")
+                self._fh.write(SEPARATOR)
+                self._shard_bytes += len(SEPARATOR)
+            self.starts[shard_name(self._index)].append(self._shard_bytes)
             self.documents += 1
         size = len(text.encode())
         self._fh.write(text)
@@ -79,7 +86,7 @@ async def upload(store: ArtifactStore, chunks: AsyncIterator[tuple[str, str, boo
             writer.close()
         if writer.bytes == 0:
             raise InvalidArgument("the corpus is empty", field="corpus")
-        (tmp / "manifest.json").write_text(json.dumps({"documents": writer.documents, "bytes": writer.bytes}))
+        write_manifest(tmp, writer.documents, writer.bytes, writer.starts)
     return name, writer.bytes, writer.documents
 
 
@@ -95,7 +102,7 @@ def resolve(store: ArtifactStore, refs: Iterable[str]) -> list[Path]:
             else store.path(ref, field=where)
         )
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
         elif path.is_file():
             found = [path]
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from libs.common import corpus_shards
 from services.training.dataprep.stage import Document, StageStats, parse_config, require
 
 
@@ -54,22 +55,35 @@ def _require_paths(paths: list[str]) -> None:
 
 
 def read_text_files(config: TextFilesConfig, stats: StageStats) -> Iterator[Document]:
-    """Documents with the file's path (relative to its directory) as id and its contents as text."""
+    """Documents with the file's path (relative to its directory) as id and its contents as text.
+
+    A shard of an uploaded corpus (libs/common/corpus_shards.py) holds many documents: each is one
+    document of its own, with id ``<shard>#<n>``.
+    """
     for root in map(Path, config.paths):
         files = (
             [(root, root.name)]
             if root.is_file()
             else [(p, str(p.relative_to(root))) for p in sorted(root.glob(config.pattern)) if p.is_file()]
         )
-        for path, doc_id in files:
-            stats.docs_in += 1
+        for path, file_id in files:
+            starts = corpus_shards.document_starts(path)
             try:
-                text = path.read_text(encoding=config.encoding)
-            except (UnicodeDecodeError, OSError):
+                data = path.read_bytes()
+            except OSError:
+                stats.docs_in += 1
                 stats.drop("unreadable")
                 continue
-            stats.docs_out += 1
-            yield {"id": doc_id, "text": text}
+            pieces = [data] if starts is None else corpus_shards.documents(data, starts)
+            for n, piece in enumerate(pieces):
+                stats.docs_in += 1
+                try:
+                    text = piece.decode(config.encoding).replace("\r\n", "\n").replace("\r", "\n")  # as read_text does
+                except UnicodeDecodeError:
+                    stats.drop("unreadable")
+                    continue
+                stats.docs_out += 1
+                yield {"id": file_id if starts is None else f"{file_id}#{n}", "text": text}
 
 
 def read_jsonl(config: JsonlConfig, stats: StageStats) -> Iterator[Document]:

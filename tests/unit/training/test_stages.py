@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import unicodedata
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument
+from services.tokenizer import corpus
 from services.training.dataprep import (
     Document,
     ExactDedupConfig,
@@ -40,6 +44,32 @@ def test_text_files_reads_matching_files_and_counts_undecodable(tmp_path: Path) 
     docs = list(read_documents(TextFilesConfig(paths=[str(tmp_path)]), stats))
     assert [(d["id"], d["text"]) for d in docs] == [("a.txt", "alpha"), ("sub/b.txt", "beta")]
     assert (stats.docs_in, stats.docs_out, dict(stats.dropped)) == (3, 2, {"unreadable": 1})
+
+
+def test_an_uploaded_corpus_is_read_one_document_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Documents with blank lines of their own, sent in several chunks, across shards, survive the upload whole."""
+    documents = [f"Document {i}.\n\nIts second paragraph, é ∑ {i}.\n\n\nAnd a third." * (1 + i % 3) for i in range(12)]
+    documents[5] = "one line"
+
+    async def chunks() -> AsyncIterator[tuple[str, str, bool]]:
+        for text in documents:  # each document in two chunks: only the first starts a document
+            half = len(text) // 2
+            yield "mixed", text[:half], True
+            yield "mixed", text[half:], False
+
+    monkeypatch.setattr(corpus, "SHARD_BYTES", 200)
+    store = ArtifactStore(tmp_path / "artifacts")
+    _, _, count = asyncio.run(corpus.upload(store, chunks()))
+    folder = store.root / "corpora" / "mixed"
+    assert count == 12 and len(list(folder.glob("*.txt"))) > 1
+    stats = StageStats("read")
+    docs = list(read_documents(TextFilesConfig(paths=[str(folder)]), stats))
+    assert [d["text"] for d in docs] == documents
+    assert len({d["id"] for d in docs}) == 12 and docs[0]["id"] == "part-00000.txt#0"
+    assert (stats.docs_in, stats.docs_out) == (12, 12)
+    # the tokeniser still trains on the shards as plain text: every document's text is in them
+    shards = "".join(p.read_text() for p in sorted(folder.glob("*.txt")))
+    assert all(text in shards for text in documents)
 
 
 def test_jsonl_uses_the_configured_fields_and_keeps_the_rest_as_meta(tmp_path: Path) -> None:
