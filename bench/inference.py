@@ -8,7 +8,8 @@
    arrival order (>= 1.5x).
 3. Batch-1 decode as a fraction of the memory-bandwidth limit (weight bytes read per token over
    the read bandwidth of a large tensor sum) on a >= 100M-parameter model (>= 70%), with compiled
-   decode steps (EngineConfig.compile); the eager engine's and generate's fractions beside it.
+   decode steps (EngineConfig.compile); the eager engine's and generate's fractions beside it, and
+   those of the weights alone through F.linear (the floor MKL's GEMV sets on this machine).
 4. KV cache on vs off (recomputing the whole sequence each step) at 512 generated tokens on the
    >= 100M model (>= 5x); the off side is timed on a sample of the steps spread over all lengths.
 5. Speculative decoding at temperature 0: a draft distilled from the target (>= 1.8x inter-token
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel
 
 from bench.inference_models import FULL, QUICK, Models, Profile, big_model, trained_models
@@ -287,6 +289,21 @@ def weight_bytes_per_token(model: PreTrainedModel) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values() if t.dim() >= 2)
 
 
+def weights_alone_seconds(model: PreTrainedModel) -> float:
+    """One row through every weight a decoded token reads (F.linear each, MKL's GEMV): the floor a
+    batch-1 step stands on before attention, norms and the engine. Best of ten passes."""
+    embedding = model.get_input_embeddings().weight
+    weights = [p for p in model.parameters() if p.dim() == 2 and p is not embedding]
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    def one_pass() -> None:
+        for w in weights:
+            F.linear(rows[w.shape[1]], w)
+
+    one_pass()
+    return min(timed(one_pass) for _ in range(10))
+
+
 def bandwidth(quick: bool) -> tuple[PreTrainedModel, list[int], int]:
     model = big_model(quick)
     params = sum(p.numel() for p in model.parameters())
@@ -301,6 +318,7 @@ def bandwidth(quick: bool) -> tuple[PreTrainedModel, list[int], int]:
     itl_generate = generate_itl(model, prompt, n)
     readings.append(read_bandwidth(quick))
     itl_ours, itl_eager = (run[0] for run in best_of([compiled, eager], prompt, n, repeats=3))
+    weights_alone = weights_alone_seconds(model)
     readings.append(read_bandwidth(quick))
     bw = max(readings)
     limit = bw / per_token
@@ -312,6 +330,8 @@ def bandwidth(quick: bool) -> tuple[PreTrainedModel, list[int], int]:
     record(Row("batch-1 decode, fraction of bandwidth limit", 1 / itl_ours / limit, 1.0, "", 0.7, note=note))
     record(Row("  eager engine, fraction of limit", 1 / itl_eager / limit, 1.0, "", None))
     record(Row("  transformers generate, fraction of limit", 1 / itl_generate / limit, 1.0, "", None))
+    record(Row("  the weights alone (F.linear, one row), fraction of limit", 1 / weights_alone / limit, 1.0, "", None))
+    record(Row("batch-1 decode ours vs the weights alone", 1 / itl_ours, 1 / weights_alone, "tok/s", None))
     record(Row("batch-1 decode ours vs generate", 1 / itl_ours, 1 / itl_generate, "tok/s", None))
     return model, prompt, n
 
