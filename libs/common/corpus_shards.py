@@ -11,9 +11,11 @@ byte offset at which each document starts in its shard, and `documents` reads th
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 MANIFEST = "manifest.json"
 SEPARATOR = "\n\n"
@@ -30,13 +32,22 @@ def write_manifest(folder: Path, documents: int, size: int, starts: dict[str, li
 def document_starts(shard: Path) -> list[int] | None:
     """Byte offsets of the documents in a shard of an uploaded corpus; None for any other file."""
     manifest = shard.parent / MANIFEST
-    if not manifest.is_file():
-        return None
     try:
-        starts = json.loads(manifest.read_text()).get("shards", {}).get(shard.name)
-    except (json.JSONDecodeError, AttributeError):
+        shards = _shards(str(manifest), manifest.stat().st_mtime_ns)
+    except OSError:
         return None
+    starts = shards.get(shard.name)
     return starts if isinstance(starts, list) and all(isinstance(s, int) for s in starts) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _shards(manifest: str, mtime_ns: int) -> dict[str, Any]:
+    """The manifest's "shards" table, read once for all the shards it lists; {} for another kind of manifest."""
+    try:
+        shards = json.loads(Path(manifest).read_text()).get("shards")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return {}
+    return shards if isinstance(shards, dict) else {}
 
 
 def documents(data: bytes, starts: list[int]) -> Iterator[bytes]:

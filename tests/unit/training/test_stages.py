@@ -72,6 +72,14 @@ def test_an_uploaded_corpus_is_read_one_document_at_a_time(tmp_path: Path, monke
     assert all(text in shards for text in documents)
 
 
+def test_a_folder_with_another_kind_of_manifest_is_read_a_file_at_a_time(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": ["part-00000.bin"], "seq_len": 8}))
+    (tmp_path / "notes.txt").write_text("first\n\nsecond")
+    stats = StageStats("read")
+    docs = list(read_documents(TextFilesConfig(paths=[str(tmp_path)]), stats))
+    assert [(d["id"], d["text"]) for d in docs] == [("notes.txt", "first\n\nsecond")]
+
+
 def test_jsonl_uses_the_configured_fields_and_keeps_the_rest_as_meta(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     lines = [
