@@ -282,18 +282,21 @@ def read_bandwidth(quick: bool) -> float:
     return x.numel() * x.element_size() / best
 
 
-def weight_bytes_per_token(model: PreTrainedModel) -> int:
-    """Every weight is read once per decoded token, except the input embedding (one row)."""
+def token_weights(model: PreTrainedModel) -> list[torch.Tensor]:
+    """The weights every decoded token reads once: all matrices but the input embedding (one row of it)."""
     embedding = model.get_input_embeddings().weight
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not embedding}
-    return sum(t.numel() * t.element_size() for t in tensors.values() if t.dim() >= 2)
+    return [t for t in tensors.values() if t.dim() >= 2]
+
+
+def weight_bytes_per_token(model: PreTrainedModel) -> int:
+    return sum(t.numel() * t.element_size() for t in token_weights(model))
 
 
 def weights_alone_seconds(model: PreTrainedModel) -> float:
     """One row through every weight a decoded token reads (F.linear each, MKL's GEMV): the floor a
     batch-1 step stands on before attention, norms and the engine. Best of ten passes."""
-    embedding = model.get_input_embeddings().weight
-    weights = [p for p in model.parameters() if p.dim() == 2 and p is not embedding]
+    weights = token_weights(model)
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
     def one_pass() -> None:

@@ -67,23 +67,28 @@ def read_text_files(config: TextFilesConfig, stats: StageStats) -> Iterator[Docu
             else [(p, str(p.relative_to(root))) for p in sorted(root.glob(config.pattern)) if p.is_file()]
         )
         for path, file_id in files:
-            starts = corpus_shards.document_starts(path)
-            try:
-                data = path.read_bytes()
-            except OSError:
-                stats.docs_in += 1
-                stats.drop("unreadable")
-                continue
-            pieces = [data] if starts is None else corpus_shards.documents(data, starts)
-            for n, piece in enumerate(pieces):
-                stats.docs_in += 1
-                try:
-                    text = piece.decode(config.encoding).replace("\r\n", "\n").replace("\r", "\n")  # as read_text does
-                except UnicodeDecodeError:
-                    stats.drop("unreadable")
-                    continue
-                stats.docs_out += 1
-                yield {"id": file_id if starts is None else f"{file_id}#{n}", "text": text}
+            yield from _file_documents(path, file_id, config.encoding, stats)
+
+
+def _file_documents(path: Path, file_id: str, encoding: str, stats: StageStats) -> Iterator[Document]:
+    """The file as one document, or each document of an uploaded corpus's shard."""
+    starts = corpus_shards.document_starts(path)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        stats.docs_in += 1
+        stats.drop("unreadable")
+        return
+    pieces = [data] if starts is None else corpus_shards.documents(data, starts)
+    for n, piece in enumerate(pieces):
+        stats.docs_in += 1
+        try:
+            text = piece.decode(encoding).replace("\r\n", "\n").replace("\r", "\n")  # as read_text does
+        except UnicodeDecodeError:
+            stats.drop("unreadable")
+            continue
+        stats.docs_out += 1
+        yield {"id": file_id if starts is None else f"{file_id}#{n}", "text": text}
 
 
 def read_jsonl(config: JsonlConfig, stats: StageStats) -> Iterator[Document]:

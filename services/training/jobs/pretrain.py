@@ -279,7 +279,7 @@ def prepare_data(job: JobRecord, cfg: DataConfig, context: JobContext, seq_len: 
     if cfg.dataset:
         return prepared_dataset(context, cfg.dataset, cfg.tokenizer, seq_len, eos_id)
     out = context.artifacts.path(f"{DATASETS}/{job.job_id}")
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         return out
     paths = [corpus_path(context, ref, i) for i, ref in enumerate(cfg.corpus)]
     context.store.log(job.job_id, f"preparing data from {cfg.corpus} with tokenizer {cfg.tokenizer}")
