@@ -145,6 +145,7 @@ class BeamSearch:
         return step
 
     def discard(self, seq: Sequence) -> None:
-        """Forget a beam taken away from outside (an abort)."""
-        self.live.remove(seq)
+        """Forget a beam taken away from outside (an abort, perhaps after a failed selection)."""
+        if seq in self.live:
+            self.live.remove(seq)
         self._logits.pop(seq.seq_id, None)

@@ -13,13 +13,22 @@ beam search (beam.py): its beams are sequences of the batch that fork and share 
 its n best hypotheses are reported when the search ends. LoRA adapters, loaded and unloaded at
 run time, are chosen per request and applied per token of the packed step (lora.py). Requests are
 validated completely in `add_request`, so a bad one is refused before any engine work.
+
+One request's failure is its own: a forward pass that raises is run again one request at a time,
+and a request whose logits are not finite or whose sampling raises is failed with
+`RequestFailed` (its sequences are aborted at the next step) while the rest of the batch goes on.
+Only a step that fails for every request at once fails the engine.
+
 `stream()` drives steps from an asyncio task, with the forward pass off the event loop; a stream
-the caller stops reading is aborted, which frees its slot and blocks at the next step.
+the caller stops reading is aborted, which frees its slot and blocks at the next step. Each stream
+holds at most one undelivered output (`_Outbox`): progress a slow reader has not taken yet is
+merged into it, so memory stays bounded however far the reader falls behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -33,7 +42,7 @@ import torch
 from transformers import PreTrainedModel
 
 from libs.common.artifacts import ArtifactStore
-from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from libs.common.errors import FailedPrecondition, InvalidArgument, LlmpError, NotFound
 from services.inference.engine.beam import BeamSearch
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.lora import LoraAdapters, adapter_dir
@@ -46,8 +55,14 @@ from services.inference.engine.sampling import (
     SamplingParams,
     TokenLogprob,
 )
-from services.inference.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from services.inference.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, Sequence
 from services.inference.engine.speculative import Drafter, DraftRequest, Speculator, is_plain_greedy
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(LlmpError):
+    """One request failed inside the engine (its forward pass, logits or sampling); the others went on."""
 
 
 @dataclass
@@ -88,6 +103,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int
     """Prompt tokens of the first sample served from the prefix cache."""
+    error: RequestFailed | None = None
+    """Set when the request failed; its streams raise it."""
 
     @property
     def finished(self) -> bool:
@@ -105,6 +122,7 @@ class _Request:
     emitted: list[int]  # tokens of each completion already reported
     unfinished: int  # completions without a finish reason
     beams: BeamSearch | None = None  # set for beam search, whose live beams replace `sequences`
+    error: RequestFailed | None = None  # set when it failed; its sequences are aborted at the next step
 
 
 class LLMEngine:
@@ -143,7 +161,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[str, tuple[_Request, int]] = {}
         self._lock = threading.Lock()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, _Outbox] = {}
         self._driver: asyncio.Task[None] | None = None
 
     # -- requests ---------------------------------------------------------------------------------
@@ -252,7 +270,7 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the requests that progressed or finished in it."""
+        """Run one scheduling step; returns the requests that progressed, finished or failed in it."""
         with self._lock:
             scheduled = self.scheduler.schedule()
             touched = {s.request_id: self._finish(s, "abort", free=False) for s in scheduled.aborted}
@@ -260,22 +278,93 @@ class LLMEngine:
             adapters = [self._by_seq[s.seq_id][0].params.adapter for s in scheduled.sequences]
         if scheduled.chunks:
             chunks = self.speculator.extend(scheduled.chunks, drafting) if self.speculator else scheduled.chunks
-            with self.adapters.step([a for c, a in zip(chunks, adapters, strict=True) for _ in c.token_ids]):
-                logits = self.runner.forward(chunks)  # [sampled + drafted, vocab]
+            logits, kept, failed = self._forward(chunks, scheduled.sequences, adapters)  # [rows, vocab]
             with self._lock:
+                for rid, error in failed.items():
+                    touched[rid] = self._fail(self._requests[rid], error)
+                if failed:  # only what was computed enters the cache (and the prefix cache)
+                    scheduled = ScheduledStep(
+                        [scheduled.chunks[i] for i in kept], [scheduled.sequences[i] for i in kept], []
+                    )
+                    chunks = [chunks[i] for i in kept]
                 self.scheduler.advance(scheduled)
-                sampled = [(c, s) for c, s in zip(chunks, scheduled.sequences, strict=True) if c.sample]
-                rows = logits.split([c.num_logits for c, _ in sampled])  # [1 + drafted, vocab] each
-                # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.
-                best = logits.argmax(-1).tolist() if any(c.num_logits == 1 for c, _ in sampled) else []
-                row = 0
-                for (chunk, seq), seq_logits in zip(sampled, rows, strict=True):
-                    if chunk.num_logits == 1:
-                        touched[seq.request_id] = self._append(seq, seq_logits[0], best[row])
-                    else:
-                        touched[seq.request_id] = self._append_verified(seq, seq_logits)
-                    row += chunk.num_logits
+                touched.update(self._sample(chunks, scheduled.sequences, logits))
         return [self._report(r) for r in touched.values()]
+
+    def _forward(
+        self, chunks: list[Chunk], sequences: list[Sequence], adapters: list[str | None]
+    ) -> tuple[torch.Tensor, list[int], dict[str, BaseException]]:
+        """The step's logits [rows, vocab], the indices of the chunks they are for, the requests whose forward raised.
+
+        A failing pass is run again one request at a time (their KV slots are simply written again), so
+        one request's failure is its own; when every request fails alone too, the engine itself is broken.
+        """
+        try:
+            return self._run(chunks, adapters), list(range(len(chunks))), {}
+        except Exception as error:
+            batch_error = error
+        by_request: dict[str, list[int]] = {}
+        for i, seq in enumerate(sequences):
+            by_request.setdefault(seq.request_id, []).append(i)
+        failed: dict[str, BaseException] = {}
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        for rid, ix in by_request.items():
+            try:
+                parts.append((ix, self._run([chunks[i] for i in ix], [adapters[i] for i in ix])))
+            except Exception as e:
+                failed[rid] = e
+        if len(by_request) > 1 and not parts:
+            raise batch_error
+        parts.sort(key=lambda part: part[0][0])  # back into step order, as the chunks are
+        kept = [i for ix, _ in parts for i in ix]
+        rows = [part for _, part in parts] or [torch.empty(0, self.vocab_size)]
+        return torch.cat(rows), kept, failed
+
+    def _run(self, chunks: list[Chunk], adapters: list[str | None]) -> torch.Tensor:
+        with self.adapters.step([a for c, a in zip(chunks, adapters, strict=True) for _ in c.token_ids]):
+            return self.runner.forward(chunks)  # [sampled + drafted, vocab]
+
+    def _sample(self, chunks: list[Chunk], sequences: list[Sequence], logits: torch.Tensor) -> dict[str, _Request]:
+        """Append each sampling sequence's next tokens; a request whose logits or sampling fail fails alone."""
+        sampled = [(c, s) for c, s in zip(chunks, sequences, strict=True) if c.sample]
+        if not sampled:
+            return {}
+        # One reduction per step; rows are looked at one by one only when some row is not finite.
+        finite = torch.isfinite(logits).all(-1).tolist() if not bool(torch.isfinite(logits).all()) else None
+        # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.
+        best = logits.argmax(-1).tolist() if any(c.num_logits == 1 for c, _ in sampled) else []
+        touched: dict[str, _Request] = {}
+        row = 0
+        for chunk, seq in sampled:
+            rows = slice(row, row + chunk.num_logits)
+            row += chunk.num_logits
+            entry = self._by_seq.get(seq.seq_id)
+            if entry is None or entry[0].error is not None:  # its request failed earlier in this step
+                continue
+            request, index = entry
+            touched[request.request_id] = request
+            if finite is not None and not all(finite[rows]):
+                self._fail(request, FloatingPointError("the model's logits are not finite"))
+                continue
+            try:
+                if chunk.num_logits == 1:
+                    self._append(request, index, seq, logits[rows.start], best[rows.start])
+                else:
+                    self._append_verified(request, index, seq, logits[rows])
+            except Exception as e:
+                self._fail(request, e)
+        return touched
+
+    def _fail(self, request: _Request, error: BaseException) -> _Request:
+        """Fail one request: its streams get RequestFailed now, its sequences are aborted at the next step."""
+        log.error("request %s failed in the engine: %r", request.request_id, error, exc_info=error)
+        if request.error is None:
+            request.error = RequestFailed(
+                f"request {request.request_id!r} failed in the engine ({type(error).__name__}); "
+                "other requests were not affected"
+            )
+            self.scheduler.abort(request.request_id)
+        return request
 
     def _draft_requests(self, chunks: list[Chunk], sequences: list[Sequence]) -> dict[str, DraftRequest]:
         """What each sequence about to sample may draft: up to its max_tokens and the context, less one."""
@@ -288,24 +377,21 @@ class LLMEngine:
                 requests[seq.seq_id] = DraftRequest(seq.seq_id, seq.token_ids, room - 1, request.samplers[index], ctx)
         return requests
 
-    def _append(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> _Request:
+    def _append(self, request: _Request, index: int, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
         """Sample the next token from logits [vocab]; `argmax` is their argmax, all plain greedy needs."""
-        request, index = self._by_seq[seq.seq_id]
         if request.beams is not None:
             self._append_beam(request, request.beams, seq, logits)
-            return request
+            return
         sampler = request.samplers[index]
         if is_plain_greedy(sampler):
             self._push(request, index, seq, argmax, None)
-            return request
+            return
         token, logprob = sampler.sample(logits, SamplingContext(request.prompt_ids, seq.output_ids))
         self._push(request, index, seq, token, logprob)
-        return request
 
-    def _append_verified(self, seq: Sequence, logits: torch.Tensor) -> _Request:
+    def _append_verified(self, request: _Request, index: int, seq: Sequence, logits: torch.Tensor) -> None:
         """logits [1 + k, vocab] of a chunk that carried k drafts: emit the accepted ones and one more."""
         assert self.speculator is not None
-        request, index = self._by_seq[seq.seq_id]
         sampler, completion = request.samplers[index], request.completions[index]
         ctx = SamplingContext(request.prompt_ids, seq.output_ids)
         tokens, accepted = self.speculator.verify(seq.seq_id, logits, sampler, ctx)
@@ -314,9 +400,8 @@ class LLMEngine:
         for row, token in enumerate(tokens):
             logprob = sampler.logprob(logits[row].cpu(), token) if request.params.logprobs is not None else None
             if self._push(request, index, seq, token, logprob):
-                return request
+                return
         self.scheduler.accept(seq, accepted)
-        return request
 
     def _append_beam(self, request: _Request, beams: BeamSearch, seq: Sequence, logits: torch.Tensor) -> None:
         """Hand a beam's logits [vocab] to the search; apply its selection once all live beams have them."""
@@ -391,7 +476,9 @@ class LLMEngine:
             new = c.token_ids[request.emitted[i] :]
             request.emitted[i] = len(c.token_ids)
             outputs.append(replace(c, token_ids=list(c.token_ids), logprobs=list(c.logprobs), new_token_ids=new))
-        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.sequences[0].num_cached)
+        return RequestOutput(
+            request.request_id, request.prompt_ids, outputs, request.sequences[0].num_cached, request.error
+        )
 
     # -- conveniences -----------------------------------------------------------------------------
     def generate(self, prompts: Iterable[Iterable[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -420,16 +507,17 @@ class LLMEngine:
         Steps are driven by one asyncio task per engine; do not call `step()` or `generate()` meanwhile.
         """
         rid = self.add_request(prompt_ids, params, request_id=request_id)
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[rid] = queue
+        outbox = self._streams[rid] = _Outbox()
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
         finished = False
         try:
             while not finished:
-                out = await queue.get()
+                out = await outbox.get()
                 if isinstance(out, BaseException):
                     raise out
+                if out.error is not None:
+                    raise out.error
                 finished = out.finished
                 yield out
         finally:
@@ -442,10 +530,40 @@ class LLMEngine:
         try:
             while self.has_unfinished():
                 for out in await asyncio.to_thread(self.step):
-                    queue = self._streams.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
+                    outbox = self._streams.get(out.request_id)
+                    if outbox is not None:
+                        outbox.put(out)
         except Exception as e:
-            for queue in self._streams.values():
-                queue.put_nowait(e)
+            for outbox in self._streams.values():
+                outbox.put(e)
             raise
+
+
+class _Outbox:
+    """A stream's undelivered progress: at most one output, into which later ones are merged.
+
+    Outputs carry whole completions plus the tokens new since the previous one, so merging keeps
+    the later output and the new tokens of both: a reader that falls behind gets everything in one
+    output when it reads again, and memory stays bounded by the request's own size.
+    """
+
+    def __init__(self) -> None:
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, out: RequestOutput | BaseException) -> None:
+        earlier = self._pending
+        if isinstance(earlier, BaseException):
+            return  # an error ends the stream; nothing after it matters
+        if earlier is not None and isinstance(out, RequestOutput):
+            for old, new in zip(earlier.outputs, out.outputs, strict=True):
+                new.new_token_ids = old.new_token_ids + new.new_token_ids
+        self._pending = out
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        self._ready.clear()
+        out, self._pending = self._pending, None
+        assert out is not None
+        return out

@@ -165,7 +165,28 @@ class SamplingLimits:
     max_tokens: int = 4096
     max_logprobs: int = 20
     max_stop_strings: int = 16
+    max_stop_length: int = 256
+    """Characters of one stop string."""
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 1024
+    """Entries of logit_bias."""
+    max_processors: int = 8
     max_beam_width: int = 16
+
+
+# Bounds of the float fields. Every value inside keeps the float32 pipeline finite: logits (at most
+# about 1e5 in half precision) plus a bias of 100, over a temperature of 0.01 or divided by a
+# penalty of 0.01, stay far below float32's 3.4e38; a smaller temperature is greedy in all but name.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_LOGIT_BIAS = 100.0
+MAX_PENALTY = 2.0
+MAX_LENGTH_PENALTY = 10.0
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    """low <= value <= high for a finite value (NaN and infinities are never within)."""
+    return math.isfinite(value) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -208,20 +229,44 @@ class SamplingParams:
         return self.temperature == 0
 
     def validate(self, vocab_size: int, limits: SamplingLimits = SamplingLimits()) -> None:
-        """Raise InvalidArgument naming the first bad field."""
+        """Raise InvalidArgument naming the first bad field; every float must be finite and in its range."""
+        for ok, name, message in self._checks(vocab_size, limits):
+            if not ok:
+                raise InvalidArgument(f"{message} (got {_shown(getattr(self, name))})", field=name)
+
+    def _checks(self, vocab_size: int, limits: SamplingLimits) -> list[tuple[bool, str, str]]:
+        """(holds, field, what it must be) for every field, in the order they are reported."""
+        t, rp = self.temperature, self.repetition_penalty
+        bias = self.logit_bias
         checks: list[tuple[bool, str, str]] = [
             (1 <= self.max_tokens <= limits.max_tokens, "max_tokens", f"must be in [1, {limits.max_tokens}]"),
-            (0 <= self.temperature < math.inf, "temperature", "must be >= 0"),
+            (
+                t == 0 or _within(t, MIN_TEMPERATURE, MAX_TEMPERATURE),
+                "temperature",
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+            ),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (_within(self.top_p, 0, 1) and self.top_p > 0, "top_p", "must be in (0, 1]"),
+            (_within(self.min_p, 0, 1), "min_p", "must be in [0, 1]"),
+            (
+                _within(rp, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
+                "repetition_penalty",
+                f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]",
+            ),
+            (_within(self.presence_penalty, -MAX_PENALTY, MAX_PENALTY), "presence_penalty", "must be in [-2, 2]"),
+            (_within(self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY), "frequency_penalty", "must be in [-2, 2]"),
             (1 <= self.n <= limits.max_n, "n", f"must be in [1, {limits.max_n}]"),
-            (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias", f"token ids must be < {vocab_size}"),
+            (len(bias) <= limits.max_logit_bias, "logit_bias", f"takes at most {limits.max_logit_bias} entries"),
+            (all(0 <= t < vocab_size for t in bias), "logit_bias", f"token ids must be < {vocab_size}"),
+            (
+                all(_within(v, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS) for v in bias.values()),
+                "logit_bias",
+                f"values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]",
+            ),
+            (len(self.stop_token_ids) <= limits.max_stop_token_ids, "stop_token_ids", "too many token ids"),
             (all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids", f"must be < {vocab_size}"),
             (len(self.stop) <= limits.max_stop_strings and all(self.stop), "stop", "too many or empty strings"),
+            (all(len(s) <= limits.max_stop_length for s in self.stop), "stop", "a stop string is too long"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= limits.max_logprobs,
                 "logprobs",
@@ -229,8 +274,13 @@ class SamplingParams:
             ),
             (self.seed is None or 0 <= self.seed < 2**63 - 2**16, "seed", "must be a non-negative 63-bit integer"),
             (1 <= self.beam_width <= limits.max_beam_width, "beam_width", f"must be in [1, {limits.max_beam_width}]"),
-            (math.isfinite(self.length_penalty), "length_penalty", "must be finite"),
+            (
+                _within(self.length_penalty, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY),
+                "length_penalty",
+                f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}]",
+            ),
             (self.early_stopping in (True, False, "never"), "early_stopping", 'must be true, false or "never"'),
+            *self._processor_checks(limits),
         ]
         if self.beam_width > 1:
             checks += [
@@ -240,9 +290,19 @@ class SamplingParams:
                 (not self.stop, "stop", "stop strings are not supported with beam search"),
                 (self.logprobs is None, "logprobs", "are not returned with beam search"),
             ]
-        for ok, name, message in checks:
-            if not ok:
-                raise InvalidArgument(f"{message} (got {getattr(self, name)!r})", field=name)
+        return checks
+
+    def _processor_checks(self, limits: SamplingLimits) -> list[tuple[bool, str, str]]:
+        """Extra stages are plugins beyond the built-ins, whose values the request's own fields bound."""
+        names = [p.get("type") if isinstance(p, Mapping) else None for p in self.processors]
+        return [
+            (len(names) <= limits.max_processors, "processors", f"takes at most {limits.max_processors} stages"),
+            (
+                not any(n in BUILTINS for n in names),
+                "processors",
+                f"built-in stages ({', '.join(sorted(BUILTINS))}) are set by the request's own fields",
+            ),
+        ]
 
     def specs(self) -> list[Mapping[str, Any]]:
         """The pipeline as plugin specs, in order; stages that would do nothing are left out."""
@@ -265,6 +325,12 @@ class SamplingParams:
         if self.min_p > 0.0:
             specs.append({"type": "min_p", "p": self.min_p})
         return specs
+
+
+def _shown(value: Any) -> str:
+    """A field's value for an error message, cut short (a map or tuple may be large)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
