@@ -72,7 +72,11 @@ def check_good_and_bad(models, e: LLMEngine, bad: str) -> None:
 
 def test_a_failing_sampler_fails_only_its_request(models, nan_sampler: None) -> None:
     e = engine(models)
-    e.add_request(prompt(8, seed=9), SamplingParams(max_tokens=10, processors=({"type": "nan_after", "after": 3},)), request_id="bad")
+    e.add_request(
+        prompt(8, seed=9),
+        SamplingParams(max_tokens=10, processors=({"type": "nan_after", "after": 3},)),
+        request_id="bad",
+    )
     check_good_and_bad(models, e, "bad")
 
 
