@@ -41,11 +41,12 @@ from libs.common.errors import (
 from libs.common.planning.memory import GIB
 from services.inference import metrics
 from services.inference.config import InferenceConfig
-from services.inference.engine import SamplingLimits
+from services.inference.engine import SAMPLERS, SamplingLimits, SamplingParams
 from services.inference.engine.kv_cache import KVCacheConfig
 from services.inference.engine.lora import adapter_dir
 from services.inference.engine.lora import read_config as read_adapter_config
 from services.inference.model_server import ModelServer, describe_model, plugin_spec
+from services.inference.prompting import check_messages
 from services.inference.schema import (
     Chunk,
     CompletionChunk,
@@ -270,13 +271,24 @@ class InferenceCore:
             raise NotFound(f"no request {request_id!r} is running", field="request_id")
         event.set()
 
+    def sampling_defaults(self, model: str) -> SamplingParams:
+        """What a request's unset sampling fields take: the model's generation_config.json, else the engine's."""
+        served = self._models.get(model)
+        return served.facts.sampling_defaults if served is not None else SamplingParams()
+
     def _admit(self, served: _Served, request: GenerateInput) -> GenerateInput:
         """Check what can be checked here, then count the request in; no replica has seen it yet."""
-        if not (request.text or request.token_ids):
-            raise InvalidArgument("must not be empty: give text or token_ids", field="prompt")
+        if request.messages is not None:
+            check_messages(request.messages)
+            if not served.facts.has_chat_template:
+                raise InvalidArgument(f"model {served.spec.name!r} has no chat template", field="messages")
+        elif not (request.text or request.token_ids):
+            raise InvalidArgument("must not be empty: give text, token_ids or messages", field="prompt")
         if request.token_ids and not all(0 <= t < served.facts.vocab_size for t in request.token_ids):
             raise InvalidArgument(f"token ids must be in [0, {served.facts.vocab_size})", field="token_ids")
         request.params.validate(served.facts.vocab_size, self.limits)
+        for spec in request.params.processors:  # known and allowed; built only on the replica
+            SAMPLERS.get(str(spec.get("type", "")), field="processors.type")
         adapter = request.params.adapter
         if adapter and adapter not in served.adapters:
             raise NotFound(f"no adapter {adapter!r} is loaded on {served.spec.name!r}", field="adapter")

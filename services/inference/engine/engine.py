@@ -156,8 +156,11 @@ class LLMEngine:
         scaled_len = model.max_model_len if isinstance(model, LoadedModel) else None
         model_len = scaled_len or getattr(module.config, "max_position_embeddings", None) or self.cache.capacity_tokens
         self.max_model_len = min(self.config.max_model_len or model_len, model_len, self.cache.capacity_tokens)
-        eos = module.config.eos_token_id
-        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        # The model's end tokens: config.json's and generation_config.json's (often a list, e.g. chat models').
+        generation = getattr(module, "generation_config", None)
+        self.eos_token_ids: set[int] = _ids(module.config.eos_token_id) | _ids(
+            getattr(generation, "eos_token_id", None)
+        )
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[str, tuple[_Request, int]] = {}
         self._lock = threading.Lock()
@@ -537,6 +540,10 @@ class LLMEngine:
             for outbox in self._streams.values():
                 outbox.put(e)
             raise
+
+
+def _ids(value: int | list[int] | None) -> set[int]:
+    return set(value if isinstance(value, list) else [] if value is None else [value])
 
 
 class _Outbox:

@@ -297,6 +297,7 @@ class SamplingParams:
         names = [p.get("type") if isinstance(p, Mapping) else None for p in self.processors]
         return [
             (len(names) <= limits.max_processors, "processors", f"takes at most {limits.max_processors} stages"),
+            (all(isinstance(n, str) and n for n in names), "processors", 'each is {"type": "<name>", ...params}'),
             (
                 not any(n in BUILTINS for n in names),
                 "processors",
