@@ -43,11 +43,12 @@ from transformers import PreTrainedModel
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import FailedPrecondition, InvalidArgument, LlmpError, NotFound
+from services.inference.engine.batch import StepChunk
 from services.inference.engine.beam import BeamSearch
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.lora import LoraAdapters, adapter_dir
 from services.inference.engine.model_loader import LoadedModel
-from services.inference.engine.model_runner import Chunk, ModelRunner
+from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.sampling import (
     Sampler,
     SamplingContext,
@@ -56,7 +57,7 @@ from services.inference.engine.sampling import (
     TokenLogprob,
 )
 from services.inference.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, Sequence
-from services.inference.engine.speculative import Drafter, DraftRequest, Speculator, is_plain_greedy
+from services.inference.engine.speculative import Drafter, DraftRequest, Speculator
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class LLMEngine:
         return [self._report(r) for r in touched.values()]
 
     def _forward(
-        self, chunks: list[Chunk], sequences: list[Sequence], adapters: list[str | None]
+        self, chunks: list[StepChunk], sequences: list[Sequence], adapters: list[str | None]
     ) -> tuple[torch.Tensor, list[int], dict[str, BaseException]]:
         """The step's logits [rows, vocab], the indices of the chunks they are for, the requests whose forward raised.
 
@@ -323,11 +324,11 @@ class LLMEngine:
         rows = [part for _, part in parts] or [torch.empty(0, self.vocab_size)]
         return torch.cat(rows), kept, failed
 
-    def _run(self, chunks: list[Chunk], adapters: list[str | None]) -> torch.Tensor:
+    def _run(self, chunks: list[StepChunk], adapters: list[str | None]) -> torch.Tensor:
         with self.adapters.step([a for c, a in zip(chunks, adapters, strict=True) for _ in c.token_ids]):
             return self.runner.forward(chunks)  # [sampled + drafted, vocab]
 
-    def _sample(self, chunks: list[Chunk], sequences: list[Sequence], logits: torch.Tensor) -> dict[str, _Request]:
+    def _sample(self, chunks: list[StepChunk], sequences: list[Sequence], logits: torch.Tensor) -> dict[str, _Request]:
         """Append each sampling sequence's next tokens; a request whose logits or sampling fail fails alone."""
         sampled = [(c, s) for c, s in zip(chunks, sequences, strict=True) if c.sample]
         if not sampled:
@@ -369,7 +370,7 @@ class LLMEngine:
             self.scheduler.abort(request.request_id)
         return request
 
-    def _draft_requests(self, chunks: list[Chunk], sequences: list[Sequence]) -> dict[str, DraftRequest]:
+    def _draft_requests(self, chunks: list[StepChunk], sequences: list[Sequence]) -> dict[str, DraftRequest]:
         """What each sequence about to sample may draft: up to its max_tokens and the context, less one."""
         requests = {}
         for chunk, seq in zip(chunks, sequences, strict=True):
@@ -386,7 +387,7 @@ class LLMEngine:
             self._append_beam(request, request.beams, seq, logits)
             return
         sampler = request.samplers[index]
-        if is_plain_greedy(sampler):
+        if sampler.plain_greedy:
             self._push(request, index, seq, argmax, None)
             return
         token, logprob = sampler.sample(logits, SamplingContext(request.prompt_ids, seq.output_ids))

@@ -349,6 +349,9 @@ class Sampler:
         self.params = params
         self.stages = [SAMPLERS.create(spec, field="processors") for spec in params.specs()]
         self.generator = torch.Generator().manual_seed(seed)
+        # Greedy with no stage before the argmax and no log-probabilities: the token is the logits'
+        # argmax, which the engine takes for a whole step at once and speculation compares drafts to.
+        self.plain_greedy = params.greedy and params.logprobs is None and len(self.stages) == 1
 
     def sample(self, logits: torch.Tensor, ctx: SamplingContext) -> tuple[int, TokenLogprob | None]:
         """logits [vocab] float32 on any device -> the chosen token and, if asked, its log-probabilities."""

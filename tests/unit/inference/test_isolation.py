@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams
+from services.inference.engine.batch import StepChunk
 from services.inference.engine.engine import RequestFailed, RequestOutput
 from services.inference.engine.sampling import SAMPLERS, LogitsProcessor, SamplingContext
-from services.inference.engine.scheduler import Chunk
 
 from .tiny import prompt
 
@@ -80,10 +80,10 @@ def test_a_failing_sampler_fails_only_its_request(models, nan_sampler: None) -> 
     check_good_and_bad(models, e, "bad")
 
 
-def faulty_forward(e: LLMEngine, fault: Callable[[list[Chunk], torch.Tensor | None], torch.Tensor]) -> None:
+def faulty_forward(e: LLMEngine, fault: Callable[[list[StepChunk], torch.Tensor | None], torch.Tensor]) -> None:
     real = e.runner.forward
 
-    def forward(chunks: list[Chunk]) -> torch.Tensor:
+    def forward(chunks: list[StepChunk]) -> torch.Tensor:
         return fault(chunks, real(chunks))
 
     e.runner.forward = forward  # type: ignore[method-assign]
@@ -93,7 +93,7 @@ def test_non_finite_logits_fail_only_their_request(models) -> None:
     """A NaN row in the step's logits (as from an overflow in half precision) must not poison the batch."""
     e = engine(models)
 
-    def nan_rows(chunks: list[Chunk], logits: torch.Tensor | None) -> torch.Tensor:
+    def nan_rows(chunks: list[StepChunk], logits: torch.Tensor | None) -> torch.Tensor:
         assert logits is not None
         row = 0
         for c in chunks:
@@ -112,7 +112,7 @@ def test_a_failing_forward_pass_fails_only_its_request(models) -> None:
     e = engine(models)
     steps = 0
 
-    def raise_for_bad(chunks: list[Chunk], logits: torch.Tensor | None) -> torch.Tensor:
+    def raise_for_bad(chunks: list[StepChunk], logits: torch.Tensor | None) -> torch.Tensor:
         nonlocal steps
         steps += 1
         if steps > 2 and any(c.seq_id.startswith("bad/") for c in chunks):
@@ -128,7 +128,7 @@ def test_a_failing_forward_pass_fails_only_its_request(models) -> None:
 def test_a_step_that_fails_for_every_request_fails_the_engine(models) -> None:
     e = engine(models)
 
-    def broken(chunks: list[Chunk], logits: torch.Tensor | None) -> torch.Tensor:
+    def broken(chunks: list[StepChunk], logits: torch.Tensor | None) -> torch.Tensor:
         raise RuntimeError("the device is gone")
 
     faulty_forward(e, broken)
