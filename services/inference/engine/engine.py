@@ -10,8 +10,11 @@ Each `step()` schedules (scheduler.py), runs one packed forward over the paged c
 (sampling.py) and reports progress per request. With a drafter, those chunks also carry drafted
 tokens that the same forward pass verifies (speculative.py). A request with beam_width > 1 runs
 beam search (beam.py): its beams are sequences of the batch that fork and share cache blocks, and
-its n best hypotheses are reported when the search ends. LoRA adapters, loaded and unloaded at
-run time, are chosen per request and applied per token of the packed step (lora.py). Requests are
+its n best hypotheses are reported when the search ends. Which of the two a request runs is its
+decoding strategy (decoding.py), which the engine calls and which changes the batch only through
+the engine's `DecodingHost` methods (`push`, `end_completion`, `drop`, `fork`, `end`). LoRA
+adapters, loaded and unloaded at run time, are chosen per request and applied per token of the
+packed step (lora.py). Requests are
 validated completely in `add_request`, so a bad one is refused before any engine work.
 
 One request's failure is its own: a forward pass that raises is run again one request at a time,
@@ -44,7 +47,8 @@ from transformers import PreTrainedModel
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import FailedPrecondition, InvalidArgument, LlmpError, NotFound
 from services.inference.engine.batch import StepChunk
-from services.inference.engine.beam import BeamSearch
+from services.inference.engine.beam import BeamDecoding, BeamSearch, check_beams
+from services.inference.engine.decoding import SAMPLE, CompletionOutput, RequestState
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.lora import LoraAdapters, adapter_dir
 from services.inference.engine.model_loader import LoadedModel
@@ -79,55 +83,22 @@ class EngineConfig:
 
 
 @dataclass
-class CompletionOutput:
-    """One of a request's n samples, as far as it got."""
-
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str | None = None
-    """Decoded output, when the engine has a detokenizer; cut before a matched stop string."""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    """None while running, then "stop", "length" or "abort"."""
-    new_token_ids: list[int] = field(default_factory=list)
-    """Tokens generated since the previous output of this request."""
-    num_draft_tokens: int = 0
-    """Speculative decoding: tokens drafted for this sample so far."""
-    num_accepted_tokens: int = 0
-    """Speculative decoding: drafted tokens the target accepted."""
-
-
-@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int
     """Prompt tokens of the first sample served from the prefix cache."""
-    error: RequestFailed | None = None
-    """Set when the request failed; its streams raise it."""
+    error: LlmpError | None = None
+    """Set when the request failed (RequestFailed); its streams raise it."""
 
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
 
 
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sequences: list[Sequence]
-    samplers: list[Sampler]
-    completions: list[CompletionOutput]
-    emitted: list[int]  # tokens of each completion already reported
-    unfinished: int  # completions without a finish reason
-    beams: BeamSearch | None = None  # set for beam search, whose live beams replace `sequences`
-    error: RequestFailed | None = None  # set when it failed; its sequences are aborted at the next step
-
-
 class LLMEngine:
-    """Continuous-batching generation over one model on one device."""
+    """Continuous-batching generation over one model on one device; the `DecodingHost` of its requests' strategies."""
 
     def __init__(
         self,
@@ -162,8 +133,8 @@ class LLMEngine:
         self.eos_token_ids: set[int] = _ids(module.config.eos_token_id) | _ids(
             getattr(generation, "eos_token_id", None)
         )
-        self._requests: dict[str, _Request] = {}
-        self._by_seq: dict[str, tuple[_Request, int]] = {}
+        self._requests: dict[str, RequestState] = {}
+        self._by_seq: dict[str, tuple[RequestState, int]] = {}
         self._lock = threading.Lock()
         self._streams: dict[str, _Outbox] = {}
         self._driver: asyncio.Task[None] | None = None
@@ -182,10 +153,11 @@ class LLMEngine:
         samplers = [] if beam else [Sampler(params, seed + i) for i in range(params.n)]
         seqs = [Sequence(f"{rid}/{i}", rid, list(prompt), len(prompt)) for i in range(1 if beam else params.n)]
         completions = [CompletionOutput(i) for i in range(params.n)]
-        request = _Request(rid, prompt, params, seqs, samplers, completions, [0] * params.n, params.n)
+        decoding = SAMPLE
         if beam:
             stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-            request.beams = BeamSearch(seqs[0], params, stop_ids, params.max_tokens)
+            decoding = BeamDecoding(BeamSearch(seqs[0], params, stop_ids, params.max_tokens))
+        request = RequestState(rid, prompt, params, seqs, samplers, completions, decoding, [0] * params.n, params.n)
         with self._lock:
             if rid in self._requests:
                 raise InvalidArgument(f"{rid!r} is already running", field="request_id")
@@ -215,22 +187,11 @@ class LLMEngine:
                 field="max_tokens",
             )
         if params.beam_width > 1:
-            self._validate_beams(len(prompt), params)
+            check_beams(len(prompt), params, self.cache.block_size, self.cache.num_blocks, self.speculator is not None)
         if params.stop and self.detokenize is None:
             raise InvalidArgument("stop strings need a model served with its tokenizer", field="stop")
         if request_id is not None and not request_id:
             raise InvalidArgument("must not be empty", field="request_id")
-
-    def _validate_beams(self, prompt_len: int, params: SamplingParams) -> None:
-        if self.speculator is not None:
-            raise InvalidArgument("beam search does not run with speculative decoding", field="beam_width")
-        # Every beam at full length must fit at once, or beams could only advance by evicting each other.
-        blocks_per_beam = -(-(prompt_len + params.max_tokens) // self.cache.block_size)
-        if params.beam_width * blocks_per_beam > self.cache.num_blocks:
-            raise InvalidArgument(
-                f"{params.beam_width} beams of {prompt_len + params.max_tokens} tokens do not fit the KV cache",
-                field="beam_width",
-            )
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its slot and blocks are freed at the next step. False if it is not running."""
@@ -328,7 +289,9 @@ class LLMEngine:
         with self.adapters.step([a for c, a in zip(chunks, adapters, strict=True) for _ in c.token_ids]):
             return self.runner.forward(chunks)  # [sampled + drafted, vocab]
 
-    def _sample(self, chunks: list[StepChunk], sequences: list[Sequence], logits: torch.Tensor) -> dict[str, _Request]:
+    def _sample(
+        self, chunks: list[StepChunk], sequences: list[Sequence], logits: torch.Tensor
+    ) -> dict[str, RequestState]:
         """Append each sampling sequence's next tokens; a request whose logits or sampling fail fails alone."""
         sampled = [(c, s) for c, s in zip(chunks, sequences, strict=True) if c.sample]
         if not sampled:
@@ -337,7 +300,7 @@ class LLMEngine:
         finite = torch.isfinite(logits).all(-1).tolist() if not bool(torch.isfinite(logits).all()) else None
         # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.
         best = logits.argmax(-1).tolist() if any(c.num_logits == 1 for c, _ in sampled) else []
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
         row = 0
         for chunk, seq in sampled:
             rows = slice(row, row + chunk.num_logits)
@@ -352,14 +315,14 @@ class LLMEngine:
                 continue
             try:
                 if chunk.num_logits == 1:
-                    self._append(request, index, seq, logits[rows.start], best[rows.start])
+                    request.decoding.append(self, request, index, seq, logits[rows.start], best[rows.start])
                 else:
                     self._append_verified(request, index, seq, logits[rows])
             except Exception as e:
                 self._fail(request, e)
         return touched
 
-    def _fail(self, request: _Request, error: BaseException) -> _Request:
+    def _fail(self, request: RequestState, error: BaseException) -> RequestState:
         """Fail one request: its streams get RequestFailed now, its sequences are aborted at the next step."""
         log.error("request %s failed in the engine: %r", request.request_id, error, exc_info=error)
         if request.error is None:
@@ -381,19 +344,7 @@ class LLMEngine:
                 requests[seq.seq_id] = DraftRequest(seq.seq_id, seq.token_ids, room - 1, request.samplers[index], ctx)
         return requests
 
-    def _append(self, request: _Request, index: int, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
-        """Sample the next token from logits [vocab]; `argmax` is their argmax, all plain greedy needs."""
-        if request.beams is not None:
-            self._append_beam(request, request.beams, seq, logits)
-            return
-        sampler = request.samplers[index]
-        if sampler.plain_greedy:
-            self._push(request, index, seq, argmax, None)
-            return
-        token, logprob = sampler.sample(logits, SamplingContext(request.prompt_ids, seq.output_ids))
-        self._push(request, index, seq, token, logprob)
-
-    def _append_verified(self, request: _Request, index: int, seq: Sequence, logits: torch.Tensor) -> None:
+    def _append_verified(self, request: RequestState, index: int, seq: Sequence, logits: torch.Tensor) -> None:
         """logits [1 + k, vocab] of a chunk that carried k drafts: emit the accepted ones and one more."""
         assert self.speculator is not None
         sampler, completion = request.samplers[index], request.completions[index]
@@ -403,34 +354,12 @@ class LLMEngine:
         completion.num_accepted_tokens += accepted
         for row, token in enumerate(tokens):
             logprob = sampler.logprob(logits[row].cpu(), token) if request.params.logprobs is not None else None
-            if self._push(request, index, seq, token, logprob):
+            if self.push(request, index, seq, token, logprob):
                 return
         self.scheduler.accept(seq, accepted)
 
-    def _append_beam(self, request: _Request, beams: BeamSearch, seq: Sequence, logits: torch.Tensor) -> None:
-        """Hand a beam's logits [vocab] to the search; apply its selection once all live beams have them."""
-        step = beams.add(seq, logits)
-        if step is None:
-            return
-        for old in step.dropped:  # first, so that their blocks are free for the forks' copies
-            del self._by_seq[old.seq_id]
-            self.scheduler.finish(old)
-        for parent, child in step.forked:
-            self.scheduler.fork(parent, child)
-            self._by_seq[child.seq_id] = (request, 0)
-        if beams.done:
-            for completion, hypothesis in zip(request.completions, beams.finished, strict=False):
-                completion.token_ids = list(hypothesis.token_ids)
-                completion.text = self.detokenize(completion.token_ids) if self.detokenize else None
-            self._end_beams(request, [h.finish_reason for h in beams.finished])
-
-    def _end_beams(self, request: _Request, reasons: list[str]) -> None:
-        for completion, reason in zip(request.completions, reasons, strict=False):
-            completion.finish_reason = reason
-        request.unfinished = 0
-        del self._requests[request.request_id]
-
-    def _push(self, request: _Request, index: int, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
+    # -- the decoding strategies' host (decoding.DecodingHost) -------------------------------------
+    def push(self, request: RequestState, index: int, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
         """Append a token to a sample; True if it finished the sample."""
         completion = request.completions[index]
         seq.token_ids.append(token)
@@ -442,7 +371,34 @@ class LLMEngine:
             self._finish(seq, reason, free=True)
         return reason is not None
 
-    def _finish_reason(self, request: _Request, completion: CompletionOutput, token: int) -> str | None:
+    def end_completion(self, request: RequestState, index: int, seq: Sequence, reason: str, free: bool) -> None:
+        request.completions[index].finish_reason = reason
+        if free:
+            self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq.seq_id)
+        request.unfinished -= 1
+        if request.unfinished == 0:
+            del self._requests[request.request_id]
+
+    def drop(self, seq: Sequence) -> None:
+        del self._by_seq[seq.seq_id]
+        self.scheduler.finish(seq)
+
+    def fork(self, request: RequestState, parent: Sequence, child: Sequence) -> None:
+        self.scheduler.fork(parent, child)
+        self._by_seq[child.seq_id] = (request, 0)
+
+    def end(self, request: RequestState, reasons: list[str], tokens: list[list[int]] | None = None) -> None:
+        for completion, ids in zip(request.completions, tokens or [], strict=False):
+            completion.token_ids = ids
+            completion.text = self.detokenize(ids) if self.detokenize else None
+        for completion, reason in zip(request.completions, reasons, strict=False):
+            completion.finish_reason = reason
+        request.unfinished = 0
+        del self._requests[request.request_id]
+
+    def _finish_reason(self, request: RequestState, completion: CompletionOutput, token: int) -> str | None:
         params = request.params
         if self.detokenize is not None:
             completion.text = self.detokenize(completion.token_ids)
@@ -457,24 +413,13 @@ class LLMEngine:
             return "length"
         return None
 
-    def _finish(self, seq: Sequence, reason: str, *, free: bool) -> _Request:
+    def _finish(self, seq: Sequence, reason: str, *, free: bool) -> RequestState:
+        """A sequence ends (its own stop, or an abort): its request's strategy says what that means."""
         request, index = self._by_seq.pop(seq.seq_id)
-        if request.beams is not None:  # only an abort ends a beam from outside the search
-            request.beams.discard(seq)
-            if not request.beams.live:
-                self._end_beams(request, [reason] * request.params.n)
-            return request
-        request.completions[index].finish_reason = reason
-        if free:
-            self.scheduler.finish(seq)
-        if self.speculator is not None:
-            self.speculator.release(seq.seq_id)
-        request.unfinished -= 1
-        if request.unfinished == 0:
-            del self._requests[request.request_id]
+        request.decoding.remove(self, request, index, seq, reason, free)
         return request
 
-    def _report(self, request: _Request) -> RequestOutput:
+    def _report(self, request: RequestState) -> RequestOutput:
         outputs = []
         for i, c in enumerate(request.completions):
             new = c.token_ids[request.emitted[i] :]
