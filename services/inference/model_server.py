@@ -153,7 +153,12 @@ class ModelServer:
         speculative = plugin_spec(spec.engine.speculative, "engine.speculative")
         drafter = create_drafter(speculative, store) if speculative is not None else None
         self.engine = LLMEngine(
-            model, engine_config(spec.engine, limits), detokenize=detokenize, drafter=drafter, store=store
+            model,
+            engine_config(spec.engine, limits),
+            detokenize=detokenize,
+            drafter=drafter,
+            store=store,
+            tokenizer=self.tokenizer,
         )
         self.engine.warm_up()  # with engine.compile, ready when loaded rather than at the first requests
         self.load_seconds = time.perf_counter() - start

@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -108,8 +109,10 @@ class LLMEngine:
         detokenize: Callable[[list[int]], str] | None = None,
         drafter: Drafter | None = None,
         store: ArtifactStore | None = None,
+        tokenizer: Any = None,
     ) -> None:
-        """`store` is where `load_adapter` finds adapters; without one, none can be loaded."""
+        """`store` is where `load_adapter` finds adapters; without one, none can be loaded. `tokenizer` (a
+        `tokenizers.Tokenizer`) is for sampler stages that need the vocabulary's text (structured output)."""
         module = model.module if isinstance(model, LoadedModel) else model
         self.config = config or EngineConfig()
         self.model_config = module.config
@@ -133,6 +136,10 @@ class LLMEngine:
         self.eos_token_ids: set[int] = _ids(module.config.eos_token_id) | _ids(
             getattr(generation, "eos_token_id", None)
         )
+        self.sampler_context = {"vocab_size": self.vocab_size, "eos_token_ids": sorted(self.eos_token_ids)}
+        if tokenizer is not None:
+            self.sampler_context["tokenizer"] = tokenizer
+        self._batched: dict[str, Sampler] = {}  # seq id -> its sampler, for samplers with batched stages
         self._requests: dict[str, RequestState] = {}
         self._by_seq: dict[str, tuple[RequestState, int]] = {}
         self._lock = threading.Lock()
@@ -150,7 +157,7 @@ class LLMEngine:
         rid = request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         beam = params.beam_width > 1
-        samplers = [] if beam else [Sampler(params, seed + i) for i in range(params.n)]
+        samplers = [] if beam else [Sampler(params, seed + i, self.sampler_context) for i in range(params.n)]
         seqs = [Sequence(f"{rid}/{i}", rid, list(prompt), len(prompt)) for i in range(1 if beam else params.n)]
         completions = [CompletionOutput(i) for i in range(params.n)]
         decoding = SAMPLE
@@ -169,6 +176,9 @@ class LLMEngine:
             self.scheduler.add(seqs)
             self._requests[rid] = request
             self._by_seq.update({s.seq_id: (request, i) for i, s in enumerate(seqs)})
+            self._batched.update(
+                {s.seq_id: samplers[i] for i, s in enumerate(seqs) if samplers and samplers[i].batched}
+            )
         return rid
 
     def _validate(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> None:
@@ -298,6 +308,8 @@ class LLMEngine:
             return {}
         # One reduction per step; rows are looked at one by one only when some row is not finite.
         finite = torch.isfinite(logits).all(-1).tolist() if not bool(torch.isfinite(logits).all()) else None
+        if self._batched:
+            self._prepare_batched(sampled)
         # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.
         best = logits.argmax(-1).tolist() if any(c.num_logits == 1 for c, _ in sampled) else []
         touched: dict[str, RequestState] = {}
@@ -321,6 +333,21 @@ class LLMEngine:
             except Exception as e:
                 self._fail(request, e)
         return touched
+
+    def _prepare_batched(self, sampled: list[tuple[StepChunk, Sequence]]) -> None:
+        """Let stages that work for the whole batch (structured output's masks) do so, once per step and kind."""
+        by_kind: dict[type, list[tuple[Any, SamplingContext]]] = {}
+        for _, seq in sampled:
+            sampler = self._batched.get(seq.seq_id)
+            if sampler is not None:
+                ctx = SamplingContext(self._by_seq[seq.seq_id][0].prompt_ids, seq.output_ids)
+                for stage in sampler.batched:
+                    by_kind.setdefault(type(stage), []).append((stage, ctx))
+        for kind, items in by_kind.items():
+            try:
+                kind.prepare_batch(items)  # type: ignore[attr-defined]
+            except Exception:  # each stage then does its own work, and a failing one fails its request alone
+                log.exception("batched sampler stage %s failed; its stages run one by one", kind.__name__)
 
     def _fail(self, request: RequestState, error: BaseException) -> RequestState:
         """Fail one request: its streams get RequestFailed now, its sequences are aborted at the next step."""
@@ -373,6 +400,7 @@ class LLMEngine:
 
     def end_completion(self, request: RequestState, index: int, seq: Sequence, reason: str, free: bool) -> None:
         request.completions[index].finish_reason = reason
+        self._batched.pop(seq.seq_id, None)
         if free:
             self.scheduler.finish(seq)
         if self.speculator is not None:

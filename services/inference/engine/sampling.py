@@ -13,6 +13,7 @@ the raw logits), not of the processed distribution.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,11 @@ BUILTINS = {
         "min_p": "MinP",
     }.items()
 }
+FIELD_STAGES = frozenset(BUILTINS)
+"""Built-in stages a request sets through its own fields (and their bounds), never as processors."""
+BUILTINS["structured"] = "services.inference.engine.structured:Structured"
+CONTEXT = ("tokenizer", "vocab_size", "eos_token_ids")
+"""What the engine hands to stages that take it (by these parameter names); never a request's to set."""
 SAMPLERS: Registry[LogitsProcessor] = Registry("samplers", BUILTINS, base=LogitsProcessor)
 
 
@@ -299,9 +305,14 @@ class SamplingParams:
             (len(names) <= limits.max_processors, "processors", f"takes at most {limits.max_processors} stages"),
             (all(isinstance(n, str) and n for n in names), "processors", 'each is {"type": "<name>", ...params}'),
             (
-                not any(n in BUILTINS for n in names),
+                not any(n in FIELD_STAGES for n in names),
                 "processors",
-                f"built-in stages ({', '.join(sorted(BUILTINS))}) are set by the request's own fields",
+                f"built-in stages ({', '.join(sorted(FIELD_STAGES))}) are set by the request's own fields",
+            ),
+            (
+                not any(isinstance(p, Mapping) and set(p) & set(CONTEXT) for p in self.processors),
+                "processors",
+                f"{', '.join(CONTEXT)} are the engine's to give",
             ),
         ]
 
@@ -328,6 +339,13 @@ class SamplingParams:
         return specs
 
 
+def _stage(spec: Mapping[str, Any], context: Mapping[str, Any]) -> LogitsProcessor:
+    """A stage from its spec, given the parts of `context` its class takes."""
+    cls = SAMPLERS.get(str(spec.get("type", "")), field="processors.type")
+    accepted = inspect.signature(cls).parameters
+    return SAMPLERS.create(spec, field="processors", **{k: v for k, v in context.items() if k in accepted})
+
+
 def _shown(value: Any) -> str:
     """A field's value for an error message, cut short (a map or tuple may be large)."""
     text = repr(value)
@@ -345,9 +363,12 @@ class TokenLogprob:
 class Sampler:
     """One sequence's sampling state: its pipeline and its random generator."""
 
-    def __init__(self, params: SamplingParams, seed: int) -> None:
+    def __init__(self, params: SamplingParams, seed: int, context: Mapping[str, Any] | None = None) -> None:
+        """`context`: what the engine offers stages (CONTEXT); each stage gets the parts it names as parameters."""
         self.params = params
-        self.stages = [SAMPLERS.create(spec, field="processors") for spec in params.specs()]
+        self.stages = [_stage(spec, context or {}) for spec in params.specs()]
+        self.batched = [s for s in self.stages if callable(getattr(s, "prepare_batch", None))]
+        """Stages whose work the engine does for the whole batch at once each step (structured.py)."""
         self.generator = torch.Generator().manual_seed(seed)
         # Greedy with no stage before the argmax and no log-probabilities: the token is the logits'
         # argmax, which the engine takes for a whole step at once and speculation compares drafts to.
