@@ -110,6 +110,26 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_INFERENCE_DASHBOARD_PORT", "8265", "port of the local Ray dashboard"),
                 EnvVar("LLMP_INFERENCE_MAX_TOKENS", "4096", "cap on a request's max_tokens"),
                 EnvVar("LLMP_INFERENCE_MAX_N", "16", "cap on a request's n (completions per prompt)"),
+                EnvVar("LLMP_INFERENCE_MAX_REPLICAS", "8", "cap on a model's replicas.max_replicas"),
+                EnvVar("LLMP_INFERENCE_MAX_REPLICA_CPUS", "16.0", "cap on a replica's num_cpus"),
+                EnvVar("LLMP_INFERENCE_MAX_REPLICA_GPUS", "8.0", "cap on a replica's num_gpus"),
+                EnvVar(
+                    "LLMP_INFERENCE_MAX_REPLICA_MEMORY_BYTES",
+                    str(64 << 30),
+                    "cap on a replica's memory_bytes and its weights + KV cache",
+                ),
+                EnvVar(
+                    "LLMP_INFERENCE_MAX_ONGOING_REQUESTS",
+                    "1024",
+                    "cap on a replica's max_ongoing_requests and max_queued_requests",
+                ),
+                EnvVar("LLMP_INFERENCE_MAX_KV_CACHE_BYTES", str(32 << 30), "cap on a replica's engine.kv_cache_bytes"),
+                EnvVar("LLMP_INFERENCE_MAX_NUM_SEQS", "1024", "cap on a replica's engine.max_num_seqs"),
+                EnvVar("LLMP_INFERENCE_MAX_NUM_BATCHED_TOKENS", "16384", "cap on engine.max_num_batched_tokens"),
+                EnvVar("LLMP_INFERENCE_MAX_DRAFT_TOKENS", "16", "cap on a drafter's tokens per step (num_tokens)"),
+                EnvVar(
+                    "LLMP_INFERENCE_DEPLOY_TIMEOUT_SECONDS", "900.0", "LoadModel gives up (and removes it) after this"
+                ),
             ],
         ),
     ]

@@ -10,30 +10,43 @@ What the core adds on top of a handle: requests are checked before any replica s
 max_ongoing_requests x max_replicas + max_queued_requests requests at once; more are refused with
 RESOURCE_EXHAUSTED), request ids for Abort, the front's metrics, and a drain that waits for
 running requests.
+
+LoadModel is bounded by the operator's caps (InferenceConfig: replicas, CPUs, GPUs, memory, KV
+cache, batch sizes, drafter settings; LLMP_INFERENCE_MAX_*) and a deploy timeout, and reserves
+the model's name before its first await, so two loads of one name cannot both deploy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psutil
 
 from libs.common.artifacts import ArtifactStore, check_name
-from libs.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from libs.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from libs.common.planning.memory import GIB
 from services.inference import metrics
 from services.inference.config import InferenceConfig
-from services.inference.engine import SamplingLimits
+from services.inference.engine import SAMPLERS, SamplingLimits, SamplingParams
 from services.inference.engine.kv_cache import KVCacheConfig
 from services.inference.engine.lora import adapter_dir
 from services.inference.engine.lora import read_config as read_adapter_config
-from services.inference.model_server import ModelServer, describe_model
+from services.inference.model_server import ModelServer, describe_model, plugin_spec
+from services.inference.prompting import check_messages
 from services.inference.schema import (
     Chunk,
     CompletionChunk,
@@ -47,6 +60,8 @@ from services.inference.schema import (
 
 T = TypeVar("T")
 KV_BLOCK_TOKENS = KVCacheConfig().block_size
+MAX_NGRAM = 64
+"""Longest n-gram an n-gram drafter may match."""
 
 
 class ModelHandle(Protocol):
@@ -142,20 +157,33 @@ class InferenceCore:
 
     # -- models -----------------------------------------------------------------------------------
     async def load_model(self, spec: ModelSpec) -> ModelStatus:
-        """Check the folder and options, deploy, and register the model under its name."""
+        """Check the folder and options, deploy, and register the model under its name.
+
+        The name is taken before the first await (and given back if the load fails), so a second
+        load of it meanwhile is refused with ALREADY_EXISTS instead of deploying twice.
+        """
         check_name(spec.name, "name")
         if spec.name in self._models:
-            raise AlreadyExists(f"model {spec.name!r} is loaded; unload it first", field="name")
-        check_options(spec)
-        facts = await asyncio.to_thread(describe_model, self.store, spec.path, spec.engine)
-        check_memory(spec, facts)
-        self._models[spec.name] = _Served(spec, facts, _Pending())
+            raise AlreadyExists(f"model {spec.name!r} is loaded or loading; unload it first", field="name")
+        check_options(spec, self.config)
+        served = self._models[spec.name] = _Served(spec, PENDING_FACTS, _Pending())
         try:
-            self._models[spec.name].handle = await self.backend.deploy(spec)
+            served.facts = await asyncio.to_thread(describe_model, self.store, spec.path, spec.engine)
+            check_memory(spec, served.facts, self.config.max_replica_memory_bytes)
+            served.handle = await self._deploy(spec)
         except BaseException:
             del self._models[spec.name]
             raise
         return await self.model_info(spec.name)
+
+    async def _deploy(self, spec: ModelSpec) -> ModelHandle:
+        """The backend's deploy within deploy_timeout_seconds; past it, what was started is removed."""
+        timeout = self.config.deploy_timeout_seconds
+        try:
+            return await asyncio.wait_for(self.backend.deploy(spec), timeout)
+        except TimeoutError:
+            await self.backend.remove(spec.name)
+            raise Unavailable(f"model {spec.name!r} did not deploy within {timeout:g} s") from None
 
     async def unload_model(self, name: str) -> None:
         self._served(name)
@@ -192,10 +220,11 @@ class InferenceCore:
         return await self.model_info(model)
 
     def model_names(self) -> list[str]:
-        return sorted(self._models)
+        """Models that are loaded (not those still deploying)."""
+        return sorted(name for name, served in self._models.items() if not isinstance(served.handle, _Pending))
 
     async def list_models(self) -> list[ModelStatus]:
-        return [await self.model_info(name) for name in sorted(self._models)]
+        return [await self.model_info(name) for name in self.model_names()]
 
     def _served(self, name: str) -> _Served:
         served = self._models.get(name)
@@ -242,13 +271,24 @@ class InferenceCore:
             raise NotFound(f"no request {request_id!r} is running", field="request_id")
         event.set()
 
+    def sampling_defaults(self, model: str) -> SamplingParams:
+        """What a request's unset sampling fields take: the model's generation_config.json, else the engine's."""
+        served = self._models.get(model)
+        return served.facts.sampling_defaults if served is not None else SamplingParams()
+
     def _admit(self, served: _Served, request: GenerateInput) -> GenerateInput:
         """Check what can be checked here, then count the request in; no replica has seen it yet."""
-        if not (request.text or request.token_ids):
-            raise InvalidArgument("must not be empty: give text or token_ids", field="prompt")
+        if request.messages is not None:
+            check_messages(request.messages)
+            if not served.facts.has_chat_template:
+                raise InvalidArgument(f"model {served.spec.name!r} has no chat template", field="messages")
+        elif not (request.text or request.token_ids):
+            raise InvalidArgument("must not be empty: give text, token_ids or messages", field="prompt")
         if request.token_ids and not all(0 <= t < served.facts.vocab_size for t in request.token_ids):
             raise InvalidArgument(f"token ids must be in [0, {served.facts.vocab_size})", field="token_ids")
         request.params.validate(served.facts.vocab_size, self.limits)
+        for spec in request.params.processors:  # known and allowed; built only on the replica
+            SAMPLERS.get(str(spec.get("type", "")), field="processors.type")
         adapter = request.params.adapter
         if adapter and adapter not in served.adapters:
             raise NotFound(f"no adapter {adapter!r} is loaded on {served.spec.name!r}", field="adapter")
@@ -296,23 +336,87 @@ class _Pending:
         return []
 
 
-def check_options(spec: ModelSpec) -> None:
+PENDING_FACTS = ModelFacts(model_type="", vocab_size=0, context_length=0, has_tokenizer=False)
+"""What a model being deployed is known by until its folder has been read."""
+
+
+def check_options(spec: ModelSpec, config: InferenceConfig) -> None:
+    """Refuse replica and engine options outside their ranges or the operator's caps, naming the field."""
     r, e = spec.replicas, spec.engine
     checks = [
         (r.max_replicas >= max(1, r.min_replicas), "replicas.max_replicas", "must be >= 1 and >= min_replicas"),
-        (r.max_ongoing_requests >= 1, "replicas.max_ongoing_requests", "must be >= 1"),
-        (r.max_queued_requests >= 0, "replicas.max_queued_requests", "must be >= 0"),
-        (r.target_ongoing_requests >= 0, "replicas.target_ongoing_requests", "must be >= 0"),
-        (r.num_cpus >= 0 and r.num_gpus >= 0, "replicas.num_cpus", "resources must be >= 0"),
-        (e.kv_cache_bytes > 0, "engine.kv_cache_bytes", "must be > 0"),
-        (e.max_num_seqs >= 1 and e.max_num_batched_tokens >= 1, "engine.max_num_seqs", "batch limits must be >= 1"),
+        (r.max_replicas <= config.max_replicas, "replicas.max_replicas", f"must be <= {config.max_replicas}"),
+        (
+            1 <= r.max_ongoing_requests <= config.max_ongoing_requests,
+            "replicas.max_ongoing_requests",
+            f"must be in [1, {config.max_ongoing_requests}]",
+        ),
+        (
+            0 <= r.max_queued_requests <= config.max_ongoing_requests,
+            "replicas.max_queued_requests",
+            f"must be in [0, {config.max_ongoing_requests}]",
+        ),
+        (
+            _within(r.target_ongoing_requests, 0, r.max_ongoing_requests),
+            "replicas.target_ongoing_requests",
+            "must be in [0, max_ongoing_requests]",
+        ),
+        (
+            _within(r.num_cpus, 0, config.max_replica_cpus),
+            "replicas.num_cpus",
+            f"must be in [0, {config.max_replica_cpus}]",
+        ),
+        (
+            _within(r.num_gpus, 0, config.max_replica_gpus),
+            "replicas.num_gpus",
+            f"must be in [0, {config.max_replica_gpus}]",
+        ),
+        (
+            r.memory_bytes <= config.max_replica_memory_bytes,
+            "replicas.memory_bytes",
+            f"must be <= {config.max_replica_memory_bytes}",
+        ),
+        (
+            0 < e.kv_cache_bytes <= config.max_kv_cache_bytes,
+            "engine.kv_cache_bytes",
+            f"must be in [1, {config.max_kv_cache_bytes}]",
+        ),
+        (1 <= e.max_num_seqs <= config.max_num_seqs, "engine.max_num_seqs", f"must be in [1, {config.max_num_seqs}]"),
+        (
+            1 <= e.max_num_batched_tokens <= config.max_num_batched_tokens,
+            "engine.max_num_batched_tokens",
+            f"must be in [1, {config.max_num_batched_tokens}]",
+        ),
     ]
     for ok, name, message in checks:
         if not ok:
             raise InvalidArgument(message, field=name)
+    check_drafter(plugin_spec(e.speculative, "engine.speculative"), config)
 
 
-def check_memory(spec: ModelSpec, facts: ModelFacts) -> None:
+def check_drafter(spec: dict[str, Any] | str | None, config: InferenceConfig) -> None:
+    """A drafter's sizes within the caps: tokens per step, n-gram lengths, its own KV cache."""
+    if not isinstance(spec, dict):
+        return  # off, or a bare name with its defaults
+    caps = {"num_tokens": config.max_draft_tokens, "max_ngram": MAX_NGRAM, "min_ngram": MAX_NGRAM}
+    for name, cap in caps.items():
+        value = spec.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cap:
+            raise InvalidArgument(f"must be an integer in [1, {cap}]", field=f"engine.speculative.{name}")
+    kv = spec.get("kv_cache", {})
+    memory = kv.get("memory_bytes", 1) if isinstance(kv, dict) else None
+    if not isinstance(memory, int) or not 1 <= memory <= config.max_kv_cache_bytes or set(kv) - {"memory_bytes"}:
+        raise InvalidArgument(
+            f'must be {{"memory_bytes": n}} with n in [1, {config.max_kv_cache_bytes}]',
+            field="engine.speculative.kv_cache",
+        )
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    return math.isfinite(value) and low <= value <= high
+
+
+def check_memory(spec: ModelSpec, facts: ModelFacts, cap: int) -> None:
     """Refuse a model whose weights and KV cache cannot fit one replica's memory (the memory planner's figures)."""
     kv = spec.engine.kv_cache_bytes
     block = facts.kv_bytes_per_token * KV_BLOCK_TOKENS
@@ -321,7 +425,7 @@ def check_memory(spec: ModelSpec, facts: ModelFacts) -> None:
             f"{kv} bytes hold no KV-cache block of {KV_BLOCK_TOKENS} tokens ({block} bytes)",
             field="engine.kv_cache_bytes",
         )
-    budget = spec.replicas.memory_bytes or psutil.virtual_memory().available
+    budget = min(spec.replicas.memory_bytes or psutil.virtual_memory().available, cap)
     where = "replicas.memory_bytes" if spec.replicas.memory_bytes else "free memory on this node"
     need = facts.weight_bytes + kv
     if need > budget:
@@ -329,8 +433,8 @@ def check_memory(spec: ModelSpec, facts: ModelFacts) -> None:
             f"model {spec.name!r} needs {need / GIB:.2f} GiB per replica: "
             f"{facts.weight_bytes / GIB:.2f} GiB of weights "
             f"({facts.parameters:,} parameters as {spec.engine.quantization or spec.engine.dtype}) + "
-            f"{kv / GIB:.2f} GiB of KV cache ({kv // facts.kv_bytes_per_token:,} tokens); {where} is "
-            f"{budget / GIB:.2f} GiB",
+            f"{kv / GIB:.2f} GiB of KV cache ({kv // facts.kv_bytes_per_token:,} tokens); {where} "
+            f"(at most {cap / GIB:.2f} GiB) is {budget / GIB:.2f} GiB",
             field="replicas.memory_bytes",
         )
 

@@ -36,6 +36,7 @@ from services.inference.engine import (
 )
 from services.inference.engine.model_loader import model_dir, read_config
 from services.inference.engine.rope import apply_rope_scaling
+from services.inference.prompting import ChatTemplate, GenerationDefaults
 from services.inference.schema import (
     Chunk,
     CompletionChunk,
@@ -50,6 +51,8 @@ from services.inference.text import TOKENIZER_FILE, TextDeltas, load_tokenizer
 DTYPE_FORMATS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MAX_LOADED_ADAPTERS = 8
 """Adapters a replica keeps loaded; the least recently used beyond this are unloaded."""
+MAX_PROMPT_CHARS_PER_TOKEN = 64
+"""A rendered chat prompt longer than this many characters per token of context cannot fit it."""
 
 
 def describe_model(store: ArtifactStore, path: str, engine: EngineOptions) -> ModelFacts:
@@ -75,14 +78,17 @@ def describe_model(store: ArtifactStore, path: str, engine: EngineOptions) -> Mo
     shape = ModelShape.from_hf_config(config.to_dict())
     params = shape.param_count()
     served_format = quantizer or DTYPE_FORMATS.get(engine.dtype, "fp32")
+    has_tokenizer = (directory / TOKENIZER_FILE).is_file()
     return ModelFacts(
         config.model_type,
         config.vocab_size,
         context,
-        (directory / TOKENIZER_FILE).is_file(),
+        has_tokenizer,
         parameters=params,
         weight_bytes=int(weight_bytes(params, served_format if served_format in FORMATS else "fp32")),
         kv_bytes_per_token=kv_cache_bytes_per_token(shape, DTYPE_FORMATS.get(engine.dtype, "fp32")),
+        has_chat_template=has_tokenizer and ChatTemplate.read(directory, store.root) is not None,
+        sampling_defaults=GenerationDefaults.read(directory, store.root, config.vocab_size).params(),
     )
 
 
@@ -142,11 +148,17 @@ class ModelServer:
         model = load_model(spec.path, store, dtype=spec.engine.dtype, quantization=quantization, rope_scaling=rope)
         self.bytes_per_parameter = model_bytes_per_parameter(model)
         self.tokenizer = load_tokenizer(Path(model.path), store.root)
+        self.chat_template = ChatTemplate.read(Path(model.path), store.root) if self.tokenizer else None
         detokenize = self._decode if self.tokenizer is not None else None
         speculative = plugin_spec(spec.engine.speculative, "engine.speculative")
         drafter = create_drafter(speculative, store) if speculative is not None else None
         self.engine = LLMEngine(
-            model, engine_config(spec.engine, limits), detokenize=detokenize, drafter=drafter, store=store
+            model,
+            engine_config(spec.engine, limits),
+            detokenize=detokenize,
+            drafter=drafter,
+            store=store,
+            tokenizer=self.tokenizer,
         )
         self.engine.warm_up()  # with engine.compile, ready when loaded rather than at the first requests
         self.load_seconds = time.perf_counter() - start
@@ -176,16 +188,26 @@ class ModelServer:
     def _prompt(self, request: GenerateInput) -> list[int]:
         if request.token_ids is not None:
             return list(request.token_ids)
-        if request.text is None:
+        text = request.text
+        if request.messages is not None:
+            if self.chat_template is None:
+                raise InvalidArgument(f"model {self.spec.name!r} has no chat template", field="messages")
+            text = self.chat_template.render(request.messages, max_chars=MAX_PROMPT_CHARS_PER_TOKEN * self.context)
+        if text is None:
             return []  # the engine refuses an empty prompt, naming the field
         if self.tokenizer is None:
             raise InvalidArgument(f"model {self.spec.name!r} has no {TOKENIZER_FILE}; send token_ids", field="text")
-        return self.tokenizer.encode(request.text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    @property
+    def context(self) -> int:
+        return self.engine.max_model_len
 
     async def generate(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
         """Stream the request's progress (or only its end when request.stream is False)."""
         queue_seconds: float | None = max(0.0, time.time() - request.submitted_at) if request.submitted_at else None
-        prompt = self._prompt(request)
+        # Rendering a chat template is the one prompt step that may take a while: off the event loop.
+        prompt = await asyncio.to_thread(self._prompt, request) if request.messages else self._prompt(request)
         params = request.params
         if params.adapter:  # the front's name for it -> the folder, which is the engine's name
             await asyncio.to_thread(self._use_adapter, request.adapter_path)

@@ -60,12 +60,14 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class GenerateInput:
-    """One request as a replica receives it: text or token ids, never both."""
+    """One request as a replica receives it: text, token ids or chat messages, exactly one of them."""
 
     request_id: str
     params: SamplingParams
     text: str | None = None
     token_ids: tuple[int, ...] | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    """(role, content) pairs, rendered with the model's chat template."""
     stream: bool = True
     """False: the replica sends only the final chunk, with whole completions."""
     submitted_at: float = 0.0
@@ -128,6 +130,9 @@ class ModelFacts:
     weight_bytes: int = 0
     """Of the weights as served (dtype or quantisation), by the memory planner."""
     kv_bytes_per_token: int = 0
+    has_chat_template: bool = False
+    sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
+    """The engine's defaults overridden by the model's generation_config.json."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from importlib import metadata
 from typing import Any
 
+from google.protobuf import json_format
 from llmp.inference.v1 import inference_pb2 as pb
 from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -29,12 +30,12 @@ def _set(message: Any, name: str, default: Any) -> Any:
     return getattr(message, name) if message.HasField(name) else default
 
 
-def sampling_params(r: pb.GenerateRequest) -> SamplingParams:
-    defaults = SamplingParams()
+def sampling_params(r: pb.GenerateRequest, defaults: SamplingParams = SamplingParams()) -> SamplingParams:
+    """The request's sampling fields; those it leaves unset take `defaults` (the model's)."""
     return SamplingParams(
         max_tokens=_set(r, "max_tokens", defaults.max_tokens),
         temperature=_set(r, "temperature", defaults.temperature),
-        top_k=r.top_k,
+        top_k=r.top_k or defaults.top_k,
         top_p=_set(r, "top_p", defaults.top_p),
         min_p=r.min_p,
         repetition_penalty=_set(r, "repetition_penalty", defaults.repetition_penalty),
@@ -51,7 +52,23 @@ def sampling_params(r: pb.GenerateRequest) -> SamplingParams:
         length_penalty=_set(r, "length_penalty", defaults.length_penalty),
         early_stopping=early_stopping(r.early_stopping),
         adapter=r.adapter or None,
+        processors=tuple(plugin_spec(s) for s in r.processors),
     )
+
+
+def plugin_spec(struct: Any) -> dict[str, Any]:
+    """A Struct plugin spec as a dict; Struct numbers arrive as floats, whole ones go back to ints."""
+    return {k: _whole(v) for k, v in json_format.MessageToDict(struct).items()}
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    return value
 
 
 def early_stopping(value: str) -> bool | str:
@@ -61,13 +78,14 @@ def early_stopping(value: str) -> bool | str:
     return rules[value.lower()]
 
 
-def generate_input(r: pb.GenerateRequest) -> GenerateInput:
+def generate_input(r: pb.GenerateRequest, defaults: SamplingParams = SamplingParams()) -> GenerateInput:
     kind = r.WhichOneof("prompt")
     return GenerateInput(
         request_id=r.request_id,
-        params=sampling_params(r),
+        params=sampling_params(r, defaults),
         text=r.text if kind == "text" else None,
         token_ids=tuple(r.token_ids.ids) if kind == "token_ids" else None,
+        messages=tuple((m.role, m.content) for m in r.messages.messages) if kind == "messages" else None,
     )
 
 
@@ -140,6 +158,7 @@ def model_info_pb(status: ModelStatus) -> pb.ModelInfo:
         quantization=spec.engine.quantization or "none",
         vocab_size=facts.vocab_size,
         has_tokenizer=facts.has_tokenizer,
+        has_chat_template=facts.has_chat_template,
         adapters=status.adapters,
         replicas=pb.ReplicaOptions(**vars(spec.replicas)),
         engine=pb.EngineOptions(**vars(spec.engine)),
@@ -151,11 +170,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
+    def _input(self, request: pb.GenerateRequest) -> GenerateInput:
+        return generate_input(request, self.core.sampling_defaults(request.model))
+
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
-        return response_pb(request.model, await self.core.generate(request.model, generate_input(request)))
+        return response_pb(request.model, await self.core.generate(request.model, self._input(request)))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
-        async for chunk in self.core.stream(request.model, generate_input(request)):
+        async for chunk in self.core.stream(request.model, self._input(request)):
             yield response_pb(request.model, chunk)
 
     async def Abort(self, request: pb.AbortRequest, context: Any) -> pb.AbortResponse:

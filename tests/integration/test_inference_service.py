@@ -151,6 +151,26 @@ def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
         (pb.GenerateRequest(model="tiny", text="hi", n=17), grpc.StatusCode.INVALID_ARGUMENT, "n"),
         (pb.GenerateRequest(model="tiny", text="hi", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (pb.GenerateRequest(model="tiny", text="hi", max_tokens=127), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (
+            pb.GenerateRequest(model="tiny", text="hi", temperature=1e-30),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        (
+            pb.GenerateRequest(model="tiny", text="hi", repetition_penalty=1e-40),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "repetition_penalty",
+        ),
+        (
+            pb.GenerateRequest(model="tiny", text="hi", logit_bias={3: float("inf")}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "logit_bias",
+        ),
+        (
+            pb.GenerateRequest(model="tiny", messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user")])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "messages",
+        ),
     ],
 )
 def test_bad_input_names_the_field(
@@ -161,6 +181,31 @@ def test_bad_input_names_the_field(
             call(request_)
         assert e.value.code() == code and e.value.details().startswith(f"{field}:")
     assert idle(stub)
+
+
+def test_bad_requests_beside_running_streams_leave_them_be(
+    service: ServiceProcess, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    """Values that once overflowed the sampler are refused alone; the streams on the replica finish intact."""
+    engine = LLMEngine(load_model(TINY, ArtifactStore(service.home / "artifacts")))
+    expected = engine.generate([PROMPT], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    streams = [stub.GenerateStream(greedy(40)) for _ in range(2)]
+    firsts = [next(s) for s in streams]
+    bad = [
+        greedy(4),
+        greedy(4, repetition_penalty=1e-40),
+        greedy(4, logit_bias={7: float("nan")}),
+        greedy(4, length_penalty=float("inf")),
+    ]
+    bad[0].temperature = 1e-30
+    for request in bad:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(request)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for first, stream in zip(firsts, streams, strict=True):
+        tokens = [t for m in [first, *stream] for t in m.completions[0].token_ids]
+        assert tokens == expected.outputs[0].token_ids
+    wait_until(lambda: idle(stub))
 
 
 def test_bad_loads_are_refused(stub: pb_grpc.InferenceServiceStub) -> None:

@@ -4,7 +4,8 @@ Public API: `load_model`, `LLMEngine` with `EngineConfig`, `SamplingParams`, and
 quantisers (`QUANTIZERS`, `save_quantized`) and drafters for speculative decoding (`create_drafter`).
 """
 
-from services.inference.engine.engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
+from services.inference.engine.decoding import CompletionOutput
+from services.inference.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from services.inference.engine.kv_cache import KVCacheConfig
 from services.inference.engine.model_loader import LoadedModel, load_model
 from services.inference.engine.quantization import QUANTIZERS, QuantizationReport, save_quantized

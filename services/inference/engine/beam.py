@@ -1,4 +1,4 @@
-"""Beam search for one request, run by the engine inside continuous batching.
+"""Beam search for one request, run by the engine inside continuous batching (its `Decoding`).
 
 Each live beam is a scheduler `Sequence` with its own block table. A step's forward pass gives
 every live beam its next-token logits (a beam that gets them early waits for its siblings); then
@@ -13,6 +13,9 @@ sum_logprobs / generated_len ** length_penalty; the k best that do not end stay 
 search stops by transformers' `early_stopping` rule (True: k hypotheses; False: the heuristic that
 the best live beam at its current length cannot beat the worst hypothesis; "never": the same at
 the longest length when length_penalty > 0).
+
+`BeamDecoding` is the request's strategy (decoding.py): it feeds the search and applies each
+selection to the batch through the engine's `DecodingHost` (drop, fork, end).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from libs.common.errors import InvalidArgument
+from services.inference.engine.decoding import Decoding, DecodingHost, RequestState
 from services.inference.engine.sampling import SamplingParams
 from services.inference.engine.scheduler import Sequence
 
@@ -145,6 +150,50 @@ class BeamSearch:
         return step
 
     def discard(self, seq: Sequence) -> None:
-        """Forget a beam taken away from outside (an abort)."""
-        self.live.remove(seq)
+        """Forget a beam taken away from outside (an abort, perhaps after a failed selection)."""
+        if seq in self.live:
+            self.live.remove(seq)
         self._logits.pop(seq.seq_id, None)
+
+
+class BeamDecoding(Decoding):
+    """Beam search as a request's decoding strategy: its live beams are sequences of the batch."""
+
+    def __init__(self, search: BeamSearch) -> None:
+        self.search = search
+
+    def append(
+        self, host: DecodingHost, request: RequestState, index: int, seq: Sequence, logits: torch.Tensor, argmax: int
+    ) -> None:
+        """Hand a beam's logits [vocab] to the search; apply its selection once all live beams have them."""
+        step = self.search.add(seq, logits)
+        if step is None:
+            return
+        for old in step.dropped:  # first, so that their blocks are free for the forks' copies
+            host.drop(old)
+        for parent, child in step.forked:
+            host.fork(request, parent, child)
+        if self.search.done:
+            best = self.search.finished
+            host.end(request, [h.finish_reason for h in best], [list(h.token_ids) for h in best])
+
+    def remove(
+        self, host: DecodingHost, request: RequestState, index: int, seq: Sequence, reason: str, free: bool
+    ) -> None:
+        """Only an abort (or a failure) ends a beam from outside the search."""
+        self.search.discard(seq)
+        if not self.search.live:
+            host.end(request, [reason] * request.params.n)
+
+
+def check_beams(prompt_len: int, params: SamplingParams, block_size: int, num_blocks: int, speculative: bool) -> None:
+    """Refuse a beam search the engine cannot run, naming the field."""
+    if speculative:
+        raise InvalidArgument("beam search does not run with speculative decoding", field="beam_width")
+    # Every beam at full length must fit at once, or beams could only advance by evicting each other.
+    blocks_per_beam = -(-(prompt_len + params.max_tokens) // block_size)
+    if params.beam_width * blocks_per_beam > num_blocks:
+        raise InvalidArgument(
+            f"{params.beam_width} beams of {prompt_len + params.max_tokens} tokens do not fit the KV cache",
+            field="beam_width",
+        )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from services.inference.engine.quantization import INT8_KERNEL, Int8Linear
+from services.inference.engine.quantization import Int8Linear
 
 SUPPORTED = ("llama", "mistral")
 
@@ -59,43 +59,30 @@ class _Fused:
 
 
 def _fuse(modules: list[Any]) -> _Fused | None:
-    """Fuse plain float projections, or INT8 ones on the per-channel kernel; None for anything else.
+    """Fuse plain float projections, or INT8 ones (Int8Linear.fuse decides which); None for anything else.
 
     The fused tensors hold the weights once: the modules' own weights become row views of them.
     """
+    if all(type(m) is Int8Linear for m in modules):
+        fused = Int8Linear.fuse(modules)
+        return None if fused is None else _Fused(modules, fused)
     biases = [m.bias for m in modules]
-    if any(b is not None for b in biases) and not all(b is not None for b in biases):
+    if not all(type(m) is nn.Linear for m in modules) or len({b is None for b in biases}) > 1:
         return None
+    weight = torch.cat([m.weight.detach() for m in modules])
     bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
-    call: Callable[[torch.Tensor], torch.Tensor]
-    if all(type(m) is nn.Linear for m in modules):
-        weight = torch.cat([m.weight.detach() for m in modules])
-        _share_rows(modules, "weight", weight)
-        call = functools.partial(F.linear, weight=weight, bias=bias)
-    elif all(type(m) is Int8Linear and m.kernel == INT8_KERNEL for m in modules):
-        fused = Int8Linear(modules[0].in_features, sum(m.out_features for m in modules), modules[0].in_features, bias)
-        fused.qweight = torch.cat([m.qweight for m in modules])
-        fused.scales = torch.cat([m.scales for m in modules])
-        _share_rows(modules, "qweight", fused.qweight)
-        _share_rows(modules, "scales", fused.scales)
-        bias = None if fused.bias is None else fused.bias.detach()
-        call = fused
-    else:
-        return None
+    _share_rows(modules, "weight", weight)
     if bias is not None:
         _share_rows(modules, "bias", bias)
-    return _Fused(modules, call)
+    return _Fused(modules, functools.partial(F.linear, weight=weight, bias=bias))
 
 
-def _share_rows(modules: list[Any], name: str, fused: torch.Tensor) -> None:
+def _share_rows(modules: list[nn.Linear], name: str, fused: torch.Tensor) -> None:
+    """Point each module's parameter `name` at its rows of `fused`."""
     start = 0
     for m in modules:
         stop = start + m.out_features
-        tensor = getattr(m, name)
-        if isinstance(tensor, nn.Parameter):
-            tensor.data = fused[start:stop]
-        else:
-            setattr(m, name, fused[start:stop])
+        getattr(m, name).data = fused[start:stop]
         start = stop
 
 

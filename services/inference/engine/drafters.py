@@ -20,11 +20,12 @@ from transformers import PreTrainedModel
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument
+from services.inference.engine.batch import StepChunk
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.model_loader import LoadedModel, load_model
-from services.inference.engine.model_runner import Chunk, ModelRunner
+from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.sampling import SamplingContext
-from services.inference.engine.speculative import Draft, Drafter, DraftRequest, is_plain_greedy
+from services.inference.engine.speculative import Draft, Drafter, DraftRequest
 
 
 class NgramDrafter(Drafter):
@@ -96,7 +97,7 @@ class DraftModelDrafter(Drafter):
             for row, (r, chunk) in enumerate(live):
                 drafted = drafts[r.seq_id]
                 self._cached[r.seq_id].drafted = drafted[:]  # the chunk just wrote the KV of all but the newest
-                if is_plain_greedy(r.sampler):  # q is one-hot: a point mass, as Draft(probs=None) says
+                if r.sampler.plain_greedy:  # q is one-hot: a point mass, as Draft(probs=None) says
                     drafted.append(int(logits[row].argmax()))
                 else:
                     ctx = SamplingContext(r.context.prompt_ids, r.context.output_ids + drafted)
@@ -104,11 +105,11 @@ class DraftModelDrafter(Drafter):
                     drafted.append(int(torch.multinomial(q, 1, generator=r.sampler.generator)))
                     probs[r.seq_id].append(q)
                 if len(drafted) < r.max_tokens:
-                    following.append((r, Chunk(r.seq_id, drafted[-1:], chunk.start + len(chunk.token_ids), True)))
+                    following.append((r, StepChunk(r.seq_id, drafted[-1:], chunk.start + len(chunk.token_ids), True)))
             live = following
         return [Draft(drafts[r.seq_id], torch.stack(probs[r.seq_id]) if probs[r.seq_id] else None) for r in requests]
 
-    def _start(self, r: DraftRequest) -> tuple[DraftRequest, Chunk] | None:
+    def _start(self, r: DraftRequest) -> tuple[DraftRequest, StepChunk] | None:
         """The request as far as the draft cache and context allow, and the chunk of tokens that cache
         lacks (from the first one the target did not accept); None when there is no room to draft."""
         n = min(r.max_tokens, self.max_len - len(r.token_ids))
@@ -124,7 +125,7 @@ class DraftModelDrafter(Drafter):
             valid += 1
         valid = min(valid, len(r.token_ids) - 1)
         self._cached[r.seq_id] = _Cached(len(r.token_ids), [])
-        return replace(r, max_tokens=n), Chunk(r.seq_id, r.token_ids[valid:], valid, True)
+        return replace(r, max_tokens=n), StepChunk(r.seq_id, r.token_ids[valid:], valid, True)
 
     def release(self, seq_id: str) -> None:
         self._cached.pop(seq_id, None)

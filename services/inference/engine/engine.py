@@ -10,16 +10,28 @@ Each `step()` schedules (scheduler.py), runs one packed forward over the paged c
 (sampling.py) and reports progress per request. With a drafter, those chunks also carry drafted
 tokens that the same forward pass verifies (speculative.py). A request with beam_width > 1 runs
 beam search (beam.py): its beams are sequences of the batch that fork and share cache blocks, and
-its n best hypotheses are reported when the search ends. LoRA adapters, loaded and unloaded at
-run time, are chosen per request and applied per token of the packed step (lora.py). Requests are
+its n best hypotheses are reported when the search ends. Which of the two a request runs is its
+decoding strategy (decoding.py), which the engine calls and which changes the batch only through
+the engine's `DecodingHost` methods (`push`, `end_completion`, `drop`, `fork`, `end`). LoRA
+adapters, loaded and unloaded at run time, are chosen per request and applied per token of the
+packed step (lora.py). Requests are
 validated completely in `add_request`, so a bad one is refused before any engine work.
+
+One request's failure is its own: a forward pass that raises is run again one request at a time,
+and a request whose logits are not finite or whose sampling raises is failed with
+`RequestFailed` (its sequences are aborted at the next step) while the rest of the batch goes on.
+Only a step that fails for every request at once fails the engine.
+
 `stream()` drives steps from an asyncio task, with the forward pass off the event loop; a stream
-the caller stops reading is aborted, which frees its slot and blocks at the next step.
+the caller stops reading is aborted, which frees its slot and blocks at the next step. Each stream
+holds at most one undelivered output (`_Outbox`): progress a slow reader has not taken yet is
+merged into it, so memory stays bounded however far the reader falls behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -28,17 +40,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from libs.common.artifacts import ArtifactStore
-from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.inference.engine.beam import BeamSearch
+from libs.common.errors import FailedPrecondition, InvalidArgument, LlmpError, NotFound
+from services.inference.engine.batch import StepChunk
+from services.inference.engine.beam import BeamDecoding, BeamSearch, check_beams
+from services.inference.engine.decoding import SAMPLE, CompletionOutput, RequestState
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.lora import LoraAdapters, adapter_dir
 from services.inference.engine.model_loader import LoadedModel
-from services.inference.engine.model_runner import Chunk, ModelRunner
+from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.sampling import (
     Sampler,
     SamplingContext,
@@ -46,8 +61,14 @@ from services.inference.engine.sampling import (
     SamplingParams,
     TokenLogprob,
 )
-from services.inference.engine.scheduler import Scheduler, SchedulerConfig, Sequence
-from services.inference.engine.speculative import Drafter, DraftRequest, Speculator, is_plain_greedy
+from services.inference.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, Sequence
+from services.inference.engine.speculative import Drafter, DraftRequest, Speculator
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(LlmpError):
+    """One request failed inside the engine (its forward pass, logits or sampling); the others went on."""
 
 
 @dataclass
@@ -63,52 +84,22 @@ class EngineConfig:
 
 
 @dataclass
-class CompletionOutput:
-    """One of a request's n samples, as far as it got."""
-
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str | None = None
-    """Decoded output, when the engine has a detokenizer; cut before a matched stop string."""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    """None while running, then "stop", "length" or "abort"."""
-    new_token_ids: list[int] = field(default_factory=list)
-    """Tokens generated since the previous output of this request."""
-    num_draft_tokens: int = 0
-    """Speculative decoding: tokens drafted for this sample so far."""
-    num_accepted_tokens: int = 0
-    """Speculative decoding: drafted tokens the target accepted."""
-
-
-@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int
     """Prompt tokens of the first sample served from the prefix cache."""
+    error: LlmpError | None = None
+    """Set when the request failed (RequestFailed); its streams raise it."""
 
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
 
 
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sequences: list[Sequence]
-    samplers: list[Sampler]
-    completions: list[CompletionOutput]
-    emitted: list[int]  # tokens of each completion already reported
-    unfinished: int  # completions without a finish reason
-    beams: BeamSearch | None = None  # set for beam search, whose live beams replace `sequences`
-
-
 class LLMEngine:
-    """Continuous-batching generation over one model on one device."""
+    """Continuous-batching generation over one model on one device; the `DecodingHost` of its requests' strategies."""
 
     def __init__(
         self,
@@ -118,8 +109,10 @@ class LLMEngine:
         detokenize: Callable[[list[int]], str] | None = None,
         drafter: Drafter | None = None,
         store: ArtifactStore | None = None,
+        tokenizer: Any = None,
     ) -> None:
-        """`store` is where `load_adapter` finds adapters; without one, none can be loaded."""
+        """`store` is where `load_adapter` finds adapters; without one, none can be loaded. `tokenizer` (a
+        `tokenizers.Tokenizer`) is for sampler stages that need the vocabulary's text (structured output)."""
         module = model.module if isinstance(model, LoadedModel) else model
         self.config = config or EngineConfig()
         self.model_config = module.config
@@ -138,12 +131,19 @@ class LLMEngine:
         scaled_len = model.max_model_len if isinstance(model, LoadedModel) else None
         model_len = scaled_len or getattr(module.config, "max_position_embeddings", None) or self.cache.capacity_tokens
         self.max_model_len = min(self.config.max_model_len or model_len, model_len, self.cache.capacity_tokens)
-        eos = module.config.eos_token_id
-        self.eos_token_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self._requests: dict[str, _Request] = {}
-        self._by_seq: dict[str, tuple[_Request, int]] = {}
+        # The model's end tokens: config.json's and generation_config.json's (often a list, e.g. chat models').
+        generation = getattr(module, "generation_config", None)
+        self.eos_token_ids: set[int] = _ids(module.config.eos_token_id) | _ids(
+            getattr(generation, "eos_token_id", None)
+        )
+        self.sampler_context = {"vocab_size": self.vocab_size, "eos_token_ids": sorted(self.eos_token_ids)}
+        if tokenizer is not None:
+            self.sampler_context["tokenizer"] = tokenizer
+        self._batched: dict[str, Sampler] = {}  # seq id -> its sampler, for samplers with batched stages
+        self._requests: dict[str, RequestState] = {}
+        self._by_seq: dict[str, tuple[RequestState, int]] = {}
         self._lock = threading.Lock()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, _Outbox] = {}
         self._driver: asyncio.Task[None] | None = None
 
     # -- requests ---------------------------------------------------------------------------------
@@ -157,13 +157,14 @@ class LLMEngine:
         rid = request_id or uuid.uuid4().hex
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         beam = params.beam_width > 1
-        samplers = [] if beam else [Sampler(params, seed + i) for i in range(params.n)]
+        samplers = [] if beam else [Sampler(params, seed + i, self.sampler_context) for i in range(params.n)]
         seqs = [Sequence(f"{rid}/{i}", rid, list(prompt), len(prompt)) for i in range(1 if beam else params.n)]
         completions = [CompletionOutput(i) for i in range(params.n)]
-        request = _Request(rid, prompt, params, seqs, samplers, completions, [0] * params.n, params.n)
+        decoding = SAMPLE
         if beam:
             stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-            request.beams = BeamSearch(seqs[0], params, stop_ids, params.max_tokens)
+            decoding = BeamDecoding(BeamSearch(seqs[0], params, stop_ids, params.max_tokens))
+        request = RequestState(rid, prompt, params, seqs, samplers, completions, decoding, [0] * params.n, params.n)
         with self._lock:
             if rid in self._requests:
                 raise InvalidArgument(f"{rid!r} is already running", field="request_id")
@@ -175,6 +176,9 @@ class LLMEngine:
             self.scheduler.add(seqs)
             self._requests[rid] = request
             self._by_seq.update({s.seq_id: (request, i) for i, s in enumerate(seqs)})
+            self._batched.update(
+                {s.seq_id: samplers[i] for i, s in enumerate(seqs) if samplers and samplers[i].batched}
+            )
         return rid
 
     def _validate(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> None:
@@ -193,22 +197,11 @@ class LLMEngine:
                 field="max_tokens",
             )
         if params.beam_width > 1:
-            self._validate_beams(len(prompt), params)
+            check_beams(len(prompt), params, self.cache.block_size, self.cache.num_blocks, self.speculator is not None)
         if params.stop and self.detokenize is None:
             raise InvalidArgument("stop strings need a model served with its tokenizer", field="stop")
         if request_id is not None and not request_id:
             raise InvalidArgument("must not be empty", field="request_id")
-
-    def _validate_beams(self, prompt_len: int, params: SamplingParams) -> None:
-        if self.speculator is not None:
-            raise InvalidArgument("beam search does not run with speculative decoding", field="beam_width")
-        # Every beam at full length must fit at once, or beams could only advance by evicting each other.
-        blocks_per_beam = -(-(prompt_len + params.max_tokens) // self.cache.block_size)
-        if params.beam_width * blocks_per_beam > self.cache.num_blocks:
-            raise InvalidArgument(
-                f"{params.beam_width} beams of {prompt_len + params.max_tokens} tokens do not fit the KV cache",
-                field="beam_width",
-            )
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its slot and blocks are freed at the next step. False if it is not running."""
@@ -252,7 +245,7 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the requests that progressed or finished in it."""
+        """Run one scheduling step; returns the requests that progressed, finished or failed in it."""
         with self._lock:
             scheduled = self.scheduler.schedule()
             touched = {s.request_id: self._finish(s, "abort", free=False) for s in scheduled.aborted}
@@ -260,24 +253,114 @@ class LLMEngine:
             adapters = [self._by_seq[s.seq_id][0].params.adapter for s in scheduled.sequences]
         if scheduled.chunks:
             chunks = self.speculator.extend(scheduled.chunks, drafting) if self.speculator else scheduled.chunks
-            with self.adapters.step([a for c, a in zip(chunks, adapters, strict=True) for _ in c.token_ids]):
-                logits = self.runner.forward(chunks)  # [sampled + drafted, vocab]
+            logits, kept, failed = self._forward(chunks, scheduled.sequences, adapters)  # [rows, vocab]
             with self._lock:
+                for rid, error in failed.items():
+                    touched[rid] = self._fail(self._requests[rid], error)
+                if failed:  # only what was computed enters the cache (and the prefix cache)
+                    scheduled = ScheduledStep(
+                        [scheduled.chunks[i] for i in kept], [scheduled.sequences[i] for i in kept], []
+                    )
+                    chunks = [chunks[i] for i in kept]
                 self.scheduler.advance(scheduled)
-                sampled = [(c, s) for c, s in zip(chunks, scheduled.sequences, strict=True) if c.sample]
-                rows = logits.split([c.num_logits for c, _ in sampled])  # [1 + drafted, vocab] each
-                # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.
-                best = logits.argmax(-1).tolist() if any(c.num_logits == 1 for c, _ in sampled) else []
-                row = 0
-                for (chunk, seq), seq_logits in zip(sampled, rows, strict=True):
-                    if chunk.num_logits == 1:
-                        touched[seq.request_id] = self._append(seq, seq_logits[0], best[row])
-                    else:
-                        touched[seq.request_id] = self._append_verified(seq, seq_logits)
-                    row += chunk.num_logits
+                touched.update(self._sample(chunks, scheduled.sequences, logits))
         return [self._report(r) for r in touched.values()]
 
-    def _draft_requests(self, chunks: list[Chunk], sequences: list[Sequence]) -> dict[str, DraftRequest]:
+    def _forward(
+        self, chunks: list[StepChunk], sequences: list[Sequence], adapters: list[str | None]
+    ) -> tuple[torch.Tensor, list[int], dict[str, BaseException]]:
+        """The step's logits [rows, vocab], the indices of the chunks they are for, the requests whose forward raised.
+
+        A failing pass is run again one request at a time (their KV slots are simply written again), so
+        one request's failure is its own; when every request fails alone too, the engine itself is broken.
+        """
+        try:
+            return self._run(chunks, adapters), list(range(len(chunks))), {}
+        except Exception as error:
+            batch_error = error
+        by_request: dict[str, list[int]] = {}
+        for i, seq in enumerate(sequences):
+            by_request.setdefault(seq.request_id, []).append(i)
+        failed: dict[str, BaseException] = {}
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        for rid, ix in by_request.items():
+            try:
+                parts.append((ix, self._run([chunks[i] for i in ix], [adapters[i] for i in ix])))
+            except Exception as e:
+                failed[rid] = e
+        if len(by_request) > 1 and not parts:
+            raise batch_error
+        parts.sort(key=lambda part: part[0][0])  # back into step order, as the chunks are
+        kept = [i for ix, _ in parts for i in ix]
+        rows = [part for _, part in parts] or [torch.empty(0, self.vocab_size)]
+        return torch.cat(rows), kept, failed
+
+    def _run(self, chunks: list[StepChunk], adapters: list[str | None]) -> torch.Tensor:
+        with self.adapters.step([a for c, a in zip(chunks, adapters, strict=True) for _ in c.token_ids]):
+            return self.runner.forward(chunks)  # [sampled + drafted, vocab]
+
+    def _sample(
+        self, chunks: list[StepChunk], sequences: list[Sequence], logits: torch.Tensor
+    ) -> dict[str, RequestState]:
+        """Append each sampling sequence's next tokens; a request whose logits or sampling fail fails alone."""
+        sampled = [(c, s) for c, s in zip(chunks, sequences, strict=True) if c.sample]
+        if not sampled:
+            return {}
+        # One reduction per step; rows are looked at one by one only when some row is not finite.
+        finite = torch.isfinite(logits).all(-1).tolist() if not bool(torch.isfinite(logits).all()) else None
+        if self._batched:
+            self._prepare_batched(sampled)
+        # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.
+        best = logits.argmax(-1).tolist() if any(c.num_logits == 1 for c, _ in sampled) else []
+        touched: dict[str, RequestState] = {}
+        row = 0
+        for chunk, seq in sampled:
+            rows = slice(row, row + chunk.num_logits)
+            row += chunk.num_logits
+            entry = self._by_seq.get(seq.seq_id)
+            if entry is None or entry[0].error is not None:  # its request failed earlier in this step
+                continue
+            request, index = entry
+            touched[request.request_id] = request
+            if finite is not None and not all(finite[rows]):
+                self._fail(request, FloatingPointError("the model's logits are not finite"))
+                continue
+            try:
+                if chunk.num_logits == 1:
+                    request.decoding.append(self, request, index, seq, logits[rows.start], best[rows.start])
+                else:
+                    self._append_verified(request, index, seq, logits[rows])
+            except Exception as e:
+                self._fail(request, e)
+        return touched
+
+    def _prepare_batched(self, sampled: list[tuple[StepChunk, Sequence]]) -> None:
+        """Let stages that work for the whole batch (structured output's masks) do so, once per step and kind."""
+        by_kind: dict[type, list[tuple[Any, SamplingContext]]] = {}
+        for _, seq in sampled:
+            sampler = self._batched.get(seq.seq_id)
+            if sampler is not None:
+                ctx = SamplingContext(self._by_seq[seq.seq_id][0].prompt_ids, seq.output_ids)
+                for stage in sampler.batched:
+                    by_kind.setdefault(type(stage), []).append((stage, ctx))
+        for kind, items in by_kind.items():
+            try:
+                kind.prepare_batch(items)  # type: ignore[attr-defined]
+            except Exception:  # each stage then does its own work, and a failing one fails its request alone
+                log.exception("batched sampler stage %s failed; its stages run one by one", kind.__name__)
+
+    def _fail(self, request: RequestState, error: BaseException) -> RequestState:
+        """Fail one request: its streams get RequestFailed now, its sequences are aborted at the next step."""
+        log.error("request %s failed in the engine: %r", request.request_id, error, exc_info=error)
+        if request.error is None:
+            request.error = RequestFailed(
+                f"request {request.request_id!r} failed in the engine ({type(error).__name__}); "
+                "other requests were not affected"
+            )
+            self.scheduler.abort(request.request_id)
+        return request
+
+    def _draft_requests(self, chunks: list[StepChunk], sequences: list[Sequence]) -> dict[str, DraftRequest]:
         """What each sequence about to sample may draft: up to its max_tokens and the context, less one."""
         requests = {}
         for chunk, seq in zip(chunks, sequences, strict=True):
@@ -288,24 +371,9 @@ class LLMEngine:
                 requests[seq.seq_id] = DraftRequest(seq.seq_id, seq.token_ids, room - 1, request.samplers[index], ctx)
         return requests
 
-    def _append(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> _Request:
-        """Sample the next token from logits [vocab]; `argmax` is their argmax, all plain greedy needs."""
-        request, index = self._by_seq[seq.seq_id]
-        if request.beams is not None:
-            self._append_beam(request, request.beams, seq, logits)
-            return request
-        sampler = request.samplers[index]
-        if is_plain_greedy(sampler):
-            self._push(request, index, seq, argmax, None)
-            return request
-        token, logprob = sampler.sample(logits, SamplingContext(request.prompt_ids, seq.output_ids))
-        self._push(request, index, seq, token, logprob)
-        return request
-
-    def _append_verified(self, seq: Sequence, logits: torch.Tensor) -> _Request:
+    def _append_verified(self, request: RequestState, index: int, seq: Sequence, logits: torch.Tensor) -> None:
         """logits [1 + k, vocab] of a chunk that carried k drafts: emit the accepted ones and one more."""
         assert self.speculator is not None
-        request, index = self._by_seq[seq.seq_id]
         sampler, completion = request.samplers[index], request.completions[index]
         ctx = SamplingContext(request.prompt_ids, seq.output_ids)
         tokens, accepted = self.speculator.verify(seq.seq_id, logits, sampler, ctx)
@@ -313,35 +381,12 @@ class LLMEngine:
         completion.num_accepted_tokens += accepted
         for row, token in enumerate(tokens):
             logprob = sampler.logprob(logits[row].cpu(), token) if request.params.logprobs is not None else None
-            if self._push(request, index, seq, token, logprob):
-                return request
+            if self.push(request, index, seq, token, logprob):
+                return
         self.scheduler.accept(seq, accepted)
-        return request
 
-    def _append_beam(self, request: _Request, beams: BeamSearch, seq: Sequence, logits: torch.Tensor) -> None:
-        """Hand a beam's logits [vocab] to the search; apply its selection once all live beams have them."""
-        step = beams.add(seq, logits)
-        if step is None:
-            return
-        for old in step.dropped:  # first, so that their blocks are free for the forks' copies
-            del self._by_seq[old.seq_id]
-            self.scheduler.finish(old)
-        for parent, child in step.forked:
-            self.scheduler.fork(parent, child)
-            self._by_seq[child.seq_id] = (request, 0)
-        if beams.done:
-            for completion, hypothesis in zip(request.completions, beams.finished, strict=False):
-                completion.token_ids = list(hypothesis.token_ids)
-                completion.text = self.detokenize(completion.token_ids) if self.detokenize else None
-            self._end_beams(request, [h.finish_reason for h in beams.finished])
-
-    def _end_beams(self, request: _Request, reasons: list[str]) -> None:
-        for completion, reason in zip(request.completions, reasons, strict=False):
-            completion.finish_reason = reason
-        request.unfinished = 0
-        del self._requests[request.request_id]
-
-    def _push(self, request: _Request, index: int, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
+    # -- the decoding strategies' host (decoding.DecodingHost) -------------------------------------
+    def push(self, request: RequestState, index: int, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
         """Append a token to a sample; True if it finished the sample."""
         completion = request.completions[index]
         seq.token_ids.append(token)
@@ -353,7 +398,35 @@ class LLMEngine:
             self._finish(seq, reason, free=True)
         return reason is not None
 
-    def _finish_reason(self, request: _Request, completion: CompletionOutput, token: int) -> str | None:
+    def end_completion(self, request: RequestState, index: int, seq: Sequence, reason: str, free: bool) -> None:
+        request.completions[index].finish_reason = reason
+        self._batched.pop(seq.seq_id, None)
+        if free:
+            self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq.seq_id)
+        request.unfinished -= 1
+        if request.unfinished == 0:
+            del self._requests[request.request_id]
+
+    def drop(self, seq: Sequence) -> None:
+        del self._by_seq[seq.seq_id]
+        self.scheduler.finish(seq)
+
+    def fork(self, request: RequestState, parent: Sequence, child: Sequence) -> None:
+        self.scheduler.fork(parent, child)
+        self._by_seq[child.seq_id] = (request, 0)
+
+    def end(self, request: RequestState, reasons: list[str], tokens: list[list[int]] | None = None) -> None:
+        for completion, ids in zip(request.completions, tokens or [], strict=False):
+            completion.token_ids = ids
+            completion.text = self.detokenize(ids) if self.detokenize else None
+        for completion, reason in zip(request.completions, reasons, strict=False):
+            completion.finish_reason = reason
+        request.unfinished = 0
+        del self._requests[request.request_id]
+
+    def _finish_reason(self, request: RequestState, completion: CompletionOutput, token: int) -> str | None:
         params = request.params
         if self.detokenize is not None:
             completion.text = self.detokenize(completion.token_ids)
@@ -368,30 +441,21 @@ class LLMEngine:
             return "length"
         return None
 
-    def _finish(self, seq: Sequence, reason: str, *, free: bool) -> _Request:
+    def _finish(self, seq: Sequence, reason: str, *, free: bool) -> RequestState:
+        """A sequence ends (its own stop, or an abort): its request's strategy says what that means."""
         request, index = self._by_seq.pop(seq.seq_id)
-        if request.beams is not None:  # only an abort ends a beam from outside the search
-            request.beams.discard(seq)
-            if not request.beams.live:
-                self._end_beams(request, [reason] * request.params.n)
-            return request
-        request.completions[index].finish_reason = reason
-        if free:
-            self.scheduler.finish(seq)
-        if self.speculator is not None:
-            self.speculator.release(seq.seq_id)
-        request.unfinished -= 1
-        if request.unfinished == 0:
-            del self._requests[request.request_id]
+        request.decoding.remove(self, request, index, seq, reason, free)
         return request
 
-    def _report(self, request: _Request) -> RequestOutput:
+    def _report(self, request: RequestState) -> RequestOutput:
         outputs = []
         for i, c in enumerate(request.completions):
             new = c.token_ids[request.emitted[i] :]
             request.emitted[i] = len(c.token_ids)
             outputs.append(replace(c, token_ids=list(c.token_ids), logprobs=list(c.logprobs), new_token_ids=new))
-        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.sequences[0].num_cached)
+        return RequestOutput(
+            request.request_id, request.prompt_ids, outputs, request.sequences[0].num_cached, request.error
+        )
 
     # -- conveniences -----------------------------------------------------------------------------
     def generate(self, prompts: Iterable[Iterable[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -420,16 +484,17 @@ class LLMEngine:
         Steps are driven by one asyncio task per engine; do not call `step()` or `generate()` meanwhile.
         """
         rid = self.add_request(prompt_ids, params, request_id=request_id)
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[rid] = queue
+        outbox = self._streams[rid] = _Outbox()
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
         finished = False
         try:
             while not finished:
-                out = await queue.get()
+                out = await outbox.get()
                 if isinstance(out, BaseException):
                     raise out
+                if out.error is not None:
+                    raise out.error
                 finished = out.finished
                 yield out
         finally:
@@ -442,10 +507,44 @@ class LLMEngine:
         try:
             while self.has_unfinished():
                 for out in await asyncio.to_thread(self.step):
-                    queue = self._streams.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
+                    outbox = self._streams.get(out.request_id)
+                    if outbox is not None:
+                        outbox.put(out)
         except Exception as e:
-            for queue in self._streams.values():
-                queue.put_nowait(e)
+            for outbox in self._streams.values():
+                outbox.put(e)
             raise
+
+
+def _ids(value: int | list[int] | None) -> set[int]:
+    return set(value if isinstance(value, list) else [] if value is None else [value])
+
+
+class _Outbox:
+    """A stream's undelivered progress: at most one output, into which later ones are merged.
+
+    Outputs carry whole completions plus the tokens new since the previous one, so merging keeps
+    the later output and the new tokens of both: a reader that falls behind gets everything in one
+    output when it reads again, and memory stays bounded by the request's own size.
+    """
+
+    def __init__(self) -> None:
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, out: RequestOutput | BaseException) -> None:
+        earlier = self._pending
+        if isinstance(earlier, BaseException):
+            return  # an error ends the stream; nothing after it matters
+        if earlier is not None and isinstance(out, RequestOutput):
+            for old, new in zip(earlier.outputs, out.outputs, strict=True):
+                new.new_token_ids = old.new_token_ids + new.new_token_ids
+        self._pending = out
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        self._ready.clear()
+        out, self._pending = self._pending, None
+        assert out is not None
+        return out

@@ -40,26 +40,13 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from services.inference.engine.batch import StepChunk
 from services.inference.engine.decoder import LlamaDecoder
 from services.inference.engine.kv_cache import KVCache
 
 ATTENTION = "llmp_paged"
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Tokens of one sequence to compute this step, starting at cache position `start`."""
-
-    seq_id: str
-    token_ids: list[int]
-    start: int
-    sample: bool
-    """Whether the logits of the chunk's last token are wanted (the chunk ends the known tokens)."""
-    num_logits: int = 1
-    """How many of the chunk's last tokens have their logits returned when `sample` is set
-    (1 + the drafted tokens when speculative decoding verifies a draft)."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +188,7 @@ class ModelRunner:
             self.compiled = torch.compile(self._decode, options={"cpp_wrapper": True})
 
     @torch.inference_mode()
-    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+    def forward(self, chunks: list[StepChunk]) -> torch.Tensor:
         """Logits of the last `num_logits` tokens of every chunk with `sample` set, in order: [rows, vocab] float32."""
         ids = torch.tensor([t for c in chunks for t in c.token_ids], device=self.device)  # [N]
         positions = torch.tensor(
@@ -257,7 +244,7 @@ class ModelRunner:
         hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # type: ignore[union-attr]
         return self.model.get_output_embeddings()(hidden[wanted]).float()
 
-    def metadata(self, chunks: list[Chunk], masked: bool = False) -> StepMetadata:
+    def metadata(self, chunks: list[StepChunk], masked: bool = False) -> StepMetadata:
         """The step's cache slots and attention groups; `masked`: every group has a mask, even where not needed."""
         offsets = [0]
         write: list[int] = []
@@ -270,7 +257,7 @@ class ModelRunner:
         slots = torch.tensor(write, dtype=torch.long, device=self.device)
         return StepMetadata(self.cache, slots, groups, self.buffers, self.gqa)
 
-    def group(self, chunks: list[Chunk], offsets: list[int], masked: bool = False) -> AttentionGroup:
+    def group(self, chunks: list[StepChunk], offsets: list[int], masked: bool = False) -> AttentionGroup:
         """Chunks of equal length q attending to their contexts, padded to the longest context."""
         q = len(chunks[0].token_ids)
         size = self.cache.block_size

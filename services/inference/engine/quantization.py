@@ -125,6 +125,35 @@ class Int8Linear(QuantizedLinear):
         layer.scales.copy_(scales)
         return layer
 
+    @classmethod
+    def fuse(cls, layers: list[Int8Linear]) -> Int8Linear | None:
+        """One layer computing `layers` side by side (outputs concatenated), for one matmul where there were several.
+
+        Only per-channel layers on the int8 kernel of one input size fuse; None otherwise. The fused
+        tensors hold the weights once: each layer's qweight, scales and bias become row views of them,
+        so no memory is added and each layer still computes what it did.
+        """
+        first = layers[0]
+        fusable = all(
+            layer.kernel == INT8_KERNEL and layer.in_features == first.in_features and layer.num_groups == 1
+            for layer in layers
+        )
+        with_bias = [layer.bias is not None for layer in layers]
+        if not fusable or (any(with_bias) and not all(with_bias)):
+            return None
+        bias = torch.cat([layer.bias.detach() for layer in layers]) if all(with_bias) else None  # type: ignore[union-attr]
+        fused = cls(first.in_features, sum(layer.out_features for layer in layers), first.in_features, bias)
+        fused.qweight = torch.cat([layer.qweight for layer in layers])
+        fused.scales = torch.cat([layer.scales for layer in layers])
+        start = 0
+        for layer in layers:
+            rows = slice(start, start + layer.out_features)
+            layer.qweight, layer.scales = fused.qweight[rows], fused.scales[rows]
+            if fused.bias is not None:
+                layer.bias.data = fused.bias.data[rows]  # type: ignore[union-attr]
+            start = rows.stop
+        return fused
+
     def dequantize(self) -> torch.Tensor:
         groups = self.qweight.reshape(self.out_features, self.num_groups, self.group_size).float()
         return (groups * self.scales.float()[..., None]).reshape(self.out_features, self.in_features)

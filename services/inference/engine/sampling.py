@@ -13,6 +13,7 @@ the raw logits), not of the processed distribution.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,11 @@ BUILTINS = {
         "min_p": "MinP",
     }.items()
 }
+FIELD_STAGES = frozenset(BUILTINS)
+"""Built-in stages a request sets through its own fields (and their bounds), never as processors."""
+BUILTINS["structured"] = "services.inference.engine.structured:Structured"
+CONTEXT = ("tokenizer", "vocab_size", "eos_token_ids")
+"""What the engine hands to stages that take it (by these parameter names); never a request's to set."""
 SAMPLERS: Registry[LogitsProcessor] = Registry("samplers", BUILTINS, base=LogitsProcessor)
 
 
@@ -165,7 +171,28 @@ class SamplingLimits:
     max_tokens: int = 4096
     max_logprobs: int = 20
     max_stop_strings: int = 16
+    max_stop_length: int = 256
+    """Characters of one stop string."""
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 1024
+    """Entries of logit_bias."""
+    max_processors: int = 8
     max_beam_width: int = 16
+
+
+# Bounds of the float fields. Every value inside keeps the float32 pipeline finite: logits (at most
+# about 1e5 in half precision) plus a bias of 100, over a temperature of 0.01 or divided by a
+# penalty of 0.01, stay far below float32's 3.4e38; a smaller temperature is greedy in all but name.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_LOGIT_BIAS = 100.0
+MAX_PENALTY = 2.0
+MAX_LENGTH_PENALTY = 10.0
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    """low <= value <= high for a finite value (NaN and infinities are never within)."""
+    return math.isfinite(value) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -208,20 +235,44 @@ class SamplingParams:
         return self.temperature == 0
 
     def validate(self, vocab_size: int, limits: SamplingLimits = SamplingLimits()) -> None:
-        """Raise InvalidArgument naming the first bad field."""
+        """Raise InvalidArgument naming the first bad field; every float must be finite and in its range."""
+        for ok, name, message in self._checks(vocab_size, limits):
+            if not ok:
+                raise InvalidArgument(f"{message} (got {_shown(getattr(self, name))})", field=name)
+
+    def _checks(self, vocab_size: int, limits: SamplingLimits) -> list[tuple[bool, str, str]]:
+        """(holds, field, what it must be) for every field, in the order they are reported."""
+        t, rp = self.temperature, self.repetition_penalty
+        bias = self.logit_bias
         checks: list[tuple[bool, str, str]] = [
             (1 <= self.max_tokens <= limits.max_tokens, "max_tokens", f"must be in [1, {limits.max_tokens}]"),
-            (0 <= self.temperature < math.inf, "temperature", "must be >= 0"),
+            (
+                t == 0 or _within(t, MIN_TEMPERATURE, MAX_TEMPERATURE),
+                "temperature",
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+            ),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (_within(self.top_p, 0, 1) and self.top_p > 0, "top_p", "must be in (0, 1]"),
+            (_within(self.min_p, 0, 1), "min_p", "must be in [0, 1]"),
+            (
+                _within(rp, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
+                "repetition_penalty",
+                f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]",
+            ),
+            (_within(self.presence_penalty, -MAX_PENALTY, MAX_PENALTY), "presence_penalty", "must be in [-2, 2]"),
+            (_within(self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY), "frequency_penalty", "must be in [-2, 2]"),
             (1 <= self.n <= limits.max_n, "n", f"must be in [1, {limits.max_n}]"),
-            (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias", f"token ids must be < {vocab_size}"),
+            (len(bias) <= limits.max_logit_bias, "logit_bias", f"takes at most {limits.max_logit_bias} entries"),
+            (all(0 <= t < vocab_size for t in bias), "logit_bias", f"token ids must be < {vocab_size}"),
+            (
+                all(_within(v, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS) for v in bias.values()),
+                "logit_bias",
+                f"values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]",
+            ),
+            (len(self.stop_token_ids) <= limits.max_stop_token_ids, "stop_token_ids", "too many token ids"),
             (all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids", f"must be < {vocab_size}"),
             (len(self.stop) <= limits.max_stop_strings and all(self.stop), "stop", "too many or empty strings"),
+            (all(len(s) <= limits.max_stop_length for s in self.stop), "stop", "a stop string is too long"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= limits.max_logprobs,
                 "logprobs",
@@ -229,8 +280,13 @@ class SamplingParams:
             ),
             (self.seed is None or 0 <= self.seed < 2**63 - 2**16, "seed", "must be a non-negative 63-bit integer"),
             (1 <= self.beam_width <= limits.max_beam_width, "beam_width", f"must be in [1, {limits.max_beam_width}]"),
-            (math.isfinite(self.length_penalty), "length_penalty", "must be finite"),
+            (
+                _within(self.length_penalty, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY),
+                "length_penalty",
+                f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}]",
+            ),
             (self.early_stopping in (True, False, "never"), "early_stopping", 'must be true, false or "never"'),
+            *self._processor_checks(limits),
         ]
         if self.beam_width > 1:
             checks += [
@@ -240,9 +296,25 @@ class SamplingParams:
                 (not self.stop, "stop", "stop strings are not supported with beam search"),
                 (self.logprobs is None, "logprobs", "are not returned with beam search"),
             ]
-        for ok, name, message in checks:
-            if not ok:
-                raise InvalidArgument(f"{message} (got {getattr(self, name)!r})", field=name)
+        return checks
+
+    def _processor_checks(self, limits: SamplingLimits) -> list[tuple[bool, str, str]]:
+        """Extra stages are plugins beyond the built-ins, whose values the request's own fields bound."""
+        names = [p.get("type") if isinstance(p, Mapping) else None for p in self.processors]
+        return [
+            (len(names) <= limits.max_processors, "processors", f"takes at most {limits.max_processors} stages"),
+            (all(isinstance(n, str) and n for n in names), "processors", 'each is {"type": "<name>", ...params}'),
+            (
+                not any(n in FIELD_STAGES for n in names),
+                "processors",
+                f"built-in stages ({', '.join(sorted(FIELD_STAGES))}) are set by the request's own fields",
+            ),
+            (
+                not any(isinstance(p, Mapping) and set(p) & set(CONTEXT) for p in self.processors),
+                "processors",
+                f"{', '.join(CONTEXT)} are the engine's to give",
+            ),
+        ]
 
     def specs(self) -> list[Mapping[str, Any]]:
         """The pipeline as plugin specs, in order; stages that would do nothing are left out."""
@@ -267,6 +339,19 @@ class SamplingParams:
         return specs
 
 
+def _stage(spec: Mapping[str, Any], context: Mapping[str, Any]) -> LogitsProcessor:
+    """A stage from its spec, given the parts of `context` its class takes."""
+    cls = SAMPLERS.get(str(spec.get("type", "")), field="processors.type")
+    accepted = inspect.signature(cls).parameters
+    return SAMPLERS.create(spec, field="processors", **{k: v for k, v in context.items() if k in accepted})
+
+
+def _shown(value: Any) -> str:
+    """A field's value for an error message, cut short (a map or tuple may be large)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
@@ -278,10 +363,16 @@ class TokenLogprob:
 class Sampler:
     """One sequence's sampling state: its pipeline and its random generator."""
 
-    def __init__(self, params: SamplingParams, seed: int) -> None:
+    def __init__(self, params: SamplingParams, seed: int, context: Mapping[str, Any] | None = None) -> None:
+        """`context`: what the engine offers stages (CONTEXT); each stage gets the parts it names as parameters."""
         self.params = params
-        self.stages = [SAMPLERS.create(spec, field="processors") for spec in params.specs()]
+        self.stages = [_stage(spec, context or {}) for spec in params.specs()]
+        self.batched = [s for s in self.stages if callable(getattr(s, "prepare_batch", None))]
+        """Stages whose work the engine does for the whole batch at once each step (structured.py)."""
         self.generator = torch.Generator().manual_seed(seed)
+        # Greedy with no stage before the argmax and no log-probabilities: the token is the logits'
+        # argmax, which the engine takes for a whole step at once and speculation compares drafts to.
+        self.plain_greedy = params.greedy and params.logprobs is None and len(self.stages) == 1
 
     def sample(self, logits: torch.Tensor, ctx: SamplingContext) -> tuple[int, TokenLogprob | None]:
         """logits [vocab] float32 on any device -> the chosen token and, if asked, its log-probabilities."""

@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from libs.common.errors import ResourceExhausted
+from services.inference.engine.batch import StepChunk
 from services.inference.engine.kv_cache import KVCache
-from services.inference.engine.model_runner import Chunk
 
 _arrival = itertools.count()
 
@@ -65,7 +65,7 @@ class Sequence:
 
 @dataclass
 class ScheduledStep:
-    chunks: list[Chunk]
+    chunks: list[StepChunk]
     sequences: list[Sequence]
     """The sequence of each chunk, in the same order."""
     aborted: list[Sequence]
@@ -159,7 +159,7 @@ class Scheduler:
         self.cache.allocate(seq.seq_id, seq.num_computed + n)
         start = seq.num_computed
         sample = start + n == len(seq.token_ids)
-        step.chunks.append(Chunk(seq.seq_id, seq.token_ids[start : start + n], start, sample))
+        step.chunks.append(StepChunk(seq.seq_id, seq.token_ids[start : start + n], start, sample))
         step.sequences.append(seq)
         return n
 

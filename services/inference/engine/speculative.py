@@ -30,8 +30,8 @@ import torch
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument
 from libs.common.plugins import Registry
+from services.inference.engine.batch import StepChunk
 from services.inference.engine.kv_cache import KVCache
-from services.inference.engine.model_runner import Chunk
 from services.inference.engine.sampling import Sampler, SamplingContext
 
 
@@ -110,15 +110,6 @@ def rejection_sample(
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
 
 
-def is_plain_greedy(sampler: Sampler) -> bool:
-    """Greedy with no stage before the argmax and no log-probabilities: the token is the logits' argmax.
-
-    Then p (and a greedy drafter's q) is one-hot, so rejection sampling reduces to keeping the
-    drafts that equal the target's argmax and emitting the argmax after them.
-    """
-    return sampler.params.greedy and sampler.params.logprobs is None and len(sampler.stages) == 1
-
-
 class Speculator:
     """The engine's side of speculative decoding: drafts into the step's chunks, verdicts out of its logits."""
 
@@ -135,7 +126,7 @@ class Speculator:
         self.num_accepted = 0
         self._pending: dict[str, Draft] = {}
 
-    def extend(self, chunks: list[Chunk], requests: Mapping[str, DraftRequest]) -> list[Chunk]:
+    def extend(self, chunks: list[StepChunk], requests: Mapping[str, DraftRequest]) -> list[StepChunk]:
         """The step's chunks, with drafts appended to those of `requests` that fit the token budget and cache."""
         self._pending.clear()
         room = self.token_budget - sum(len(c.token_ids) for c in chunks)
@@ -167,7 +158,9 @@ class Speculator:
     ) -> tuple[list[int], int]:
         """Target logits [k + 1, vocab] of a drafted chunk -> (tokens to emit, drafts accepted)."""
         draft = self._pending.pop(seq_id)
-        if is_plain_greedy(sampler):
+        # Plain greedy: p (and a greedy drafter's q) is one-hot, so rejection sampling reduces to keeping
+        # the drafts that equal the target's argmax and emitting the argmax after them.
+        if sampler.plain_greedy:
             best = logits.argmax(-1).tolist()  # [k + 1]
             accepted = next((i for i, t in enumerate(draft.token_ids) if t != best[i]), len(draft.token_ids))
             self.num_drafted += len(draft.token_ids)

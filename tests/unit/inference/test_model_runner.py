@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from libs.common.artifacts import ArtifactStore
 from services.inference.engine import KVCacheConfig, load_model
+from services.inference.engine.batch import StepChunk
 from services.inference.engine.kv_cache import KVCache
-from services.inference.engine.model_runner import Chunk, ModelRunner
+from services.inference.engine.model_runner import ModelRunner
 
 from .tiny import CONFIGS, NEEDS_COMPILER, prompt
 
@@ -31,7 +32,7 @@ def test_prefill_in_chunks_then_decode_matches_transformers(store: ArtifactStore
     tokens = prompt(30, seed=1)
     (reference,), runner = reference_and_runner(store, arch, [tokens])
     for start, stop in [(0, 11), (11, 12), (12, 25), (25, 26), (26, 30)]:
-        logits = runner.forward([Chunk("0", tokens[start:stop], start, sample=True)])
+        logits = runner.forward([StepChunk("0", tokens[start:stop], start, sample=True)])
         torch.testing.assert_close(logits[0], reference[stop - 1], atol=ATOL, rtol=0)
 
 
@@ -40,12 +41,12 @@ def test_a_mixed_step_matches_each_sequence_alone(store: ArtifactStore, arch: st
     prompts = [prompt(n, seed=n) for n in (9, 14, 21, 6)]
     reference, runner = reference_and_runner(store, arch, prompts)
     # Sequences 0 and 1 have most of their tokens cached already; 2 and 3 arrive now.
-    runner.forward([Chunk("0", prompts[0][:8], 0, False), Chunk("1", prompts[1][:13], 0, False)])
+    runner.forward([StepChunk("0", prompts[0][:8], 0, False), StepChunk("1", prompts[1][:13], 0, False)])
     chunks = [
-        Chunk("0", prompts[0][8:], 8, True),
-        Chunk("2", prompts[2][:15], 0, False),
-        Chunk("1", prompts[1][13:], 13, True),
-        Chunk("3", prompts[3], 0, True),
+        StepChunk("0", prompts[0][8:], 8, True),
+        StepChunk("2", prompts[2][:15], 0, False),
+        StepChunk("1", prompts[1][13:], 13, True),
+        StepChunk("3", prompts[3], 0, True),
     ]
     logits = runner.forward(chunks)
     assert logits.shape == (3, 256)
@@ -88,7 +89,7 @@ def test_the_fused_pass_keeps_projection_biases(store: ArtifactStore) -> None:
         reference = model(torch.tensor([tokens])).logits[0]
     cache = KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=8))
     cache.allocate("0", len(tokens))
-    logits = ModelRunner(model, cache).forward([Chunk("0", tokens, 0, sample=True)])
+    logits = ModelRunner(model, cache).forward([StepChunk("0", tokens, 0, sample=True)])
     torch.testing.assert_close(logits[0], reference[-1], atol=ATOL, rtol=0)
 
 
@@ -103,11 +104,11 @@ def test_compiled_decode_steps_match_transformers(store: ArtifactStore) -> None:
     reference, runner = reference_and_runner(store, "llama", prompts, compile=True)
     assert runner.compiled is not None
     graphs = counters["stats"]["unique_graphs"]
-    runner.forward([Chunk("0", prompts[0][:10], 0, False), Chunk("1", prompts[1][:4], 0, False)])  # eager
-    runner.forward([Chunk("2", prompts[2][:1], 0, False)])  # eager
+    runner.forward([StepChunk("0", prompts[0][:10], 0, False), StepChunk("1", prompts[1][:4], 0, False)])  # eager
+    runner.forward([StepChunk("2", prompts[2][:1], 0, False)])  # eager
 
     def decode(steps: dict[int, int]) -> None:  # sequence -> position
-        chunks = [Chunk(str(seq), [prompts[seq][pos]], pos, True) for seq, pos in steps.items()]
+        chunks = [StepChunk(str(seq), [prompts[seq][pos]], pos, True) for seq, pos in steps.items()]
         logits = runner.forward(chunks)
         for row, (seq, pos) in enumerate(steps.items()):
             torch.testing.assert_close(logits[row], reference[seq][pos], atol=ATOL, rtol=0)
@@ -131,7 +132,7 @@ def test_compiled_decode_steps_match_transformers(store: ArtifactStore) -> None:
     cache = KVCache(other.config, KVCacheConfig(block_size=4, num_blocks=16))
     cache.allocate("x", len(tokens))
     runner = ModelRunner(other, cache, compile=True)
-    runner.forward([Chunk("x", tokens[:6], 0, False)])
-    (logits,) = runner.forward([Chunk("x", tokens[6:], 6, True)])
+    runner.forward([StepChunk("x", tokens[:6], 0, False)])
+    (logits,) = runner.forward([StepChunk("x", tokens[6:], 6, True)])
     torch.testing.assert_close(logits, expected[6], atol=ATOL, rtol=0)
     assert runner.compiled is not None, "the second model's graph failed and the runner fell back to eager"

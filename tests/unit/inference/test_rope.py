@@ -16,7 +16,7 @@ from services.inference.engine import (
     SchedulerConfig,
     load_model,
 )
-from services.inference.engine.model_runner import Chunk
+from services.inference.engine.batch import StepChunk
 
 from .tiny import NO_SPECIAL, SMALL, prompt
 
@@ -51,7 +51,7 @@ def engine(model) -> LLMEngine:
 def engine_logits(e: LLMEngine, tokens: list[int]) -> torch.Tensor:
     """Logits of every position from one packed step over the paged cache: [len(tokens), vocab]."""
     e.cache.allocate("s", len(tokens))
-    return e.runner.forward([Chunk("s", tokens, 0, True, num_logits=len(tokens))])
+    return e.runner.forward([StepChunk("s", tokens, 0, True, num_logits=len(tokens))])
 
 
 @pytest.mark.parametrize("rope_type", list(SPECS))

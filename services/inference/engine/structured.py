@@ -1,0 +1,162 @@
+"""Structured output: a sampler stage that only lets tokens through that keep the text in a grammar.
+
+    {"type": "structured", "json_schema": {...}}   # JSON that validates against the schema
+    {"type": "structured", "json_object": true}    # any JSON object
+    {"type": "structured", "regex": "[0-9]{3}"}    # text matching the regular expression
+    {"type": "structured", "choice": ["yes", "no"]}  # exactly one of the strings
+
+JSON is compact (no whitespace between tokens). The grammar is compiled by llguidance (the Rust
+engine of Microsoft's guidance) against the model's own tokenizer, so the mask is exact for
+multi-byte tokens. Each sequence's stage holds its own matcher, kept in step with the tokens
+generated so far (rolled back when speculative decoding offers drafts that are then rejected).
+Once the grammar is complete only the end-of-sequence token is allowed, so the model must have
+one.
+
+Masks are computed for the whole batch at once: before sampling a step, the engine hands every
+stage of this kind to `prepare_batch`, which fills all their masks in one parallel call; a stage
+called outside a step (a draft's verification) computes its own.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from services.inference.engine.sampling import LogitsProcessor, SamplingContext
+
+MAX_GRAMMAR_CHARS = 64 << 10
+"""Largest schema, regex or list of choices (as JSON text)."""
+FORMS = ("json_schema", "json_object", "regex", "choice")
+
+_tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_executor: Any = None
+
+
+def _ll_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> Any:
+    """llguidance's view of a `tokenizers.Tokenizer` (about a second to build, so one per tokenizer)."""
+    import llguidance
+
+    with _lock:
+        cached = _tokenizers.get(tokenizer)
+        if cached is None:
+            cached = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
+            _tokenizers[tokenizer] = cached
+        return cached
+
+
+def _grammar(form: str, value: Any) -> str:
+    import llguidance
+
+    # Compact JSON: no whitespace between tokens, so a sample cannot wander off into blanks.
+    compact = llguidance.JsonCompiler(separators=(",", ":"), whitespace_flexible=False)
+    if form == "json_object":
+        if value is not True:
+            raise ValueError("json_object must be true")
+        return str(compact.compile(json.dumps({"type": "object"})))
+    text = value if isinstance(value, str) else json.dumps(value)
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"{form} is over {MAX_GRAMMAR_CHARS} characters")
+    if form == "json_schema":
+        if not isinstance(value, dict):
+            raise ValueError("json_schema must be a JSON schema object")
+        return str(compact.compile(text))
+    if form == "regex":
+        if not isinstance(value, str):
+            raise ValueError("regex must be a string")
+        return str(llguidance.LLMatcher.grammar_from_regex(value))
+    if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+        raise ValueError("choice must be a list of non-empty strings")
+    return str(llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value)))
+
+
+class Structured(LogitsProcessor):
+    """Masks the logits [vocab] to the tokens the grammar allows next (see the module docstring)."""
+
+    def __init__(
+        self,
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool | None = None,
+        regex: str | None = None,
+        choice: list[str] | None = None,
+        *,
+        tokenizer: Any = None,
+        vocab_size: int = 0,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        import llguidance
+
+        given = {k: v for k, v in zip(FORMS, (json_schema, json_object, regex, choice), strict=True) if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(FORMS)}")
+        if tokenizer is None or not eos_token_ids:
+            raise ValueError("structured output needs a model served with its tokenizer and an end-of-sequence token")
+        ((form, value),) = given.items()
+        grammar = _grammar(form, value)
+        self.vocab_size = vocab_size
+        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab_size, eos_token_ids), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise ValueError(f"{form} cannot be compiled: {self.matcher.get_error()}")
+        self.consumed: list[int] = []
+        self.outside = False
+        """The last context synced left the grammar: no token can follow it."""
+        self._mask: torch.Tensor | None = None  # [words] int32, for `self.consumed` as it was prepared
+        self._mask_at = -1
+
+    # -- keeping the matcher in step with the sequence ------------------------------------------------
+    def sync(self, output_ids: list[int]) -> None:
+        """Bring the matcher to `output_ids`: roll back what differs, consume what is new.
+
+        Tokens the grammar refuses (a speculative draft's, which rejection sampling is about to turn
+        down) are not consumed: the stage then allows nothing (`outside`), and the matcher stays usable.
+        """
+        common = 0
+        for a, b in zip(self.consumed, output_ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common < len(self.consumed):
+            self.matcher.rollback(len(self.consumed) - common)
+            del self.consumed[common:]
+        new = output_ids[common:]
+        fits = self.matcher.validate_tokens(new) if new else 0
+        if fits and not self.matcher.consume_tokens(new[:fits]):
+            raise RuntimeError(f"the grammar's matcher failed: {self.matcher.get_error()}")
+        self.consumed.extend(new[:fits])
+        self.outside = fits < len(new)
+
+    @classmethod
+    def prepare_batch(cls, items: list[tuple[Structured, SamplingContext]]) -> None:
+        """Compute the masks of many sequences' stages in one parallel call (once per engine step)."""
+        import llguidance
+        import llguidance.torch as llt
+
+        global _executor
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        for stage, ctx in items:
+            stage.sync(ctx.output_ids)
+        items = [(stage, ctx) for stage, ctx in items if not stage.outside]
+        if not items:
+            return
+        words = (items[0][0].vocab_size + 31) // 32
+        masks = torch.full((len(items), words), -1, dtype=torch.int32)
+        llt.fill_next_token_bitmask_par(_executor, [(stage.matcher, i) for i, (stage, _) in enumerate(items)], masks)
+        for i, (stage, _) in enumerate(items):
+            stage._mask, stage._mask_at = masks[i], len(stage.consumed)
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        self.sync(ctx.output_ids)
+        if self.outside:
+            return torch.full_like(logits, float("-inf"))
+        mask = self._mask if self._mask_at == len(self.consumed) else None
+        if mask is None:
+            mask = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        self._mask_at = -1  # a mask serves one call
+        allowed = ((mask[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[: logits.numel()].bool()
+        return logits.masked_fill(~allowed, float("-inf"))

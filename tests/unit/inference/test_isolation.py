@@ -1,0 +1,179 @@
+"""One request's failure is its own: a failing sampler, non-finite logits or a failing forward pass
+fail that request alone, while the requests batched with it finish with the output they have alone."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams
+from services.inference.engine.batch import StepChunk
+from services.inference.engine.engine import RequestFailed, RequestOutput
+from services.inference.engine.sampling import SAMPLERS, LogitsProcessor, SamplingContext
+
+from .tiny import prompt
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, n=2, ignore_eos=True)
+GOOD = [(prompt(6, seed=1), GREEDY), (prompt(11, seed=2), SAMPLED), (prompt(4, seed=3), GREEDY)]
+
+
+class NanAfter(LogitsProcessor):
+    """A broken third-party stage: logits turn NaN once `after` tokens are out."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+        return logits * math.nan if len(ctx.output_ids) >= self.after else logits
+
+
+@pytest.fixture
+def nan_sampler() -> Iterator[None]:
+    """NanAfter as the installed sampler plugin "nan_after" (what an entry point would resolve to)."""
+    SAMPLERS._loaded["nan_after"] = NanAfter
+    yield
+    del SAMPLERS._loaded["nan_after"]
+
+
+def engine(models) -> LLMEngine:
+    return LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)))
+
+
+def alone(models) -> list[list[list[int]]]:
+    return [[o.token_ids for o in engine(models).generate([p], params)[0].outputs] for p, params in GOOD]
+
+
+def run_all(e: LLMEngine) -> dict[str, RequestOutput]:
+    last: dict[str, RequestOutput] = {}
+    while e.has_unfinished():
+        for out in e.step():
+            last.setdefault(out.request_id, out)
+            if last[out.request_id].error is None:  # the first failed output is what a stream raises
+                last[out.request_id] = out
+    return last
+
+
+def check_good_and_bad(models, e: LLMEngine, bad: str) -> None:
+    good = [e.add_request(p, params, request_id=f"good{i}") for i, (p, params) in enumerate(GOOD)]
+    last = run_all(e)
+    assert isinstance(last[bad].error, RequestFailed)
+    assert [[o.token_ids for o in last[g].outputs] for g in good] == alone(models)
+    assert all(last[g].error is None and last[g].finished for g in good)
+    assert e.cache.usage == 0 and not e.scheduler.running and not e._requests  # nothing of the bad one is left
+    # The engine goes on serving.
+    [again] = e.generate([GOOD[0][0]], GREEDY)
+    assert again.outputs[0].token_ids == alone(models)[0][0]
+
+
+def test_a_failing_sampler_fails_only_its_request(models, nan_sampler: None) -> None:
+    e = engine(models)
+    e.add_request(
+        prompt(8, seed=9),
+        SamplingParams(max_tokens=10, processors=({"type": "nan_after", "after": 3},)),
+        request_id="bad",
+    )
+    check_good_and_bad(models, e, "bad")
+
+
+def faulty_forward(e: LLMEngine, fault: Callable[[list[StepChunk], torch.Tensor | None], torch.Tensor]) -> None:
+    real = e.runner.forward
+
+    def forward(chunks: list[StepChunk]) -> torch.Tensor:
+        return fault(chunks, real(chunks))
+
+    e.runner.forward = forward  # type: ignore[method-assign]
+
+
+def test_non_finite_logits_fail_only_their_request(models) -> None:
+    """A NaN row in the step's logits (as from an overflow in half precision) must not poison the batch."""
+    e = engine(models)
+
+    def nan_rows(chunks: list[StepChunk], logits: torch.Tensor | None) -> torch.Tensor:
+        assert logits is not None
+        row = 0
+        for c in chunks:
+            if c.sample:
+                if c.seq_id.startswith("bad/"):
+                    logits[row : row + c.num_logits] = math.nan
+                row += c.num_logits
+        return logits
+
+    faulty_forward(e, nan_rows)
+    e.add_request(prompt(8, seed=9), GREEDY, request_id="bad")
+    check_good_and_bad(models, e, "bad")
+
+
+def test_a_failing_forward_pass_fails_only_its_request(models) -> None:
+    e = engine(models)
+    steps = 0
+
+    def raise_for_bad(chunks: list[StepChunk], logits: torch.Tensor | None) -> torch.Tensor:
+        nonlocal steps
+        steps += 1
+        if steps > 2 and any(c.seq_id.startswith("bad/") for c in chunks):
+            raise RuntimeError("a kernel failed")
+        assert logits is not None
+        return logits
+
+    faulty_forward(e, raise_for_bad)
+    e.add_request(prompt(8, seed=9), GREEDY, request_id="bad")
+    check_good_and_bad(models, e, "bad")
+
+
+def test_a_step_that_fails_for_every_request_fails_the_engine(models) -> None:
+    e = engine(models)
+
+    def broken(chunks: list[StepChunk], logits: torch.Tensor | None) -> torch.Tensor:
+        raise RuntimeError("the device is gone")
+
+    faulty_forward(e, broken)
+    for p, params in GOOD:
+        e.add_request(p, params)
+    with pytest.raises(RuntimeError, match="device is gone"):
+        e.step()
+
+
+def test_streams_beside_a_failing_one_finish(models, nan_sampler: None) -> None:
+    e = engine(models)
+
+    async def scenario() -> tuple[list[list[list[int]]], BaseException | None]:
+        async def tokens(p: list[int], params: SamplingParams) -> list[list[int]]:
+            outs = [out async for out in e.stream(p, params)]
+            return [o.token_ids for o in outs[-1].outputs]
+
+        bad = SamplingParams(max_tokens=10, processors=({"type": "nan_after", "after": 2},))
+        results = await asyncio.gather(
+            *(tokens(p, params) for p, params in GOOD), tokens(prompt(8, seed=9), bad), return_exceptions=True
+        )
+        return list(results[:-1]), results[-1]  # type: ignore[arg-type]
+
+    good, error = asyncio.run(scenario())
+    assert isinstance(error, RequestFailed)
+    assert good == alone(models)
+
+
+def test_a_stream_nobody_reads_holds_one_output(models) -> None:
+    """Progress a reader has not taken is merged into one pending output, and nothing of it is lost."""
+    e = engine(models)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[list[int], list[RequestOutput], int]:
+        slow = e.stream(prompt(5, seed=4), params)
+        first = await anext(slow)  # the request runs; its reader now stops reading
+        outbox = next(iter(e._streams.values()))
+        async for _ in e.stream(prompt(7, seed=5), params):  # drives the steps meanwhile
+            pass
+        pending = 1 if outbox._pending is not None else 0
+        rest = [out async for out in slow]
+        return first.outputs[0].new_token_ids, rest, pending
+
+    first, rest, pending = asyncio.run(scenario())
+    assert pending == 1
+    assert len(rest) == 1 and rest[0].finished
+    assert first + rest[0].outputs[0].new_token_ids == rest[0].outputs[0].token_ids
+    assert rest[0].outputs[0].token_ids == engine(models).generate([prompt(5, seed=4)], params)[0].outputs[0].token_ids
