@@ -27,6 +27,7 @@ def _service_vars(service: str, port: int, extra: list[EnvVar] | None = None) ->
         EnvVar(f"LLMP_{s}_METRICS_PORT", str(port + 1000), f"{service} Prometheus metrics port (-1: off)"),
         EnvVar(f"LLMP_{s}_MAX_MESSAGE_BYTES", str(64 << 20), f"largest gRPC message {service} sends or accepts"),
         EnvVar(f"LLMP_{s}_MAX_CONCURRENT_RPCS", "256", f"{service} calls served at once; more are refused"),
+        EnvVar(f"LLMP_{s}_MAX_SLOW_CALLS", "32", f"{service} slow calls (watches, reports, imports) served at once"),
         EnvVar(f"LLMP_{s}_DRAIN_SECONDS", "30", f"grace period for in-flight {service} work on SIGTERM"),
         *(extra or []),
     ]

@@ -9,7 +9,6 @@ driver is gone are resumed from their last checkpoint, or failed once they used 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from typing import Any
 
 from libs.common.config import CommonConfig
 from libs.common.errors import FailedPrecondition, InvalidArgument
+from libs.common.rpc.pools import run_blocking
 from services.training.backends import BACKENDS, Backend
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext, job_type
@@ -128,19 +128,19 @@ class TrainingCore:
 
     async def watch(self, job_id: str) -> AsyncIterator[tuple[JobRecord, Event]]:
         """Each event of the job from its first, with the job as it stands; ends when the job does."""
-        job = await asyncio.to_thread(self.store.get, job_id)
+        job = await run_blocking(self.store.get, job_id)
         after = "0"
         while True:
-            events = await asyncio.to_thread(self.store.events, job_id, after, WATCH_BLOCK_MS)
+            events = await run_blocking(self.store.events, job_id, after, WATCH_BLOCK_MS)
             for event in events:
                 after = event.id
                 if event.kind == "progress":
                     job = replace(job, progress=event.data)
                 elif event.kind == "state":
-                    job = await asyncio.to_thread(self.store.get, job_id)
+                    job = await run_blocking(self.store.get, job_id)
                     job = replace(job, state=event.data["state"], reason=event.data["reason"])
                 yield job, event
-                if job.state in FINAL and not await asyncio.to_thread(self.store.events, job_id, after):
+                if job.state in FINAL and not await run_blocking(self.store.events, job_id, after):
                     return  # the end, unless events follow it (the job was resumed since)
 
     # -- models ------------------------------------------------------------------------------
