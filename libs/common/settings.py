@@ -57,6 +57,12 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_TOKENIZER_MAX_TEXT_BYTES", str(16 << 20), "largest single text to encode"),
                 EnvVar("LLMP_TOKENIZER_CACHE_SIZE", "16", "tokenisers kept loaded in memory"),
                 EnvVar("LLMP_TOKENIZER_MAX_TRAINING_JOBS", "2", "training jobs that run at once"),
+                EnvVar("LLMP_TOKENIZER_IMPORT_ROOTS", "", "folders Import may read absolute paths from (a,b)"),
+                EnvVar("LLMP_TOKENIZER_MAX_IMPORT_BYTES", str(64 << 20), "largest file Import reads or accepts"),
+                EnvVar("LLMP_TOKENIZER_MAX_CHAT_TEMPLATE_CHARS", "65536", "longest chat template"),
+                EnvVar("LLMP_TOKENIZER_CHAT_RENDER_SECONDS", "2", "longest a chat template may render"),
+                EnvVar("LLMP_TOKENIZER_MAX_OUTPUT_TOKENS", str(1 << 22), "most token ids one encode call returns"),
+                EnvVar("LLMP_TOKENIZER_MAX_OVERFLOW_WINDOWS", "65536", "most overflow windows one encode call makes"),
             ],
         ),
         *_service_vars(

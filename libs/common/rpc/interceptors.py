@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmp_deadline", default=None)
 
 REQUEST_ID_KEY = "x-request-id"
+#: Longest status message sent: messages quote the caller's values, and gRPC refuses trailing
+#: metadata past its size limit (8 KiB by default), which would turn a refusal into an opaque error.
+MAX_DETAILS_CHARS = 1024
+
+
+def details(message: str) -> str:
+    """`message`, cut to MAX_DETAILS_CHARS with a note when longer."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[: MAX_DETAILS_CHARS - 40] + f"... ({len(message)} characters in all)"
 
 
 class _Undecodable:
@@ -136,7 +146,7 @@ class _Call:
         if isinstance(error, LlmpError):
             self._exit(start, error.grpc_code.name)
             log.info("%s refused: %s", self.method, error.message, extra={"code": error.grpc_code.name})
-            await context.abort(error.grpc_code, error.message)
+            await context.abort(error.grpc_code, details(error.message))
         self._exit(start, "INTERNAL")
         log.error("%s failed", self.method, exc_info=error)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {self.rid})")
