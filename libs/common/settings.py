@@ -73,6 +73,10 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_RETRIEVAL_MAX_DOCUMENT_BYTES", str(8 << 20), "largest single document (UTF-8 bytes)"),
                 EnvVar("LLMP_RETRIEVAL_MAX_TOP_K", "1000", "most hits one search returns"),
                 EnvVar("LLMP_RETRIEVAL_EMBEDDER_CACHE", "4", "embedders kept loaded in memory"),
+                EnvVar("LLMP_RETRIEVAL_MAX_CHUNK_TOKENS", "8192", "largest chunk size a chunker spec may ask for"),
+                EnvVar("LLMP_RETRIEVAL_MAX_CHUNKS_PER_DOCUMENT", "4096", "most chunks one document is split into"),
+                EnvVar("LLMP_RETRIEVAL_MAX_INGEST_CHUNKS", "16384", "most chunks one Ingest call embeds"),
+                EnvVar("LLMP_RETRIEVAL_MAX_MMR_CANDIDATES", "1000", "most hits a search reranks with MMR"),
                 EnvVar("LLMP_RETRIEVAL_INGEST_BATCH", "64", "documents chunked and embedded together"),
                 EnvVar("LLMP_RETRIEVAL_MAX_CORPUS_DOCUMENTS", "1000000", "most documents one corpus ingest takes"),
                 EnvVar(
