@@ -101,6 +101,8 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_TRAINING_WORKER_MEMORY_GB", "8", "memory one training worker may use"),
                 EnvVar("LLMP_TRAINING_WORKER_GPUS", "0", "GPUs of a training worker (use_gpu jobs); 0: none"),
                 EnvVar("LLMP_TRAINING_MAX_ATTEMPTS", "3", "starts of a job, resumes after a lost Ray job included"),
+                EnvVar("LLMP_TRAINING_MAX_WORKERS", "16", "most Ray Train workers (num_workers) one job may ask for"),
+                EnvVar("LLMP_TRAINING_MAX_CONFIG_BYTES", str(64 << 10), "largest job config (as JSON) submitted"),
                 EnvVar("LLMP_TRAINING_KUBERAY_NAMESPACE", "llmp", "namespace of the RayJobs of the kuberay backend"),
                 EnvVar("LLMP_TRAINING_KUBERAY_IMAGE", "llmp:latest", "container image of the RayJob pods"),
                 EnvVar("LLMP_TRAINING_KUBERAY_ARTIFACTS_CLAIM", "llmp-artifacts", "PVC holding the artifact store"),

@@ -10,6 +10,7 @@ driver is gone are resumed from their last checkpoint, or failed once they used 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 WATCH_BLOCK_MS = 1000
 MAX_LIST = 1000
+MAX_TOKEN_CHARS = 256
 
 
 class TrainingCore:
@@ -84,11 +86,25 @@ class TrainingCore:
     # -- jobs --------------------------------------------------------------------------------
     def submit(self, job_type_name: str, config: dict[str, Any], client_token: str = "") -> JobRecord:
         """Check, record and start a job; the same client_token returns the first job again."""
+        self._check_sizes(config, client_token)
         checked = job_type(job_type_name).check(config, self.context)
         job, created = self.store.create(job_type_name, checked, self.config.backend, client_token)
         if created:
             self._start(job)
         return self.store.get(job.job_id)
+
+    def _check_sizes(self, config: dict[str, Any], client_token: str) -> None:
+        """Bounds every job type shares, before a type looks at the config: its size and its workers."""
+        if len(client_token) > MAX_TOKEN_CHARS:
+            raise InvalidArgument(f"at most {MAX_TOKEN_CHARS} characters", field="client_token")
+        size = len(json.dumps(config))
+        if size > self.config.max_config_bytes:
+            raise InvalidArgument(f"{size} bytes as JSON; at most {self.config.max_config_bytes}", field="config")
+        workers = config.get("num_workers")
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers > self.config.max_workers:
+            raise InvalidArgument(
+                f"at most {self.config.max_workers} (LLMP_TRAINING_MAX_WORKERS)", field="config.num_workers"
+            )
 
     def _start(self, job: JobRecord) -> None:
         try:
