@@ -119,8 +119,7 @@ def check_pattern(pattern: str, field: str) -> None:
         length, repeats = _quantifier(pattern, i)
         if repeats and inner is not None and (inner.repeats or inner.alternates):
             raise InvalidArgument(
-                f"a repeated group holds a repetition or alternatives, which can backtrack exponentially: "
-                f"{pattern!r}",
+                f"a repeated group holds a repetition or alternatives, which can backtrack exponentially: {pattern!r}",
                 field=field,
             )
         if inner is not None:

@@ -51,9 +51,7 @@ _PREFIXED = (
 # An assignment to a name mentioning a key, secret, token or password; group 1 is the value. The
 # name starts a run of word characters and is taken whole (possessively); the lookahead finds the
 # keyword inside that run only, so each run is read a bounded number of times.
-_ASSIGNED_NAME = (
-    r"(?i)(?<![\w-])(?=[\w-]*?(?:api[_-]?key|secret|token|password|passwd))[\w-]*+[\"']?\s*+[:=]\s*+"
-)
+_ASSIGNED_NAME = r"(?i)(?<![\w-])(?=[\w-]*?(?:api[_-]?key|secret|token|password|passwd))[\w-]*+[\"']?\s*+[:=]\s*+"
 _ASSIGNED_QUOTED = _ASSIGNED_NAME + r"[\"']([^\s\"'<>]{8,})[\"']"
 _ASSIGNED_BARE = _ASSIGNED_NAME + r"([A-Za-z0-9_+/=-]{12,})(?![\w.(])"
 _EMAIL = r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])"
