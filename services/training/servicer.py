@@ -12,6 +12,7 @@ from typing import Any
 from llmp.training.v1 import training_pb2 as pb
 from llmp.training.v1 import training_pb2_grpc as pb_grpc
 
+from libs.common.errors import InvalidArgument
 from libs.common.rpc.pools import run_blocking
 from libs.common.structs import plain_struct
 from services.training.core import TrainingCore
@@ -86,6 +87,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         return job_pb(await run_blocking(self.core.get, request.job_id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        if request.state not in pb.Job.State.values():
+            raise InvalidArgument(f"unknown state {request.state}", field="state")
         state = pb.Job.State.Name(request.state) if request.state else ""
         jobs = await run_blocking(self.core.list_jobs, state, request.type, request.limit)
         return pb.ListJobsResponse(jobs=[job_pb(j) for j in jobs])
