@@ -111,3 +111,13 @@ def test_padding_and_overflow_windows_are_bounded(core: TokenizerCore) -> None:
     assert windows.value.field == "truncation.max_length"
     within = core.encode("ab", "a b " * 10, truncation=Truncation(max_length=4, stride=1))
     assert len(within.ids) == 4 and within.overflowing
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"n_sub_iterations": 10**9}, "params.n_sub_iterations"), ({"max_piece_length": 2.5}, "params.max_piece_length")],
+)
+def test_unigram_parameters_are_bounded(core: TokenizerCore, params: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        core.train("u", "unigram", 500, texts=["some text to train on"], params=params)
+    assert e.value.field == field
