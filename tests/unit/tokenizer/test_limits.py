@@ -121,3 +121,9 @@ def test_unigram_parameters_are_bounded(core: TokenizerCore, params: dict, field
     with pytest.raises(InvalidArgument) as e:
         core.train("u", "unigram", 500, texts=["some text to train on"], params=params)
     assert e.value.field == field
+
+
+def test_overlong_corpus_names_are_invalid_arguments(core: TokenizerCore) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        next(core.vocab_report(["a" * 300], [], "bpe", [100]))
+    assert e.value.field == "corpus[0]"
