@@ -111,6 +111,9 @@ def retrieval(home: Path) -> Target:
     env |= {"LLMP_RETRIEVAL_MAX_BATCH": "64", "LLMP_RETRIEVAL_MAX_INGEST_CHUNKS": "256"}
     process = start_service("retrieval", home, env)
     client = RetrievalClient(process.address)
+    # The first sentence-transformers load imports its libraries (a minute on a busy machine): done here,
+    # so a random CreateCollection or Embed that names it measures the service, not Python's imports.
+    client.embed(["warm up"], embedder={"type": "sentence_transformers"})
     documents = [
         pb.Document(id="with", text="The with statement wraps a block with methods of a context manager."),
         pb.Document(id="loops", text="The for statement iterates over the elements of a sequence."),
