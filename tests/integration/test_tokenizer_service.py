@@ -123,6 +123,19 @@ def test_import_refuses_bad_files(client: TokenizerClient) -> None:
     assert code_of(stub.Describe, pb.DescribeRequest(tokenizer="bad")) == grpc.StatusCode.NOT_FOUND
 
 
+def test_non_finite_struct_values_are_invalid_arguments(client: TokenizerClient) -> None:
+    """NaN and infinities in a Struct are refused naming the path (protobuf's JSON printer would raise)."""
+    from google.protobuf import struct_pb2
+
+    params = struct_pb2.Struct()
+    params["max_piece_length"] = float("nan")
+    request = pb.TrainRequest(name="nan", algorithm="unigram", vocab_size=100, texts=["a b c"], params=params)
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Train(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("params.max_piece_length:")
+
+
 def test_every_bad_input_has_its_code(client: TokenizerClient, tokenizer_service: ServiceProcess) -> None:
     stub = client.stub
     invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
