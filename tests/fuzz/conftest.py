@@ -33,7 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def fuzz_examples(request: pytest.FixtureRequest) -> int:
-    return int(request.config.getoption("--fuzz-examples"))
+    # The option is registered only when tests/fuzz is named on the command line (pytest reads
+    # pytest_addoption from the conftests it starts with); a run of the whole tree gets the sample.
+    return int(request.config.getoption("--fuzz-examples", default=DEFAULT_EXAMPLES))
 
 
 class Targets:
