@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup proto run down demo test test-unit test-integration lint bench vllm-env clean
+.PHONY: setup proto run down demo test test-unit test-integration lint bench vllm-env clean fuzz
 
 # Create the environment: CPU torch first where there is no GPU (so the range is met without
 # a CUDA download), then the project with every extra.
@@ -35,6 +35,10 @@ test-unit: setup
 
 test-integration: setup
 	$(PY) -m pytest tests/integration
+
+# Random and adversarial calls to every RPC of every service (tests/fuzz); prints calls per RPC and status.
+fuzz: setup
+	$(PY) -m pytest tests/fuzz --fuzz-examples 10000 --timeout 0 -q
 
 lint: setup
 	$(PY) -m ruff check .

@@ -21,11 +21,12 @@ from typing import IO
 
 from libs.common.errors import AlreadyExists, InvalidArgument, NotFound
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the whole name (fullmatch: no trailing newline)
+MAX_PATH_CHARS = 1024
 
 
 def check_name(name: str, field: str = "name") -> str:
-    if not NAME_RE.match(name or "") or ".." in name:
+    if not NAME_RE.fullmatch(name or "") or ".." in name:
         raise InvalidArgument(
             f"{name!r} is not a valid name (letters, digits, '.', '_', '-'; at most 128; no '..')", field=field
         )
@@ -57,6 +58,8 @@ class ArtifactStore:
         if not raw or "\x00" in raw:
             raise InvalidArgument("empty or invalid path", field=field)
         rel = Path(raw)
+        if len(raw) > MAX_PATH_CHARS or any(len(part.encode()) > 255 for part in rel.parts):
+            raise InvalidArgument(f"longer than {MAX_PATH_CHARS} characters, or a part of over 255 bytes", field=field)
         if rel.is_absolute() or ".." in rel.parts:
             raise InvalidArgument(f"{raw!r} must be relative to the artifact store, without '..'", field=field)
         if rel.parts and rel.parts[0] in (".staging", ".locks"):

@@ -58,6 +58,7 @@ class ServiceConfig:
     metrics_port: int = doc("Prometheus port; -1 turns metrics off", -1)
     max_message_bytes: int = doc("largest gRPC message sent or accepted", 64 << 20)
     max_concurrent_rpcs: int = doc("calls served at once; more are refused", 256)
+    max_slow_calls: int = doc("slow calls (watches, reports, imports) served at once, in threads of their own", 32)
     drain_seconds: float = doc("grace period for in-flight work on SIGTERM", 30.0)
 
 

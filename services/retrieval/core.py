@@ -48,6 +48,9 @@ DEFAULT_CHUNKER = {"type": "recursive"}
 CODE_SUFFIXES = {".py", ".pyi", ".js", ".ts", ".go", ".rs", ".java", ".c", ".h", ".cc", ".cpp", ".sh", ".rb"}
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 MAX_ID_CHARS = 512
+#: Bounds of a collection's HNSW graph (Qdrant's defaults are m=16, ef_construct=100).
+MAX_HNSW_M, MAX_EF_CONSTRUCT = 128, 4096
+MAX_TEMPLATE_CHARS = 65536
 POINT_NAMESPACE = uuid.UUID("6f1c2b1e-3c1a-4c53-9a0e-52b1d0f6a0c4")
 JOURNAL = "_llmp_ingest_journal"
 FAULT_POINTS = ("after_journal", "after_upsert")
@@ -195,19 +198,39 @@ class Preparer:
         self.artifacts = artifacts
         self._encoders: OrderedDict[str, Encoder] = OrderedDict()
         self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()  # the cache's dict only: never held while a model loads
+        self._loading: dict[str, threading.Lock] = {}  # one lock per spec being loaded
         self._tokenizer_client: TokenizerClient | None = None
 
-    def encoder(self, spec: dict[str, Any], field: str = "embedder") -> Encoder:
-        """A loaded embedder for `spec`, kept in a small LRU cache (models are slow to load)."""
-        key = json.dumps(spec, sort_keys=True)
-        with self._lock:
+    def _cached(self, key: str) -> Encoder | None:
+        with self._cache_lock:
             if key in self._encoders:
                 self._encoders.move_to_end(key)
                 return self._encoders[key]
-            built: Encoder = EMBEDDERS.create(spec, field=field, artifacts=self.artifacts)
-            self._encoders[key] = built
-            while len(self._encoders) > self.config.embedder_cache:
-                self._encoders.popitem(last=False)
+            return None
+
+    def encoder(self, spec: dict[str, Any], field: str = "embedder") -> Encoder:
+        """A loaded embedder for `spec`, kept in a small LRU cache (models are slow to load).
+
+        A load holds only its spec's own lock: calls for other models, and searches, go on meanwhile,
+        and concurrent calls for the same spec wait for the one load."""
+        key = json.dumps(spec, sort_keys=True)
+        if (hit := self._cached(key)) is not None:
+            return hit
+        with self._cache_lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            if (hit := self._cached(key)) is not None:
+                return hit
+            try:
+                built: Encoder = EMBEDDERS.create(spec, field=field, artifacts=self.artifacts)
+            finally:
+                with self._cache_lock:
+                    self._loading.pop(key, None)
+            with self._cache_lock:
+                self._encoders[key] = built
+                while len(self._encoders) > self.config.embedder_cache:
+                    self._encoders.popitem(last=False)
             return built
 
     def dense_embedder(self, spec: dict[str, Any], field: str = "embedder") -> DenseEmbedder:
@@ -236,7 +259,11 @@ class Preparer:
         tokenizer = params.pop("tokenizer", "")
         if not isinstance(tokenizer, str):
             raise InvalidArgument("must be a tokenizer name", field="chunker.tokenizer")
-        return CHUNKERS.create(params, field="chunker"), tokenizer
+        built = CHUNKERS.create(params, field="chunker")
+        size = getattr(built, "size", None)
+        if isinstance(size, int | float) and size > self.config.max_chunk_tokens:
+            raise InvalidArgument(f"at most {self.config.max_chunk_tokens} tokens", field="chunker.size")
+        return built, tokenizer
 
     def _check_texts(self, texts: Sequence[str], field: str) -> None:
         if not texts:
@@ -277,6 +304,12 @@ class Preparer:
         if kind not in KINDS:
             raise InvalidArgument(f"must be one of {', '.join(KINDS)}", field=f"{field}.kind")
         chunks = chunker.split(text, kind, tokens)
+        if len(chunks) > self.config.max_chunks_per_document:
+            raise InvalidArgument(
+                f"{len(chunks)} chunks; at most {self.config.max_chunks_per_document} per document "
+                "(a larger chunker size makes fewer)",
+                field=f"{field}.text",
+            )
         return Prepared(doc_id, doc.source or doc.path or doc_id, kind, dict(doc.metadata), chunks)
 
     def plan(self, spec: dict[str, Any], chunker: dict[str, Any] | None = None) -> IngestPlan:
@@ -292,6 +325,12 @@ class Preparer:
         prepared = [
             self._prepare(d, f"documents[{first + i}]", plan.splitter, plan.tokens) for i, d in enumerate(documents)
         ]
+        chunks = sum(len(p.chunks) for p in prepared)
+        if chunks > self.config.max_ingest_chunks:
+            raise InvalidArgument(
+                f"{chunks} chunks; at most {self.config.max_ingest_chunks} per call (send fewer documents)",
+                field="documents",
+            )
         ids = [p.id for p in prepared]
         if len(set(ids)) != len(ids):
             raise InvalidArgument("document ids must be unique within a request", field="documents.id")
@@ -369,6 +408,10 @@ class RetrievalCore(Preparer):
         dim: int = 0,
     ) -> CollectionInfo:
         check_name(name)
+        if hnsw_m > MAX_HNSW_M:
+            raise InvalidArgument(f"at most {MAX_HNSW_M}", field="hnsw.m")
+        if ef_construct > MAX_EF_CONSTRUCT:
+            raise InvalidArgument(f"at most {MAX_EF_CONSTRUCT}", field="hnsw.ef_construct")
         distance = distance or "cosine"
         if distance not in DISTANCES:
             raise InvalidArgument(f"must be one of {', '.join(DISTANCES)}", field="distance")
@@ -493,6 +536,8 @@ class RetrievalCore(Preparer):
     def _check_query(self, q: Query, spec: dict[str, Any]) -> None:
         if not q.query.strip():
             raise InvalidArgument("empty query", field="query")
+        if len(q.query.encode()) > self.config.max_document_bytes:
+            raise InvalidArgument(f"larger than {self.config.max_document_bytes} bytes", field="query")
         if not 0 < q.top_k <= self.config.max_top_k:
             raise InvalidArgument(f"must be 1..{self.config.max_top_k}", field="top_k")
         if q.mode not in MODES:
@@ -501,6 +546,8 @@ class RetrievalCore(Preparer):
             raise InvalidArgument(f"collection {q.collection!r} has no sparse vectors", field="mode")
         if q.mmr and not 0 <= q.mmr.diversity <= 1:
             raise InvalidArgument("must be in [0, 1]", field="mmr.diversity")
+        if q.mmr and q.mmr.candidates > self.config.max_mmr_candidates:
+            raise InvalidArgument(f"at most {self.config.max_mmr_candidates}", field="mmr.candidates")
         parse_filter(q.filter)
 
     def _retrieve(self, q: Query, spec: dict[str, Any], limit: int, vector: np.ndarray | None) -> list[Found]:
@@ -519,7 +566,7 @@ class RetrievalCore(Preparer):
     def search(self, q: Query) -> list[Hit]:
         spec = self.spec(q.collection)
         self._check_query(q, spec)
-        limit = max(q.top_k, q.mmr.candidates or 4 * q.top_k) if q.mmr else q.top_k
+        limit = max(q.top_k, q.mmr.candidates or min(4 * q.top_k, self.config.max_mmr_candidates)) if q.mmr else q.top_k
         vector = None
         if q.mode != "sparse" or q.mmr:
             vector = self.dense_embedder(spec["embedder"], "collection.embedder").embed([q.query])[0]
@@ -542,6 +589,8 @@ class RetrievalCore(Preparer):
     def build_context(self, q: Query, max_tokens: int = 1024, tokenizer: str = "", template: str = "") -> Context:
         """Retrieve, then add numbered sources best first while the whole prompt fits `max_tokens`."""
         template = template or DEFAULT_TEMPLATE
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise InvalidArgument(f"at most {MAX_TEMPLATE_CHARS} characters", field="template")
         if "{context}" not in template or "{question}" not in template:
             raise InvalidArgument("must contain {context} and {question}", field="template")
         spec = self.spec(q.collection)

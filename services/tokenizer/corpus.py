@@ -95,12 +95,8 @@ def resolve(store: ArtifactStore, refs: Iterable[str]) -> list[Path]:
     files: list[Path] = []
     for i, ref in enumerate(refs):
         where = f"corpus[{i}]"
-        corpus_dir = store.root / KIND / ref
-        path = (
-            store.path(f"{KIND}/{ref}", field=where)
-            if "/" not in ref and corpus_dir.is_dir()
-            else store.path(ref, field=where)
-        )
+        corpus_dir = store.path(f"{KIND}/{ref}", field=where)  # refuses overlong and escaping names first
+        path = corpus_dir if "/" not in ref and corpus_dir.is_dir() else store.path(ref, field=where)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
         elif path.is_file():

@@ -6,17 +6,17 @@ keeps serving other calls; Hugging Face `tokenizers` releases the GIL while it e
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from llmp.tokenizer.v1 import tokenizer_pb2 as pb
 from llmp.tokenizer.v1 import tokenizer_pb2_grpc as pb_grpc
 from tokenizers import Encoding
 
+from libs.common.rpc.pools import run_blocking
+from libs.common.structs import struct_field
 from services.tokenizer.core import Padding, TokenizerCore, Truncation
 from services.tokenizer.store import TokenizerInfo
 from services.tokenizer.training import JobStatus
@@ -69,11 +69,14 @@ def _shape(request: Any, options: dict[str, Any]) -> tuple[bool, bool, bool]:
 
 
 class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
+    #: Methods that may take long (see libs/common/rpc/pools.py).
+    SLOW_METHODS = frozenset({"Train", "WatchTraining", "CancelTraining", "UploadCorpus", "Import", "VocabReport"})
+
     def __init__(self, core: TokenizerCore) -> None:
         self.core = core
 
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> pb.TrainResponse:
-        status = await asyncio.to_thread(
+        status = await run_blocking(
             self.core.train,
             name=request.name,
             algorithm=request.algorithm,
@@ -85,7 +88,7 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
             normalizer=request.normalizer,
             pre_tokenizer=request.pre_tokenizer,
             chat_template=request.chat_template,
-            params=json_format.MessageToDict(request.params) if request.HasField("params") else None,
+            params=struct_field(request, "params"),
             model_max_length=request.model_max_length,
         )
         return pb.TrainResponse(job_id=status.job_id, status=status_pb(status))
@@ -95,7 +98,7 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
             yield status_pb(status)
 
     async def CancelTraining(self, request: pb.CancelTrainingRequest, context: Any) -> pb.TrainingStatus:
-        return status_pb(await asyncio.to_thread(self.core.cancel_training, request.job_id))
+        return status_pb(await run_blocking(self.core.cancel_training, request.job_id))
 
     async def UploadCorpus(self, requests: AsyncIterator[pb.CorpusChunk], context: Any) -> pb.UploadCorpusResponse:
         async def chunks() -> AsyncIterator[tuple[str, str, bool]]:
@@ -106,19 +109,19 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         return pb.UploadCorpusResponse(corpus=name, bytes=size, documents=documents)
 
     async def Import(self, request: pb.ImportRequest, context: Any) -> pb.TokenizerInfo:
-        info = await asyncio.to_thread(
+        info = await run_blocking(
             self.core.import_tokenizer, request.name, request.path, request.data, request.format, request.chat_template
         )
         return info_pb(info)
 
     async def Encode(self, request: pb.EncodeRequest, context: Any) -> pb.Encoding:
         options = _options(request)
-        encoding = await asyncio.to_thread(self.core.encode, request.tokenizer, request.text, request.pair, **options)
+        encoding = await run_blocking(self.core.encode, request.tokenizer, request.text, request.pair, **options)
         return encoding_pb(encoding, *_shape(request, options))
 
     async def EncodeBatch(self, request: pb.EncodeBatchRequest, context: Any) -> pb.EncodeBatchResponse:
         options = _options(request)
-        encodings = await asyncio.to_thread(
+        encodings = await run_blocking(
             self.core.encode_batch, request.tokenizer, request.texts, request.pairs, **options
         )
         shape = _shape(request, options)
@@ -130,39 +133,39 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
 
     async def Decode(self, request: pb.DecodeRequest, context: Any) -> pb.DecodeResponse:
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        text = await asyncio.to_thread(self.core.decode, request.tokenizer, list(request.ids), skip)
+        text = await run_blocking(self.core.decode, request.tokenizer, list(request.ids), skip)
         return pb.DecodeResponse(text=text)
 
     async def DecodeBatch(self, request: pb.DecodeBatchRequest, context: Any) -> pb.DecodeBatchResponse:
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         sequences = [list(s.ids) for s in request.sequences]
         return pb.DecodeBatchResponse(
-            texts=await asyncio.to_thread(self.core.decode_batch, request.tokenizer, sequences, skip)
+            texts=await run_blocking(self.core.decode_batch, request.tokenizer, sequences, skip)
         )
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Any) -> pb.CountTokensResponse:
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        counts = await asyncio.to_thread(self.core.count_tokens, request.tokenizer, request.texts, add)
+        counts = await run_blocking(self.core.count_tokens, request.tokenizer, request.texts, add)
         return pb.CountTokensResponse(counts=counts, total=sum(counts))
 
     async def ApplyChatTemplate(
         self, request: pb.ApplyChatTemplateRequest, context: Any
     ) -> pb.ApplyChatTemplateResponse:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        text, ids = await asyncio.to_thread(
+        text, ids = await run_blocking(
             self.core.apply_chat_template, request.tokenizer, messages, request.add_generation_prompt
         )
         return pb.ApplyChatTemplateResponse(text=text, ids=ids)
 
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
-        infos = await asyncio.to_thread(self.core.list_tokenizers, request.prefix)
+        infos = await run_blocking(self.core.list_tokenizers, request.prefix)
         return pb.ListResponse(tokenizers=[info_pb(i) for i in infos])
 
     async def Describe(self, request: pb.DescribeRequest, context: Any) -> pb.TokenizerInfo:
-        return info_pb(await asyncio.to_thread(self.core.describe, request.tokenizer))
+        return info_pb(await run_blocking(self.core.describe, request.tokenizer))
 
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
-        return pb.DeleteResponse(deleted=await asyncio.to_thread(self.core.delete, request.tokenizer))
+        return pb.DeleteResponse(deleted=await run_blocking(self.core.delete, request.tokenizer))
 
     async def VocabReport(self, request: pb.VocabReportRequest, context: Any) -> AsyncIterator[pb.VocabReportRow]:
         rows = self.core.vocab_report(
@@ -174,5 +177,5 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
             request.bytes_per_param or 2,
             request.holdout_fraction or 0.1,
         )
-        while (row := await asyncio.to_thread(next, rows, None)) is not None:
+        while (row := await run_blocking(next, rows, None)) is not None:
             yield pb.VocabReportRow(**dataclasses.asdict(row))

@@ -17,6 +17,8 @@ class TrainingConfig(ServiceConfig):
     worker_memory_gb: float = doc("memory one training worker may use; larger jobs are refused", 8.0)
     worker_gpus: int = doc("GPUs one training worker gets where jobs ask for them (use_gpu); 0: none", 0)
     max_attempts: int = doc("starts of a job (first run plus resumes after a lost Ray job)", 3)
+    max_workers: int = doc("most Ray Train workers (num_workers) one job may ask for", 16)
+    max_config_bytes: int = doc("largest job config (as JSON) a submission may carry", 64 << 10)
     kuberay_namespace: str = doc("namespace of the RayJobs the kuberay backend creates", "llmp")
     kuberay_image: str = doc("container image of the RayJob pods", "llmp:latest")
     kuberay_artifacts_claim: str = doc("PersistentVolumeClaim holding the artifact store", "llmp-artifacts")

@@ -9,8 +9,8 @@ driver is gone are resumed from their last checkpoint, or failed once they used 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -18,6 +18,7 @@ from typing import Any
 
 from libs.common.config import CommonConfig
 from libs.common.errors import FailedPrecondition, InvalidArgument
+from libs.common.rpc.pools import run_blocking
 from services.training.backends import BACKENDS, Backend
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext, job_type
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 WATCH_BLOCK_MS = 1000
 MAX_LIST = 1000
+MAX_TOKEN_CHARS = 256
 
 
 class TrainingCore:
@@ -84,11 +86,25 @@ class TrainingCore:
     # -- jobs --------------------------------------------------------------------------------
     def submit(self, job_type_name: str, config: dict[str, Any], client_token: str = "") -> JobRecord:
         """Check, record and start a job; the same client_token returns the first job again."""
+        self._check_sizes(config, client_token)
         checked = job_type(job_type_name).check(config, self.context)
         job, created = self.store.create(job_type_name, checked, self.config.backend, client_token)
         if created:
             self._start(job)
         return self.store.get(job.job_id)
+
+    def _check_sizes(self, config: dict[str, Any], client_token: str) -> None:
+        """Bounds every job type shares, before a type looks at the config: its size and its workers."""
+        if len(client_token) > MAX_TOKEN_CHARS:
+            raise InvalidArgument(f"at most {MAX_TOKEN_CHARS} characters", field="client_token")
+        size = len(json.dumps(config))
+        if size > self.config.max_config_bytes:
+            raise InvalidArgument(f"{size} bytes as JSON; at most {self.config.max_config_bytes}", field="config")
+        workers = config.get("num_workers")
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers > self.config.max_workers:
+            raise InvalidArgument(
+                f"at most {self.config.max_workers} (LLMP_TRAINING_MAX_WORKERS)", field="config.num_workers"
+            )
 
     def _start(self, job: JobRecord) -> None:
         try:
@@ -128,19 +144,19 @@ class TrainingCore:
 
     async def watch(self, job_id: str) -> AsyncIterator[tuple[JobRecord, Event]]:
         """Each event of the job from its first, with the job as it stands; ends when the job does."""
-        job = await asyncio.to_thread(self.store.get, job_id)
+        job = await run_blocking(self.store.get, job_id)
         after = "0"
         while True:
-            events = await asyncio.to_thread(self.store.events, job_id, after, WATCH_BLOCK_MS)
+            events = await run_blocking(self.store.events, job_id, after, WATCH_BLOCK_MS)
             for event in events:
                 after = event.id
                 if event.kind == "progress":
                     job = replace(job, progress=event.data)
                 elif event.kind == "state":
-                    job = await asyncio.to_thread(self.store.get, job_id)
+                    job = await run_blocking(self.store.get, job_id)
                     job = replace(job, state=event.data["state"], reason=event.data["reason"])
                 yield job, event
-                if job.state in FINAL and not await asyncio.to_thread(self.store.events, job_id, after):
+                if job.state in FINAL and not await run_blocking(self.store.events, job_id, after):
                     return  # the end, unless events follow it (the job was resumed since)
 
     # -- models ------------------------------------------------------------------------------

@@ -6,31 +6,21 @@ worker thread and the event loop keeps serving other calls and watch streams.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from google.protobuf import json_format
 from llmp.training.v1 import training_pb2 as pb
 from llmp.training.v1 import training_pb2_grpc as pb_grpc
 
+from libs.common.errors import InvalidArgument
+from libs.common.rpc.pools import run_blocking
+from libs.common.structs import plain_struct
 from services.training.core import TrainingCore
 from services.training.jobstore import JobRecord
 from services.training.registry import ModelInfo
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
 PROGRESS_FIELDS = set(pb.Progress.DESCRIPTOR.fields_by_name)
-
-
-def plain(value: Any) -> Any:
-    """A Struct's value as plain data: protobuf carries every number as a double, so 3.0 becomes 3."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 def progress_pb(progress: dict[str, Any]) -> pb.Progress:
@@ -82,20 +72,25 @@ def model_pb(info: ModelInfo) -> pb.Model:
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
+    #: Methods that may take long (see libs/common/rpc/pools.py).
+    SLOW_METHODS = frozenset({"SubmitJob", "WatchJob"})
+
     def __init__(self, core: TrainingCore) -> None:
         self.core = core
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
-        config = plain(json_format.MessageToDict(request.config))
-        job = await asyncio.to_thread(self.core.submit, request.type, config, request.client_token)
+        config = plain_struct(request.config, "config")
+        job = await run_blocking(self.core.submit, request.type, config, request.client_token)
         return job_pb(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        return job_pb(await asyncio.to_thread(self.core.get, request.job_id))
+        return job_pb(await run_blocking(self.core.get, request.job_id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        if request.state not in pb.Job.State.values():
+            raise InvalidArgument(f"unknown state {request.state}", field="state")
         state = pb.Job.State.Name(request.state) if request.state else ""
-        jobs = await asyncio.to_thread(self.core.list_jobs, state, request.type, request.limit)
+        jobs = await run_blocking(self.core.list_jobs, state, request.type, request.limit)
         return pb.ListJobsResponse(jobs=[job_pb(j) for j in jobs])
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
@@ -108,14 +103,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             yield out
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
-        return job_pb(await asyncio.to_thread(self.core.cancel, request.job_id))
+        return job_pb(await run_blocking(self.core.cancel, request.job_id))
 
     async def ResumeJob(self, request: pb.ResumeJobRequest, context: Any) -> pb.Job:
-        return job_pb(await asyncio.to_thread(self.core.resume, request.job_id))
+        return job_pb(await run_blocking(self.core.resume, request.job_id))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
-        models = await asyncio.to_thread(self.core.list_models, request.prefix)
+        models = await run_blocking(self.core.list_models, request.prefix)
         return pb.ListModelsResponse(models=[model_pb(m) for m in models])
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.Model:
-        return model_pb(await asyncio.to_thread(self.core.get_model, request.model))
+        return model_pb(await run_blocking(self.core.get_model, request.model))

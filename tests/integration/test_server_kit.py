@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from libs.common.config import ServiceConfig
 from libs.common.errors import InvalidArgument
 from libs.common.rpc import client
-from libs.common.rpc.interceptors import deadline
+from libs.common.rpc.interceptors import MAX_DETAILS_CHARS, deadline
 from libs.common.rpc.metrics import REQUESTS, SERVING
 from libs.common.rpc.server import Registration, Server
 
@@ -33,6 +33,9 @@ class Kit:
     async def invalid(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise InvalidArgument("must be positive", field="vocab_size")
 
+    async def wordy(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise InvalidArgument(f"no tokenizer {'x' * 100_000!r}", field="tokenizer")
+
     async def crash(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("secret internals")
 
@@ -49,7 +52,7 @@ class Kit:
     def registration(self) -> Registration:
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(getattr(self, name))
-            for name in ("echo", "invalid", "crash", "slow", "budget")
+            for name in ("echo", "invalid", "wordy", "crash", "slow", "budget")
         }
         handler = grpc.method_handlers_generic_handler("test.Kit", handlers)
         return Registration(lambda h, server: server.add_generic_rpc_handlers((h,)), handler, "test.Kit")
@@ -91,6 +94,21 @@ def test_errors_become_status_codes_without_internals() -> None:
             assert crash.value.code() == grpc.StatusCode.INTERNAL
             assert crash.value.details() == "internal error (request id req-42)"
             assert REQUESTS.labels("kit", "crash", "INTERNAL")._value.get() == before + 1
+
+    run(body())
+
+
+def test_long_messages_are_cut_so_the_status_still_arrives() -> None:
+    """A refusal quoting a 100 kB value would exceed gRPC's metadata limit and reach the caller as an
+    opaque error; cut, it stays INVALID_ARGUMENT naming the field."""
+
+    async def body() -> None:
+        async with started(Kit()) as (_server, ch):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call(ch, "wordy")(b"")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details().startswith("tokenizer: no tokenizer 'xxx")
+            assert len(e.value.details()) <= MAX_DETAILS_CHARS
 
     run(body())
 

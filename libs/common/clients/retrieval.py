@@ -17,14 +17,11 @@ from llmp.retrieval.v1 import retrieval_pb2 as pb
 from llmp.retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
 from libs.common.rpc.client import address, channel
+from libs.common.structs import to_struct
 
 
 def struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
-    if value is None:
-        return None
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
+    return None if value is None else to_struct(value)
 
 
 class RetrievalClient:

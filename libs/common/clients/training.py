@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
 from llmp.training.v1 import training_pb2 as pb
 from llmp.training.v1 import training_pb2_grpc as pb_grpc
 
 from libs.common.rpc.client import address, channel
+from libs.common.structs import to_struct
 
 
 class TrainingClient:
@@ -29,9 +29,8 @@ class TrainingClient:
         self.channel.close()
 
     def submit(self, job_type: str, config: dict[str, Any], client_token: str = "") -> pb.Job:
-        struct = struct_pb2.Struct()
-        struct.update(config)
-        return self.stub.SubmitJob(pb.SubmitJobRequest(type=job_type, config=struct, client_token=client_token))
+        request = pb.SubmitJobRequest(type=job_type, config=to_struct(config), client_token=client_token)
+        return self.stub.SubmitJob(request)
 
     def get(self, job_id: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(job_id=job_id))

@@ -4,7 +4,9 @@ Every call gets a request id (the caller's `x-request-id`, or a new one), sent b
 initial metadata and set in the logging context. LlmpError becomes its status code with its
 message; any other exception becomes INTERNAL with only the request id, and is logged with its
 stack trace. A request that cannot be decoded (e.g. a string field with invalid UTF-8) is an
-INVALID_ARGUMENT instead of the library's opaque error.
+INVALID_ARGUMENT instead of the library's opaque error. A call of a slow method is admitted by
+the server's `SlowCalls` (refused when too many are in flight) and runs its blocking work in
+their pool (see pools.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from google.protobuf.message import DecodeError
 from libs.common.errors import InvalidArgument, LlmpError
 from libs.common.logs import request_id
 from libs.common.rpc.metrics import IN_FLIGHT, LATENCY, REQUESTS
+from libs.common.rpc.pools import SlowCalls
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,16 @@ log = logging.getLogger(__name__)
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmp_deadline", default=None)
 
 REQUEST_ID_KEY = "x-request-id"
+#: Longest status message sent: messages quote the caller's values, and gRPC refuses trailing
+#: metadata past its size limit (8 KiB by default), which would turn a refusal into an opaque error.
+MAX_DETAILS_CHARS = 1024
+
+
+def details(message: str) -> str:
+    """`message`, cut to MAX_DETAILS_CHARS with a note when longer."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[: MAX_DETAILS_CHARS - 40] + f"... ({len(message)} characters in all)"
 
 
 class _Undecodable:
@@ -61,8 +74,13 @@ def _check(request: Any) -> Any:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, service: str) -> None:
+    def __init__(
+        self, service: str, slow_methods: frozenset[str] = frozenset(), slow_calls: SlowCalls | None = None
+    ) -> None:
         self.service = service
+        #: Full method paths ("/pkg.Service/Method") admitted and run by `slow_calls`.
+        self.slow_methods = slow_methods
+        self.slow_calls = slow_calls
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -72,7 +90,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(details.invocation_metadata or ())
         rid = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16])
 
-        call = _Call(self.service, method, rid)
+        slow = self.slow_calls if details.method in self.slow_methods else None
+        call = _Call(self.service, method, rid, slow)
         kinds = {
             "unary_unary": (handler.unary_unary, call.unary, grpc.unary_unary_rpc_method_handler),
             "unary_stream": (handler.unary_stream, call.server_stream, grpc.unary_stream_rpc_method_handler),
@@ -92,9 +111,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """Wraps one call's behaviour with the request context, metrics and error mapping."""
 
-    def __init__(self, service: str, method: str, rid: str) -> None:
+    def __init__(self, service: str, method: str, rid: str, slow: SlowCalls | None = None) -> None:
         self.service, self.method, self.rid = service, method, rid
-        self._ended = False
+        self.slow = slow
+        self._ended = self._admitted = False
+
+    def _admit(self) -> None:
+        """A slow method's call takes one of the slow slots (ResourceExhausted when none is free)."""
+        if self.slow is not None:
+            self.slow.admit(self.method)
+            self._admitted = True
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> float:
         request_id.set(self.rid)
@@ -109,6 +135,8 @@ class _Call:
         if self._ended:
             return
         self._ended = True
+        if self._admitted and self.slow is not None:
+            self.slow.release()
         IN_FLIGHT.labels(self.service, self.method).dec()
         LATENCY.labels(self.service, self.method).observe(time.perf_counter() - start)
         REQUESTS.labels(self.service, self.method, code).inc()
@@ -118,7 +146,7 @@ class _Call:
         if isinstance(error, LlmpError):
             self._exit(start, error.grpc_code.name)
             log.info("%s refused: %s", self.method, error.message, extra={"code": error.grpc_code.name})
-            await context.abort(error.grpc_code, error.message)
+            await context.abort(error.grpc_code, details(error.message))
         self._exit(start, "INTERNAL")
         log.error("%s failed", self.method, exc_info=error)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {self.rid})")
@@ -128,6 +156,7 @@ class _Call:
             start = await self._enter(context)
             code = "OK"
             try:
+                self._admit()
                 return await behavior(_check(request), context)
             except grpc.aio.AbortError:
                 code = _code_name(context)
@@ -155,6 +184,7 @@ class _Call:
             start = await self._enter(context)
             code = "OK"
             try:
+                self._admit()
                 async for item in behavior(_check(request), context):
                     yield item
             except grpc.aio.AbortError:

@@ -4,7 +4,9 @@
     asyncio.run(server.run(load=core.load, drain=core.drain))
 
 Health is NOT_SERVING while `load` runs and again while draining; SIGTERM/SIGINT stop new calls,
-let in-flight ones finish within `drain_seconds`, run `drain`, then stop.
+let in-flight ones finish within `drain_seconds`, run `drain`, then stop. A servicer's
+`SLOW_METHODS` (method names) are admitted and run apart from the other calls (pools.py), at most
+`max_slow_calls` at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from libs.common.config import ServiceConfig
 from libs.common.rpc.interceptors import ServerInterceptor
 from libs.common.rpc.metrics import SERVING, serve_metrics
+from libs.common.rpc.pools import SlowCalls
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ class Registration:
     add: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     full_name: str
+
+    def slow_methods(self) -> set[str]:
+        """Full paths of the servicer's slow methods (its SLOW_METHODS attribute, if any)."""
+        return {f"/{self.full_name}/{m}" for m in getattr(self.servicer, "SLOW_METHODS", ())}
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -52,11 +59,13 @@ class Server:
         self.port: int = 0
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Event | None = None
+        self.slow_calls = SlowCalls(config.max_slow_calls)
 
     async def start(self) -> int:
         """Bind and start (NOT_SERVING); returns the bound port."""
+        slow = frozenset(m for r in self.registrations for m in r.slow_methods())
         server = grpc.aio.server(
-            interceptors=[ServerInterceptor(self.service)],
+            interceptors=[ServerInterceptor(self.service, slow, self.slow_calls)],
             options=channel_options(self.config.max_message_bytes),
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
@@ -92,6 +101,7 @@ class Server:
             await drain()
         await stopped
         self._server = None
+        self.slow_calls.close()
         log.info("%s stopped", self.service)
 
     def _handle_signals(self) -> None:

@@ -1,7 +1,10 @@
 """Redaction of personal data and secrets, replaced with typed placeholders such as ``<EMAIL>``.
 
 Rules are regular expressions, some with a check on the match, applied in a fixed order (the most
-specific first, so a private key block is not half-eaten by the base64 rule). They are heuristics:
+specific first, so a private key block is not half-eaten by the base64 rule). Each takes time linear
+in the text: a match can start only where a run of its characters starts (a look-behind), and runs
+are taken possessively, so no text makes the engine try a run again from every position inside
+it. They are heuristics:
 
 - EMAIL: ``local@domain.tld``; ``user@localhost`` (no dot) is kept, an expression such as
   ``a@b.shape`` is taken for an address.
@@ -38,14 +41,17 @@ from typing import ClassVar
 
 from services.training.dataprep.stage import Document, DocumentStage, StageStats, require, with_text
 
-_PEM = r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"
+# The body stops at the first "-----" (possessively), so each BEGIN scans only up to the next marker.
+_PEM = r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:[^-]|-(?!----))*+-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"
 _AWS = r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
 _PREFIXED = (
     r"(?<![\w-])(?:gh[pousr]_[A-Za-z0-9]{36,}|xox[abposr]-[A-Za-z0-9-]{10,}"
     r"|sk_(?:live|test)_[A-Za-z0-9]{16,}|sk-(?:proj-)?[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35})(?![\w-])"
 )
-# An assignment to a name mentioning a key, secret, token or password; group 1 is the value.
-_ASSIGNED_NAME = r"(?i)[\w-]*(?:api[_-]?key|secret|token|password|passwd)[\w-]*[\"']?\s*[:=]\s*"
+# An assignment to a name mentioning a key, secret, token or password; group 1 is the value. The
+# name starts a run of word characters and is taken whole (possessively); the lookahead finds the
+# keyword inside that run only, so each run is read a bounded number of times.
+_ASSIGNED_NAME = r"(?i)(?<![\w-])(?=[\w-]*?(?:api[_-]?key|secret|token|password|passwd))[\w-]*+[\"']?\s*+[:=]\s*+"
 _ASSIGNED_QUOTED = _ASSIGNED_NAME + r"[\"']([^\s\"'<>]{8,})[\"']"
 _ASSIGNED_BARE = _ASSIGNED_NAME + r"([A-Za-z0-9_+/=-]{12,})(?![\w.(])"
 _EMAIL = r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])"

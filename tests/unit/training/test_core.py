@@ -111,3 +111,16 @@ def test_a_refused_submission_records_nothing(core: TrainingCore) -> None:
         core.submit("pretrain", {"tokenizer": "t", "model_name": "m"})
     assert refused.value.field == "config.corpus"
     assert core.list_jobs() == [] and core.backend.started == []  # type: ignore[attr-defined]
+
+
+def test_sizes_every_job_shares_are_capped(core: TrainingCore) -> None:
+    core.config.max_workers = 4
+    for config, token, field in (
+        ({"num_workers": 5}, "", "config.num_workers"),
+        ({"notes": "x" * (core.config.max_config_bytes + 1)}, "", "config"),
+        ({}, "t" * 257, "client_token"),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            core.submit("pretrain", config, token)
+        assert e.value.field == field
+    assert core.list_jobs() == [], "nothing was recorded"

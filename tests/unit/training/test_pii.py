@@ -78,3 +78,23 @@ def test_stage_counts_redactions_by_kind() -> None:
     kept = list(stage.run(docs, stats))
     assert kept[1] is docs[1]
     assert (stats.docs_out, stats.docs_changed, dict(stats.counts)) == (2, 1, {"EMAIL": 2, "IP_ADDRESS": 1})
+
+
+@pytest.mark.parametrize(
+    "unit",
+    ["a", "secret", "secret= ", "-----BEGIN RSA PRIVATE KEY-----\n", "-", "a.", "a@b.", "+1 ", "a:", "aB3+", " "],
+)
+def test_redaction_time_grows_linearly(redactor: PiiRedactor, unit: str) -> None:
+    """Eight times the text takes about eight times as long (a quadratic rule would take ~64 times)."""
+    import time
+
+    def best(text: str) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            redactor.redact(text)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    small, large = (unit * (n // len(unit)) for n in (40_000, 320_000))
+    assert best(large) / best(small) < 32

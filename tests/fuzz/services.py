@@ -1,0 +1,204 @@
+"""The services under fuzz, each a real process on a free port, with a real request of its own.
+
+Each `Target` starts its service (and what it needs: Redis for training, the tokeniser service
+for training's checks), gives the fuzzer the words that get random calls past the first check
+(its collection, tokeniser and model names, plugin types), and knows one real request and its
+correct answer. The real request reads things of its own ("real-..."), which the fuzzer's words
+never name, so a random Delete or Unload may remove the fuzzer's copies but not those.
+`Companion` sends that request over and over beside the fuzzer: a service that answers it
+wrongly, slowly past its deadline or not at all while random calls hit it fails.
+
+Caps are set as an operator of a small machine would set them (small documents, few tokens per
+completion), so the work a random but valid call may start stays within a call's deadline on
+two cores; what is tested is that every such size is capped, and the caps are settings.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from tests.conftest import ServiceProcess, start_service
+
+REAL_DEADLINE_S = 60.0
+
+
+@dataclass
+class Target:
+    name: str
+    descriptor: ServiceDescriptor
+    process: ServiceProcess
+    words: list[str]
+    #: One real request: sends it on a channel and returns its answer (comparable with ==).
+    real: Callable[[grpc.Channel], Any]
+    expected: Any = None
+    others: list[Any] = field(default_factory=list)  # processes it depends on, stopped after it
+
+    def stop(self) -> None:
+        self.process.stop()
+        for other in self.others:
+            other.stop()
+
+
+class Companion(threading.Thread):
+    """Sends a target's real request in a loop; records every wrong or failed answer."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(name=f"companion-{target.name}", daemon=True)
+        self.target = target
+        self.done = 0
+        self.failures: list[str] = []
+        self._stop_event = threading.Event()
+        self._channel = grpc.insecure_channel(target.process.address)
+
+    def check_once(self) -> None:
+        try:
+            answer = self.target.real(self._channel)
+        except grpc.RpcError as e:
+            self.failures.append(f"{e.code().name}: {e.details()}")
+            return
+        if answer != self.target.expected:
+            self.failures.append(f"wrong answer {answer!r}, expected {self.target.expected!r}")
+        self.done += 1
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.check_once()
+            self._stop_event.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(REAL_DEADLINE_S)
+        self._channel.close()
+
+
+def tokenizer(home: Path) -> Target:
+    from llmp.tokenizer.v1 import tokenizer_pb2 as pb
+
+    from libs.common import corpora
+    from libs.common.clients.tokenizer import TokenizerClient
+
+    process = start_service("tokenizer", home, {"LLMP_TOKENIZER_MAX_TEXT_BYTES": str(1 << 20)})
+    client = TokenizerClient(process.address)
+    client.upload("fuzz-corpus", [text for _, text in list(corpora.pydoc_topics())[:40]])
+    for name in ("real-bpe", "fuzz-bpe"):
+        trained = client.train(name, "bpe", 800, corpus=["fuzz-corpus"], chat_template="default")
+        assert trained.state == trained.SUCCEEDED, trained.error
+    client.close()
+
+    def real(ch: grpc.Channel) -> Any:
+        stub = _stub(ch, pb, "TokenizerService")
+        request = pb.EncodeRequest(tokenizer="real-bpe", text="The with statement is used to wrap a block.")
+        return list(stub.Encode(request, timeout=REAL_DEADLINE_S).ids)
+
+    words = ["fuzz-bpe", "fuzz-bpe:1", "fuzz-corpus", "bpe", "byte_level_bpe", "wordpiece", "unigram", "default"]
+    words += ["user", "assistant", "system", "right", "left", "longest_first", "tokenizer.json", "sentencepiece"]
+    return _with_expected(Target("tokenizer", pb.DESCRIPTOR.services_by_name["TokenizerService"], process, words, real))
+
+
+def retrieval(home: Path) -> Target:
+    from llmp.retrieval.v1 import retrieval_pb2 as pb
+
+    from libs.common.clients.retrieval import RetrievalClient
+
+    env = {"LLMP_RETRIEVAL_RAY": "off", "LLMP_RETRIEVAL_MAX_DOCUMENT_BYTES": str(64 << 10)}
+    env |= {"LLMP_RETRIEVAL_MAX_BATCH": "64", "LLMP_RETRIEVAL_MAX_INGEST_CHUNKS": "256"}
+    process = start_service("retrieval", home, env)
+    client = RetrievalClient(process.address)
+    # The first sentence-transformers load imports its libraries (a minute on a busy machine): done here,
+    # so a random CreateCollection or Embed that names it measures the service, not Python's imports.
+    client.embed(["warm up"], embedder={"type": "sentence_transformers"})
+    documents = [
+        pb.Document(id="with", text="The with statement wraps a block with methods of a context manager."),
+        pb.Document(id="loops", text="The for statement iterates over the elements of a sequence."),
+        pb.Document(id="errors", text="The try statement specifies exception handlers for a group of statements."),
+    ]
+    for name in ("real-docs", "docs"):
+        client.create(name, embedder={"type": "static"}, sparse=True)
+        client.stub.Ingest(pb.IngestRequest(collection=name, documents=documents), timeout=120)
+    client.close()
+
+    def real(ch: grpc.Channel) -> Any:
+        stub = _stub(ch, pb, "RetrievalService")
+        request = pb.SearchRequest(collection="real-docs", query="exception handlers in a try statement", top_k=2)
+        return [h.document_id for h in stub.Search(request, timeout=REAL_DEADLINE_S).hits]
+
+    words = ["docs", "with", "loops", "static", "bm25", "fixed", "recursive", "sentences", "dense", "sparse"]
+    words += ["hybrid", "cosine", "dot", "euclid", "local", "auto", "text", "markdown", "code", "document_id"]
+    return _with_expected(Target("retrieval", pb.DESCRIPTOR.services_by_name["RetrievalService"], process, words, real))
+
+
+def training(home: Path, tokenizer_target: Target) -> Target:
+    from llmp.training.v1 import training_pb2 as pb
+
+    from tests.unit.training.redis_server import RedisServer
+
+    (home / "redis").mkdir()
+    redis = RedisServer(home / "redis").start()
+    env = {
+        "LLMP_REDIS_URL": redis.url,
+        "LLMP_TOKENIZER_ADDRESS": tokenizer_target.process.address,
+        "LLMP_TRAINING_RAY_NUM_CPUS": "1",
+        "LLMP_TRAINING_RAY_DASHBOARD": "false",
+        "LLMP_TRAINING_DRAIN_SECONDS": "10",
+        "RAY_gcs_server_port_wait_time_s": "180",
+    }
+    try:
+        process = start_service("training", home, env)
+    except BaseException:
+        redis.stop()
+        raise
+
+    def real(ch: grpc.Channel) -> Any:
+        stub = _stub(ch, pb, "TrainingService")
+        models = stub.ListModels(pb.ListModelsRequest(), timeout=REAL_DEADLINE_S).models
+        return sorted(m.ref for m in models)
+
+    words = ["pretrain", "mlm", "sweep", "distill", "prepare", "sft", "reward", "dpo", "grpo", "fuzz-bpe"]
+    words += ["tokenizer", "corpus", "model_name", "max_steps", "num_workers", "seq_len"]
+    target = Target("training", pb.DESCRIPTOR.services_by_name["TrainingService"], process, words, real)
+    target.others.append(redis)
+    return _with_expected(target)
+
+
+def inference(home: Path) -> Target:
+    from llmp.inference.v1 import inference_pb2 as pb
+
+    from tests.unit.inference.test_service_core import TINY, save_tiny_model
+
+    save_tiny_model(home / "artifacts")
+    env = {"LLMP_INFERENCE_BACKEND": "local", "LLMP_INFERENCE_MAX_TOKENS": "64", "LLMP_INFERENCE_MAX_N": "4"}
+    process = start_service("inference", home, env)
+    with grpc.insecure_channel(process.address) as ch:
+        for name in ("real-tiny", "tiny"):
+            _stub(ch, pb, "InferenceService").LoadModel(pb.LoadModelRequest(path=TINY, name=name), timeout=300)
+
+    def real(ch: grpc.Channel) -> Any:
+        stub = _stub(ch, pb, "InferenceService")
+        request = pb.GenerateRequest(
+            model="real-tiny", token_ids=pb.TokenIds(ids=[5, 17, 99, 3]), max_tokens=8, temperature=0, ignore_eos=True
+        )
+        return list(stub.Generate(request, timeout=REAL_DEADLINE_S).completions[0].token_ids)
+
+    words = ["tiny", "true", "false", "never"]
+    return _with_expected(Target("inference", pb.DESCRIPTOR.services_by_name["InferenceService"], process, words, real))
+
+
+def _stub(ch: grpc.Channel, pb: Any, service: str) -> Any:
+    import importlib
+
+    grpc_module = importlib.import_module(pb.__name__ + "_grpc")
+    return getattr(grpc_module, f"{service}Stub")(ch)
+
+
+def _with_expected(target: Target) -> Target:
+    """The real request's answer on the idle service: what every later answer must equal."""
+    with grpc.insecure_channel(target.process.address) as ch:
+        target.expected = target.real(ch)
+    return target
