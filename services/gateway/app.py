@@ -66,8 +66,8 @@ def require(scope: str) -> Any:
     return Depends(check)
 
 
-def create_app(gw: Gateway) -> Any:
-    """The FastAPI app wrapped in the Guard (what uvicorn serves)."""
+def routes() -> FastAPI:
+    """The FastAPI app: every route and the OpenAPI document (no state: create_app adds it)."""
     from services.gateway import openai_api, platform_api
 
     app = FastAPI(
@@ -76,12 +76,11 @@ def create_app(gw: Gateway) -> Any:
         description="OpenAI-compatible inference (/v1), the platform API (/api/v1), tokenize/detokenize. "
         "Every route but /health and /metrics needs an API key (Authorization: Bearer).",
     )
-    app.state.gateway = gw
     http_errors.install(app)
 
     @app.get("/health", tags=["ops"], summary="liveness and readiness (no key)")
-    async def health() -> JSONResponse:
-        ok = gw.serving
+    async def health(request: Request) -> JSONResponse:
+        ok = gateway(request).serving
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (no key)")
@@ -90,6 +89,13 @@ def create_app(gw: Gateway) -> Any:
 
     app.include_router(openai_api.router)
     app.include_router(platform_api.router)
+    return app
+
+
+def create_app(gw: Gateway) -> Guard:
+    """The app with its state, wrapped in the Guard: what uvicorn serves."""
+    app = routes()
+    app.state.gateway = gw
     config = gw.config
     return Guard(
         app,
@@ -98,11 +104,6 @@ def create_app(gw: Gateway) -> Any:
         max_body_bytes=config.max_body_bytes,
         request_timeout=config.request_timeout,
     )
-
-
-def fastapi_app(asgi: Any) -> FastAPI:
-    """The FastAPI app inside the Guard (routes, OpenAPI document)."""
-    return asgi.app  # type: ignore[no-any-return]
 
 
 def now() -> int:

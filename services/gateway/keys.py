@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 SCOPES = ("inference", "retrieval", "training", "tokenizer", "admin")
 PREFIX = "llmp:gateway"
 ADMIN_KEY_FILE = "secrets/admin.key"
+_KEY = re.compile(r"^llmp_([A-Za-z0-9]{1,32})_.")
 
 
 def digest(key: str) -> str:
@@ -36,8 +38,8 @@ def digest(key: str) -> str:
 
 def key_id_of(key: str) -> str:
     """The id part of a well-formed key, else ''."""
-    parts = key.split("_")
-    return parts[1] if len(parts) == 3 and parts[0] == "llmp" else ""
+    match = _KEY.match(key)
+    return match.group(1) if match else ""
 
 
 @dataclass(frozen=True)
