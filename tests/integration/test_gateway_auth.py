@@ -77,7 +77,7 @@ def test_every_other_route_refuses_a_missing_invalid_or_revoked_key(stack: Gatew
     assert call(stack, "DELETE", f"/api/v1/keys/{key_id}", stack.admin_key)[0] == 200
     ops = [op for op in operations() if op[1] not in ("/health", "/metrics")]
     assert len(ops) >= 40
-    for method, path, _ in ops + [("GET", "/no/such/route", ""), ("GET", "/openapi.json", ""), ("GET", "/docs", "")]:
+    for method, path, _ in [*ops, ("GET", "/no/such/route", ""), ("GET", "/openapi.json", ""), ("GET", "/docs", "")]:
         for key in (None, "llmp_nope_invalid", revoked):
             status, _, body = call(stack, method, path, key, body={})
             assert_envelope(body, 401, status)
@@ -98,6 +98,19 @@ def test_a_key_without_the_scope_is_refused(stack: GatewayStack) -> None:
     assert call(stack, "GET", "/api/v1/whoami", only_inference)[2]["scopes"] == ["inference"]
 
 
+def call_raw(channel: grpc.Channel, path: str, client_streaming: bool, server_streaming: bool) -> None:
+    """Call any method with an empty message (no key is sent)."""
+    empty = empty_pb2.Empty.SerializeToString
+    if client_streaming and server_streaming:
+        list(channel.stream_stream(path, empty)(iter([]), timeout=10))
+    elif client_streaming:
+        channel.stream_unary(path, empty)(iter([]), timeout=10)
+    elif server_streaming:
+        list(channel.unary_stream(path, empty)(empty_pb2.Empty(), timeout=10))
+    else:
+        channel.unary_unary(path, empty)(empty_pb2.Empty(), timeout=10)
+
+
 def test_every_grpc_method_needs_a_key(stack: GatewayStack) -> None:
     from llmp.gateway.v1 import gateway_pb2
 
@@ -107,18 +120,8 @@ def test_every_grpc_method_needs_a_key(stack: GatewayStack) -> None:
         for service in services:
             for method in service.methods:
                 path = f"/{service.full_name}/{method.name}"
-                kind = (method.client_streaming, method.server_streaming)
-                empty = empty_pb2.Empty.SerializeToString
-                if kind == (False, False):
-                    call_ = lambda: channel.unary_unary(path, empty)(empty_pb2.Empty(), timeout=10)  # noqa: E731
-                elif kind == (False, True):
-                    call_ = lambda: list(channel.unary_stream(path, empty)(empty_pb2.Empty(), timeout=10))  # noqa: E731
-                elif kind == (True, False):
-                    call_ = lambda: channel.stream_unary(path, empty)(iter([]), timeout=10)  # noqa: E731
-                else:
-                    call_ = lambda: list(channel.stream_stream(path, empty)(iter([]), timeout=10))  # noqa: E731
                 with pytest.raises(grpc.RpcError) as e:
-                    call_()
+                    call_raw(channel, path, method.client_streaming, method.server_streaming)
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, path
                 count += 1
         assert count >= 40
@@ -213,8 +216,8 @@ def test_llmp_keys_command_line(stack: GatewayStack) -> None:
     env.pop("LLMP_API_KEY", None)
 
     def llmp(*args: str) -> str:
-        done = subprocess.run([str(Path(sys.executable).parent / "llmp"), *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=60)  # fmt: skip
+        argv = [str(Path(sys.executable).parent / "llmp"), *args]
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
