@@ -55,6 +55,17 @@ class GatewayStack:
     http: str
     admin_key: str
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def backend_calls(self, service: str, method: str) -> float:
+        """How many calls of `method` the backend has finished (its Prometheus counter)."""
+        port = self.metrics_ports[service]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("llmp_grpc_requests_total{") and f'method="{method}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def close(self) -> None:
         self.gateway.stop()
@@ -69,9 +80,11 @@ def start_stack(
     """Redis, the named services (name -> extra env), then the gateway in front of them."""
     redis = RedisServer(home).start()
     started: dict[str, ServiceProcess] = {}
+    metrics = {name: free_port() for name in services}
     try:
         for name, env in services.items():
-            started[name] = start_service(name, home, extra_env={"LLMP_REDIS_URL": redis.url, **env})
+            env = {"LLMP_REDIS_URL": redis.url, **env}
+            started[name] = start_service(name, home, extra_env=env, metrics_port=metrics[name])
         addresses = {
             f"LLMP_{name.upper()}_ADDRESS": started[name].address if name in started else f"127.0.0.1:{free_port()}"
             for name in ("tokenizer", "retrieval", "training", "inference")
@@ -90,7 +103,7 @@ def start_stack(
         redis.stop()
         raise
     admin = (home / "secrets" / "admin.key").read_text().strip()
-    return GatewayStack(home, redis, gateway, f"http://127.0.0.1:{http_port}", admin, started)
+    return GatewayStack(home, redis, gateway, f"http://127.0.0.1:{http_port}", admin, started, metrics)
 
 
 def call(
