@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
 from llmp.inference.v1 import inference_pb2 as ipb
 from llmp.retrieval.v1 import retrieval_pb2 as rpb
 from llmp.tokenizer.v1 import tokenizer_pb2 as tpb
@@ -31,10 +32,39 @@ from services.gateway.keys import KeyRecord
 router = APIRouter(prefix="/api/v1")
 
 
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _numbers(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Proto JSON writes 64-bit integers as strings; this API gives numbers (counts, sizes, bytes)."""
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            inner = entry.fields_by_name["value"]
+            if inner.type in _INT64:
+                data[field.name] = {k: int(v) for k, v in value.items()}
+        elif entry is not None and entry.full_name.startswith("llmp."):
+            for item in value if isinstance(value, list) else [value]:
+                _numbers(entry, item)
+        elif field.type in _INT64:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return data
+
+
 def as_dict(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(
+    data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    return _numbers(message.DESCRIPTOR, data)
 
 
 def struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
