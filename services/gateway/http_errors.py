@@ -107,6 +107,11 @@ def install(app: FastAPI) -> None:
         assert isinstance(error, HTTPException)
         return envelope(error.status_code, str(error.detail), headers=dict(error.headers or {}))
 
+    async def on_unicode(request: Request, error: Exception) -> Response:
+        # JSON can carry lone surrogates ("\ud800"); no protobuf string or tokenizer takes them
+        return envelope(400, "text must be valid Unicode (a lone surrogate is not)", "body")
+
+    app.add_exception_handler(UnicodeEncodeError, on_unicode)
     app.add_exception_handler(LlmpError, on_llmp)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)

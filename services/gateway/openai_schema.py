@@ -15,7 +15,8 @@ from libs.common.errors import InvalidArgument
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
-PositiveInt = Annotated[int, Field(ge=1)]
+PositiveInt = Annotated[int, Field(ge=1, lt=2**31)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class StreamOptions(BaseModel):
@@ -41,11 +42,11 @@ class Sampling(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63 - 2**16)] | None = None
     user: str | None = None
     # vLLM's extra sampling parameters
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, lt=2**31)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -58,14 +59,14 @@ class Sampling(BaseModel):
     def bias(self) -> dict[int, float]:
         out = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.isdigit():
+            if not key.isdigit() or int(key) >= 2**31:
                 raise InvalidArgument(f"keys are token ids; got {key!r}", field="logit_bias")
             out[int(key)] = value
         return out
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -149,7 +150,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: str | None = None
@@ -187,4 +188,4 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId]

@@ -124,8 +124,8 @@ class PlanMemory(Body):
 
 
 class PlanCompute(Body):
-    flops: Annotated[float, Field(gt=0, le=1e40)]
-    tokens_per_param: Annotated[float, Field(gt=0, le=1e6)] = 20.0
+    flops: Annotated[float, Field(ge=1, le=1e40)]
+    tokens_per_param: Annotated[float, Field(ge=1e-3, le=1e6)] = 20.0
 
 
 class Answer(Body):
