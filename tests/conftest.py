@@ -60,14 +60,16 @@ class ServiceProcess:
         return self.log.read_text(errors="replace")
 
 
-def start_service(name: str, home: Path, extra_env: dict[str, str] | None = None) -> ServiceProcess:
+def start_service(
+    name: str, home: Path, extra_env: dict[str, str] | None = None, metrics_port: int = -1
+) -> ServiceProcess:
     """Start `python -m services.<name>` on a free port and wait until it is SERVING."""
     port = free_port()
     log = home / f"{name}-{port}.log"
     env = {**os.environ, "LLMP_HOME": str(home), "LLMP_LOG_FORMAT": "text", **(extra_env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}", "--port", str(port), "--metrics-port", "-1"],
+            [sys.executable, "-m", f"services.{name}", "--port", str(port), "--metrics-port", str(metrics_port)],
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -48,7 +48,21 @@ VARIABLES: dict[str, EnvVar] = {
         EnvVar(
             "LLMP_PLUGINS_ALLOW", "", "comma-separated third-party plugins allowed (`kind:name` or `name`); empty: all"
         ),
-        *_service_vars("gateway", 50050),
+        *_service_vars(
+            "gateway",
+            50050,
+            [
+                EnvVar("LLMP_GATEWAY_HTTP_PORT", "8000", "gateway HTTP port (OpenAI-compatible /v1, platform /api/v1)"),
+                EnvVar("LLMP_GATEWAY_ADMIN_KEY", "", "an admin API key to register at start (e.g. from a k8s Secret)"),
+                EnvVar("LLMP_GATEWAY_MAX_BODY_BYTES", str(8 << 20), "largest HTTP request body the gateway reads"),
+                EnvVar("LLMP_GATEWAY_MAX_IN_FLIGHT", "256", "requests one gateway serves at once; more get 429"),
+                EnvVar("LLMP_GATEWAY_REQUEST_TIMEOUT", "600", "seconds a request may take; the backends' deadline"),
+                EnvVar("LLMP_GATEWAY_REQUESTS_PER_MINUTE", "600", "default per-key request rate (0: unlimited)"),
+                EnvVar("LLMP_GATEWAY_TOKENS_PER_MINUTE", "200000", "default per-key token quota (0: unlimited)"),
+                EnvVar("LLMP_API_KEY", "", "API key the `llmp` command line sends (else $LLMP_HOME/secrets/admin.key)"),
+                EnvVar("LLMP_GATEWAY_URL", "", "gRPC address `llmp --gateway` sends every command to"),
+            ],
+        ),
         *_service_vars(
             "tokenizer",
             50051,

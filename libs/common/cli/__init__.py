@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import sys
 
 import click
@@ -25,8 +26,21 @@ def common_config() -> CommonConfig:
 
 
 @click.group()
-def cli() -> None:
+@click.option(
+    "--gateway",
+    "gateway",
+    default=None,
+    envvar="LLMP_GATEWAY_URL",
+    help="send every command through the gateway at this gRPC address, with LLMP_API_KEY (or the admin key file)",
+)
+def cli(gateway: str | None) -> None:
     """llmp: train, align, serve and retrieve with language models, as services."""
+    if gateway:
+        from libs.common.clients.gateway import api_key
+
+        os.environ["LLMP_API_KEY"] = api_key()
+        for service in ("tokenizer", "retrieval", "training", "inference", "gateway"):
+            os.environ[f"LLMP_{service.upper()}_ADDRESS"] = gateway
 
 
 @cli.command()

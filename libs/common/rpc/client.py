@@ -36,6 +36,9 @@ def _metadata(metadata: Any) -> list[tuple[str, str]]:
     rid = request_id.get()
     if rid and not any(k == REQUEST_ID_KEY for k, _ in out):
         out.append((REQUEST_ID_KEY, rid))
+    key = os.environ.get("LLMP_API_KEY")  # a gateway in front (`llmp --gateway`) wants the caller's key
+    if key and not any(k == "authorization" for k, _ in out):
+        out.append(("authorization", f"Bearer {key}"))
     return out
 
 

@@ -1,0 +1,91 @@
+"""The RAG answer: retriever -> context -> generator as one call.
+
+The retrieval service searches the collection and assembles a prompt within a token budget
+with numbered sources (BuildContext); the inference service generates from that prompt, as
+plain text or as one user message through the model's chat template. The answer comes back with
+the citations the prompt numbered, so `[n]` in the text points at a source.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from llmp.inference.v1 import inference_pb2 as ipb
+from llmp.retrieval.v1 import retrieval_pb2 as rpb
+
+from libs.common.clients.inference import generate_request
+from libs.common.logs import request_id
+from services.gateway import backends
+from services.gateway.backends import Backends
+
+
+@dataclass(frozen=True)
+class Question:
+    collection: str
+    question: str
+    model: str
+    top_k: int = 5
+    mode: str = "dense"
+    context_tokens: int = 1024
+    tokenizer: str = ""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    chat: bool = False
+
+
+def citation_dicts(context: rpb.BuildContextResponse) -> list[dict[str, Any]]:
+    return [
+        {
+            "number": c.number,
+            "source": c.source,
+            "document_id": c.document_id,
+            "start": c.start,
+            "end": c.end,
+            "score": c.score,
+        }
+        for c in context.citations
+    ]
+
+
+async def build_context(b: Backends, q: Question) -> rpb.BuildContextResponse:
+    search = rpb.SearchRequest(collection=q.collection, query=q.question, top_k=q.top_k, mode=q.mode)
+    request = rpb.BuildContextRequest(search=search, max_tokens=q.context_tokens, tokenizer=q.tokenizer)
+    return await backends.unary("retrieval", b.retrieval.BuildContext, request)
+
+
+def generation(q: Question, context: rpb.BuildContextResponse) -> ipb.GenerateRequest:
+    prompt: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": context.prompt}]} if q.chat else {"text": context.prompt}
+    )
+    return generate_request(
+        q.model,
+        max_tokens=q.max_tokens,
+        temperature=q.temperature,
+        request_id=f"{request_id.get()}-{uuid.uuid4().hex[:8]}",
+        **prompt,
+    )
+
+
+async def answer(b: Backends, q: Question) -> tuple[rpb.BuildContextResponse, ipb.GenerateResponse]:
+    context = await build_context(b, q)
+    reply = await backends.unary("inference", b.inference.Generate, generation(q, context))
+    return context, reply
+
+
+async def answer_stream(
+    b: Backends, q: Question
+) -> tuple[rpb.BuildContextResponse, AsyncIterator[ipb.GenerateResponse]]:
+    """The context now, and the generation's messages as they come (the first already awaited)."""
+    context = await build_context(b, q)
+    messages = backends.stream("inference", b.inference.GenerateStream, generation(q, context))
+    first = await anext(messages)
+
+    async def rest() -> AsyncIterator[ipb.GenerateResponse]:
+        yield first
+        async for message in messages:
+            yield message
+
+    return context, rest()
