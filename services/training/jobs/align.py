@@ -11,16 +11,17 @@ A job config, as submitted (`base`, `data` and `model_name` are required; GRPO a
 
 `base` is a registered model (its tokeniser comes with it). `data` names JSON-lines files in the
 artifact store (a corpus name from UploadCorpus, or a path relative to the store; a folder means
-every *.jsonl in it) or the built-in sets made from Python's reference text: "pydoc:instructions"
-(prompt -> completion) and "pydoc:preferences" (prompt, chosen, rejected). Records:
+every *.jsonl in it) or the built-in sets (jobs/builtin_data.py): "pydoc:instructions" (prompt ->
+completion), "pydoc:preferences" and "code:preferences" (prompt, chosen, rejected). Records:
 
     sft:    {"prompt": str, "completion": str}  or  {"messages": [{"role": ..., "content": ...}, ...]}
     reward, dpo: {"prompt": str, "chosen": str, "rejected": str}
     grpo:   {"prompt": str, ...}  (other fields are ignored)
 
 Chat messages need a tokeniser with a chat template. Every record is checked at submission; the
-first bad one is refused with its file and line. A share (`eval_fraction`, at most
-`max_eval_records`) is held out for the metrics.
+first bad one is refused with its file and line. A record may carry `"split": "train" | "heldout"`
+(the built-in sets do, by topic); the held-out records (at most `max_eval_records`) give the
+metrics. Data without the tag have a seeded share (`eval_fraction`) held out instead.
 
 LoRA: `lora_rank` > 0 trains a peft adapter on every linear layer (or `lora_targets`) instead of
 the full model; `merge_adapter` folds it into the base weights for the registered model, else the
@@ -40,18 +41,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from libs.common import corpora
 from libs.common.artifacts import check_name
 from libs.common.errors import InvalidArgument, NotFound
 from libs.common.planning import ModelShape, TrainingMemory, training_memory
 from services.training.dataprep.stage import require
 from services.training.jobs import DONE, JobContext, parse_config
+from services.training.jobs.builtin_data import BUILTIN, HELDOUT, TRAIN, builtin
 from services.training.jobs.hf_loop import HFLoop, TrainerSpec
 from services.training.jobs.pretrain import DATASETS, check_memory
 from services.training.jobstore import JobRecord
 from services.training.registry import Lineage, Registered, registered
 
-BUILTIN_DATA = {"pydoc:instructions": "instruction_pairs", "pydoc:preferences": "preference_pairs"}
 ROLES = ("system", "user", "assistant")
 QUANTIZE = ("", "nf4")
 BYTES_FP32 = 4
@@ -64,7 +64,7 @@ class AlignConfig(HFLoop):
     base: str
     """The registered model to start from ("name", "name:latest" or "name:<version>")."""
     data: list[str]
-    """JSON-lines files or folders in the store, corpus names, or "pydoc:instructions" / "pydoc:preferences"."""
+    """JSON-lines files or folders in the store, corpus names, or built-in sets ("pydoc:instructions", ...)."""
     model_name: str
     """Name under which the result is registered."""
     max_length: int = 256
@@ -173,7 +173,7 @@ def data_files(context: JobContext, ref: str, index: int) -> list[Path]:
     path = named if named.is_dir() else context.artifacts.path(ref, field=field_name)
     if not path.exists():
         raise NotFound(
-            f"no data set {ref!r} in the artifact store (nor a built-in: {sorted(BUILTIN_DATA)})", field=field_name
+            f"no data set {ref!r} in the artifact store (nor a built-in: {sorted(BUILTIN)})", field=field_name
         )
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     if not files:
@@ -191,6 +191,8 @@ def check_record(record: Any, kind: str, where: str) -> None:
     """Refuse a record that does not have the fields the job type learns from."""
     if not isinstance(record, dict):
         raise InvalidArgument(f"{where}: a record must be a JSON object")
+    if record.get("split", TRAIN) not in (TRAIN, HELDOUT):
+        raise InvalidArgument(f"{where}: 'split' must be {TRAIN!r} or {HELDOUT!r}")
     if kind == "instruction":
         if "messages" in record:
             messages = record["messages"]
@@ -219,8 +221,8 @@ def load_records(context: JobContext, refs: list[str], kind: str) -> list[dict[s
     records: list[dict[str, Any]] = []
     for i, ref in enumerate(refs):
         field_name = f"config.data[{i}]"
-        if ref in BUILTIN_DATA:
-            built: list[dict[str, Any]] = getattr(corpora, BUILTIN_DATA[ref])()
+        if ref in BUILTIN:
+            built = builtin(ref)
             for n, record in enumerate(built):
                 try:
                     check_record(record, kind, f"{ref} record {n + 1}")
@@ -252,11 +254,15 @@ def load_records(context: JobContext, refs: list[str], kind: str) -> list[dict[s
 
 
 def split(records: list[dict[str, Any]], cfg: AlignConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A seeded shuffle, cut to max_records, then (train, held-out)."""
+    """A seeded shuffle, cut to max_records, then (train, held-out): the records tagged "heldout" if
+    any are (at most max_eval_records of them; the others are not trained on), else a share of them."""
     order = records[:]
     random.Random(cfg.seed).shuffle(order)
     if cfg.max_records:
         order = order[: cfg.max_records]
+    tagged = [r for r in order if r.get("split") == HELDOUT]
+    if tagged:
+        return [r for r in order if r.get("split") != HELDOUT], tagged[: cfg.max_eval_records]
     held = min(cfg.max_eval_records, max(1, round(len(order) * cfg.eval_fraction)))
     return order[held:], order[:held]
 
@@ -275,7 +281,8 @@ def write_data(job: JobRecord, context: JobContext, records: list[dict[str, Any]
     train, heldout = split(records, cfg)
     with context.artifacts.staging(f"{DATASETS}/{job.job_id}") as tmp:
         for name, rows in (("train", train), ("eval", heldout)):
-            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            untagged = ({k: v for k, v in r.items() if k != "split"} for r in rows)
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in untagged))
     context.store.log(job.job_id, f"data: {len(train)} training records, {len(heldout)} held out")
     return out
 
