@@ -391,16 +391,22 @@ class AlignJob:
     def spec(self, cfg: Any, base: Registered, context: JobContext) -> TrainerSpec:
         raise NotImplementedError
 
-    def run(self, job: JobRecord, context: JobContext) -> str:
+    def fit(
+        self, job: JobRecord, context: JobContext, cfg: Any, base: Registered, dataset: Path
+    ) -> dict[str, float] | None:
+        """Train on the job's Ray Train workers; the final metrics, or None if it stopped early."""
         from services.training.jobs import hf_loop
 
+        return hf_loop.fit(job, context, dataset, self.spec(cfg, base, context), cfg.loop())
+
+    def run(self, job: JobRecord, context: JobContext) -> str:
         cfg = parse_config(self.config_class, job.config)
         base, _, _ = self.models(cfg, context)
         stop = context.store.stop_requested(job.job_id)
         if stop:
             return stop
         dataset = write_data(job, context, load_records(context, cfg.data, self.data_kind), cfg)
-        metrics = hf_loop.fit(job, context, dataset, self.spec(cfg, base, context), cfg.loop())
+        metrics = self.fit(job, context, cfg, base, dataset)
         if metrics is None:
             stop = context.store.stop_requested(job.job_id)
             if not stop:

@@ -51,7 +51,7 @@ from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.checkpoints import TrainState
 from services.training.dataprep import load_packed
-from services.training.jobs import JobContext
+from services.training.jobs import JobContext, LoopSettings
 from services.training.jobs.pretrain import LoopConfig
 from services.training.jobstore import JobRecord, JobStore
 
@@ -198,7 +198,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: LoopSettings) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms' gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [

@@ -33,6 +33,18 @@ from transformers import (
 from services.training.jobs.hf_loop import TrainerSpec
 
 
+def load_tokenizer(folder: str) -> PreTrainedTokenizerBase:
+    """A model folder's tokeniser; its end-of-sequence token from the model's config if the tokeniser names
+    none, and the pad token falling back to it."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    eos_id = AutoConfig.from_pretrained(folder).eos_token_id
+    if tokenizer.eos_token is None and isinstance(eos_id, int):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _eval_every(arguments: dict[str, Any]) -> dict[str, Any]:
     """Held-out metrics at every checkpoint."""
     return {**arguments, "eval_strategy": "steps", "eval_steps": arguments["save_steps"]}
@@ -75,14 +87,7 @@ class BaseSpec(TrainerSpec):
         return {ours: float(found[theirs]) for ours, theirs in self.metrics.items() if theirs in found}
 
     def tokenizer(self, folder: str = "") -> PreTrainedTokenizerBase:
-        folder = folder or self.base
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        eos_id = AutoConfig.from_pretrained(folder).eos_token_id
-        if tokenizer.eos_token is None and isinstance(eos_id, int):
-            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        return load_tokenizer(folder or self.base)
 
     def load(self, tokenizer: PreTrainedTokenizerBase, folder: str = "") -> PreTrainedModel:
         options: dict[str, Any] = {"dtype": torch.float32, **self.head}

@@ -112,6 +112,8 @@ def test_valid_jobs_are_accepted_with_references_pinned(context: JobContext) -> 
     assert job_type("dpo").check({**PREF, "reference": "target:1"}, context)["reference"] == "target:1"
     grpo = job_type("grpo").check({**SFT, "reward_model": "rm", "max_completion_length": 32}, context)
     assert grpo["reward_model"] == "rm:1"
+    ppo = job_type("ppo").check({**SFT, "reward_model": "rm", "kl_target": 6.0}, context)
+    assert (ppo["base"], ppo["reward_model"]) == ("target:1", "rm:1")
 
 
 @pytest.mark.parametrize(
@@ -142,6 +144,15 @@ def test_valid_jobs_are_accepted_with_references_pinned(context: JobContext) -> 
         ("grpo", {**SFT, "reward_model": "rm", "num_generations": 3}, InvalidArgument, "config.num_generations"),
         ("grpo", {**SFT, "reward_model": "rm", "max_completion_length": 128}, InvalidArgument, "config.max_length"),
         ("grpo", {**SFT}, InvalidArgument, "config.reward_model"),
+        ("ppo", {**SFT}, InvalidArgument, "config.reward_model"),
+        ("ppo", {**SFT, "reward_model": "target"}, InvalidArgument, "config.reward_model"),
+        ("ppo", {**SFT, "reward_model": "rm", "lora_rank": 8}, InvalidArgument, "config.lora_rank"),
+        ("ppo", {**SFT, "reward_model": "rm", "quantize": "nf4"}, InvalidArgument, "config.quantize"),
+        ("ppo", {**SFT, "reward_model": "rm", "clip_range": -0.1}, InvalidArgument, "config.clip_range"),
+        ("ppo", {**SFT, "reward_model": "rm", "gamma": 0}, InvalidArgument, "config.gamma"),
+        ("ppo", {**SFT, "reward_model": "rm", "lam": 1.5}, InvalidArgument, "config.lam"),
+        ("ppo", {**SFT, "reward_model": "rm", "ppo_epochs": 0}, InvalidArgument, "config.ppo_epochs"),
+        ("ppo", {**SFT, "reward_model": "rm", "max_completion_length": 128}, InvalidArgument, "config.max_length"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(
