@@ -35,6 +35,7 @@ JOB_TYPES: dict[str, str] = {
     "reward": "services.training.jobs.align:RewardJob",
     "dpo": "services.training.jobs.align:DPOJob",
     "grpo": "services.training.jobs.align:GRPOJob",
+    "rloo": "services.training.jobs.align:RLOOJob",
     "ppo": "services.training.jobs.ppo:PPOJob",
 }
 

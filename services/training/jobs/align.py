@@ -1,10 +1,11 @@
-"""Alignment jobs with `trl` on Ray Train: SFT, a reward model, DPO and GRPO (RLHF against the reward model).
+"""Alignment jobs with `trl` on Ray Train: SFT, a reward model, DPO, GRPO and RLOO (RLHF against the reward model).
 
     corpus -> pretrain -> sft -> reward (on preference pairs)
-                              -> grpo (the SFT model against the reward model, KL-penalised to the SFT model)
+                              -> grpo, rloo (the SFT model against the reward model, KL-penalised to the SFT model)
+                              -> ppo  (the same with PPO and a value head: jobs/ppo.py)
                               -> dpo  (the SFT model on preference pairs, itself the reference)
 
-A job config, as submitted (`base`, `data` and `model_name` are required; GRPO also `reward_model`):
+A job config, as submitted (`base`, `data` and `model_name` are required; GRPO and RLOO also `reward_model`):
 
     {"base": "tiny-code:latest", "data": ["pydoc:instructions"], "model_name": "tiny-sft",
      "max_steps": 200, "learning_rate": 1e-4, "lora_rank": 8, "merge_adapter": true}
@@ -16,7 +17,7 @@ completion), "pydoc:preferences" and "code:preferences" (prompt, chosen, rejecte
 
     sft:    {"prompt": str, "completion": str}  or  {"messages": [{"role": ..., "content": ...}, ...]}
     reward, dpo: {"prompt": str, "chosen": str, "rejected": str}
-    grpo:   {"prompt": str, ...}  (other fields are ignored)
+    grpo, rloo, ppo: {"prompt": str, ...}  (other fields are ignored)
 
 Chat messages need a tokeniser with a chat template. Every record is checked at submission; the
 first bad one is refused with its file and line. A record may carry `"split": "train" | "heldout"`
@@ -161,7 +162,11 @@ class GRPOJobConfig(AlignConfig):
         )
 
 
-# -- models -------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RLOOJobConfig(GRPOJobConfig):
+    """GRPO's settings; the advantage is the reward less the mean of the group's other completions."""
+
+    beta: float = 0.05
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -467,6 +472,7 @@ class DPOJob(AlignJob):
 class GRPOJob(AlignJob):
     config_class = GRPOJobConfig
     data_kind = "prompt"
+    spec_class = "GRPOSpec"
 
     def models(self, cfg: GRPOJobConfig, context: JobContext) -> tuple[Registered, dict[str, Any], int]:
         base, pinned, _ = super().models(cfg, context)
@@ -490,10 +496,11 @@ class GRPOJob(AlignJob):
         return pinned
 
     def spec(self, cfg: GRPOJobConfig, base: Registered, context: JobContext) -> TrainerSpec:
-        from services.training.jobs.trl_specs import GRPOSpec
+        from services.training.jobs import trl_specs
 
         reward = registered(context.registry, cfg.reward_model, "config.reward_model", head="ForSequenceClassification")
-        return GRPOSpec(
+        spec: type[trl_specs.GRPOSpec] = getattr(trl_specs, self.spec_class)
+        return spec(
             str(base.path),
             cfg.lora(),
             cfg.merge_adapter,
@@ -508,6 +515,11 @@ class GRPOJob(AlignJob):
 
     def parents(self, cfg: GRPOJobConfig) -> tuple[str, ...]:
         return (cfg.reward_model,)
+
+
+class RLOOJob(GRPOJob):
+    config_class = RLOOJobConfig
+    spec_class = "RLOOSpec"
 
 
 def same_tokenizer(base: Registered, other: Registered, field_name: str) -> None:

@@ -13,7 +13,8 @@ Each step every worker samples `micro_batch_size * grad_accum_steps` completions
 `ppo_epochs * grad_accum_steps` optimiser steps on them (jobs/ppo_loop.py has the loop,
 jobs/ppo_loss.py the arithmetic). The data are prompts (records with a "prompt"; the others'
 fields are ignored), and their held-out split gives the metrics: `eval_reward` and `eval_kl` (nats
-per completion) after training, `eval_reward_before` and `eval_kl_before` (0) of the SFT model.
+per token; `eval_kl_per_completion`) after training, `eval_reward_before` and `eval_kl_before` (0)
+of the SFT model.
 The registered model is the policy alone (the value head is only for training), with the SFT
 model as its parent and the reward model in its lineage. PPO trains every weight: `lora_rank` is
 refused.

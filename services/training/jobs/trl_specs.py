@@ -8,6 +8,7 @@ a LoRA adapter (peft; on an NF4-quantised base for QLoRA) and builds the trl tra
     RewardSpec  trl.RewardTrainer   a scalar head; Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)
     DPOSpec     trl.DPOTrainer      -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)) to a frozen reference
     GRPOSpec    trl.GRPOTrainer     group-relative advantages from a reward model, KL penalty (beta) to the base
+    RLOOSpec    trl.RLOOTrainer     leave-one-out baseline within each prompt's group, KL penalty (beta) to the base
 """
 
 from __future__ import annotations
@@ -215,14 +216,17 @@ class GRPOSpec(BaseSpec):
     temperature: float = 1.0
 
     metrics: ClassVar[dict[str, str]] = {"eval_reward": "eval_reward", "eval_kl": "eval_kl"}
+    trainer_class: ClassVar[str] = "GRPO"
+    """trl's <name>Config and <name>Trainer."""
 
     def build(self, arguments: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Trainer:
-        from trl import GRPOConfig, GRPOTrainer
+        import trl
 
+        config_class, trainer_class = (getattr(trl, f"{self.trainer_class}{kind}") for kind in ("Config", "Trainer"))
         reward_tokenizer = self.tokenizer(self.reward_model)
         reward = AutoModelForSequenceClassification.from_pretrained(self.reward_model, num_labels=1)
         reward.config.pad_token_id = reward_tokenizer.pad_token_id
-        args = GRPOConfig(
+        args = config_class(
             **arguments,
             beta=self.beta,
             num_generations=self.num_generations,
@@ -231,5 +235,13 @@ class GRPOSpec(BaseSpec):
         )
         prompts = [[{"prompt": r["prompt"]} for r in rows] for rows in (train, heldout)]
         return self.trainer(
-            GRPOTrainer, args, *prompts, reward_funcs=reward, reward_processing_classes=reward_tokenizer
+            trainer_class, args, *prompts, reward_funcs=reward, reward_processing_classes=reward_tokenizer
         )
+
+
+@dataclass
+class RLOOSpec(GRPOSpec):
+    """REINFORCE with a leave-one-out baseline: each completion's advantage is its reward less the mean of the
+    other completions of its prompt (trl.RLOOTrainer); the KL penalty (beta) to the base as GRPO's."""
+
+    trainer_class: ClassVar[str] = "RLOO"

@@ -112,6 +112,10 @@ def test_valid_jobs_are_accepted_with_references_pinned(context: JobContext) -> 
     assert job_type("dpo").check({**PREF, "reference": "target:1"}, context)["reference"] == "target:1"
     grpo = job_type("grpo").check({**SFT, "reward_model": "rm", "max_completion_length": 32}, context)
     assert grpo["reward_model"] == "rm:1"
+    assert (
+        job_type("rloo").check({**SFT, "reward_model": "rm", "max_completion_length": 32}, context)["reward_model"]
+        == "rm:1"
+    )
     ppo = job_type("ppo").check({**SFT, "reward_model": "rm", "kl_target": 6.0}, context)
     assert (ppo["base"], ppo["reward_model"]) == ("target:1", "rm:1")
 
@@ -144,6 +148,8 @@ def test_valid_jobs_are_accepted_with_references_pinned(context: JobContext) -> 
         ("grpo", {**SFT, "reward_model": "rm", "num_generations": 3}, InvalidArgument, "config.num_generations"),
         ("grpo", {**SFT, "reward_model": "rm", "max_completion_length": 128}, InvalidArgument, "config.max_length"),
         ("grpo", {**SFT}, InvalidArgument, "config.reward_model"),
+        ("rloo", {**SFT, "reward_model": "rm", "num_generations": 1}, InvalidArgument, "config.num_generations"),
+        ("rloo", {**SFT, "reward_model": "target"}, InvalidArgument, "config.reward_model"),
         ("ppo", {**SFT}, InvalidArgument, "config.reward_model"),
         ("ppo", {**SFT, "reward_model": "target"}, InvalidArgument, "config.reward_model"),
         ("ppo", {**SFT, "reward_model": "rm", "lora_rank": 8}, InvalidArgument, "config.lora_rank"),
