@@ -116,6 +116,8 @@ class AlignConfig(HFLoop):
 class SFTJobConfig(AlignConfig):
     completion_only: bool = True
     """Prompt/completion records: learn only the completion's tokens (the prompt is context)."""
+    packing: bool = False
+    """Pack several examples into each row of max_length tokens (no padding; each attends only to itself)."""
     learning_rate: float = 1e-4
 
 
@@ -429,7 +431,15 @@ class SFTJob(AlignJob):
     def spec(self, cfg: SFTJobConfig, base: Registered, context: JobContext) -> TrainerSpec:
         from services.training.jobs.trl_specs import SFTSpec
 
-        return SFTSpec(str(base.path), cfg.lora(), cfg.merge_adapter, cfg.quantize, cfg.max_length, cfg.completion_only)
+        return SFTSpec(
+            str(base.path),
+            cfg.lora(),
+            cfg.merge_adapter,
+            cfg.quantize,
+            cfg.max_length,
+            cfg.completion_only,
+            cfg.packing,
+        )
 
 
 class RewardJob(AlignJob):

@@ -24,8 +24,9 @@ resumed run samples the same prompts and tokens (the stream and the sampling are
 Progress reports carry, besides the loss and tokens/s, the batch's mean reward, KL (nats per
 completion), the coefficient, the clip fraction, and the share of the step's time spent generating
 the rollout (`rollout_share`) against training on it. Held-out metrics (`eval_reward`, `eval_kl` in
-nats per token, `eval_kl_per_completion`, `eval_length`) are measured on the held-out prompts, with the same seed, before the first step and
-after the last; the finished policy alone is saved as a Hugging Face folder.
+nats per token, `eval_kl_per_completion`, `eval_length`) are measured on the held-out prompts, with
+the same seed, before the first step and after the last; the finished policy alone is saved as a
+Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -369,3 +370,168 @@ def evaluate(
         "eval_kl_per_completion": float(sums[1]) / count,
         "eval_length": float(sums[2]) / count,
     }
+
+
+# -- the worker ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """What one Ray Train worker holds: the trained policy with its value head, the frozen models, the data."""
+
+    model: torch.nn.Module
+    reference: PreTrainedModel
+    reward: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    train: list[str]
+    heldout: list[str]
+    device: torch.device
+
+    def prompts(self, rows: list[int], max_length: int) -> dict[str, torch.Tensor]:
+        encoded = encode_prompts(self.tokenizer, [self.train[i] for i in rows], max_length)
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+
+def load_worker(models: Models, params: PPOParams, dataset: Path, seed: int) -> Worker:
+    """The policy (from the SFT model) with a fresh value head, the reference (the same weights, frozen) and
+    the reward model, on this worker's device (DDP-wrapped when there are several workers)."""
+    from services.training.jobs.trl_specs import load_tokenizer
+
+    tokenizer = load_tokenizer(models.policy)
+    torch.manual_seed(seed)
+    device = ray.train.torch.get_device()
+    policy = AutoModelForCausalLM.from_pretrained(models.policy, dtype=torch.float32)
+    model = ray.train.torch.prepare_model(PolicyWithValue(policy, params.kl_coef))
+    frozen = []
+    for cls, folder in ((AutoModelForCausalLM, models.policy), (AutoModelForSequenceClassification, models.reward)):
+        extra = {"num_labels": 1} if cls is AutoModelForSequenceClassification else {}
+        loaded: Any = cls.from_pretrained(folder, dtype=torch.float32, **extra)
+        loaded = loaded.to(device).eval()
+        frozen.append(loaded.requires_grad_(False))
+    train = [r["prompt"] for r in read_jsonl(dataset / "train.jsonl")]
+    heldout = [r["prompt"] for r in read_jsonl(dataset / "eval.jsonl")]
+    return Worker(model, frozen[0], frozen[1], tokenizer, train, heldout, device)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The body every Ray Train worker runs (see the module docstring)."""
+    loop = HFLoop(**loop_config["loop"])
+    params = PPOParams(**loop_config["params"])
+    models: Models = loop_config["models"]
+    job_id, run_id = loop_config["job_id"], loop_config["run_id"]
+    store = JobStore.from_url(loop_config["redis_url"])
+    artifacts = ArtifactStore(loop_config["artifacts"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    w = load_worker(models, params, Path(loop_config["dataset"]), loop.seed)
+    optimizer = build_optimizer(w.model, loop)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, loop.warmup_steps, loop.max_steps, min_lr_rate=loop.min_lr_ratio
+    )
+    inner: Any = unwrap(w.model)
+    state = TrainState()
+    latest = checkpoints.latest(artifacts, run_id)
+    if latest is not None:
+        state = checkpoints.restore(latest, inner, optimizer, scheduler)
+        if rank == 0:
+            store.log(job_id, f"resumed from {artifacts.relative(latest)} at step {state.step}")
+    controller = AdaptiveKL(float(inner.kl_coef), params.kl_target, params.kl_horizon)
+    eos, pad = int(w.tokenizer.eos_token_id), int(w.tokenizer.pad_token_id)
+    held = (models.max_prompt_length, loop.micro_batch_size, loop.seed)
+    before_file = artifacts.path(f"{checkpoints.job_dir(run_id)}/{BEFORE}")
+    if latest is None and not before_file.is_file():
+        before = evaluate(w.model, w.reference, w.reward, w.tokenizer, w.heldout, params, held)
+        if rank == 0:
+            write_json(before_file, before)
+
+    per_worker = loop.micro_batch_size * loop.grad_accum_steps
+    generator = torch.Generator()
+    reporter = Reporter(store, job_id, loop)
+    while state.step < loop.max_steps:
+        torch.manual_seed(loop.seed + state.step * world + rank)  # the step's sampling, the same on a resume
+        generator.manual_seed(loop.seed + state.step)
+        rows = prompt_rows(state.step, rank, world, per_worker, len(w.train), loop.seed)
+        started = time.perf_counter()
+        batch = rollout(w.model, w.reference, w.reward, w.prompts(rows, models.max_prompt_length), params, eos, pad)
+        generated = time.perf_counter()
+        losses = update(
+            w.model, optimizer, batch, params, controller.coef, loop.micro_batch_size, loop.grad_clip, generator
+        )
+        scheduler.step()
+        trained = time.perf_counter()
+        tokens = float(batch.attention_mask.sum())
+        figures = all_mean(
+            {
+                **losses,
+                "reward": float(batch.scores.mean()),
+                "kl": float(batch.kl().mean()),
+                "length": float(batch.mask.sum(dim=1).mean()),
+                "tokens": tokens,
+                "stop": float(rank == 0 and bool(store.stop_requested(job_id))),
+            }
+        )
+        figures["kl_coef"] = controller.coef
+        controller.update(figures["kl"], per_worker * world)
+        inner.kl_coef.fill_(controller.coef)
+        figures["rollout_share"] = (generated - started) / (trained - started)
+        state = TrainState(state.step + 1, state.tokens_seen + int(figures.pop("tokens") * world))
+        stop = figures.pop("stop") > 0
+        if rank == 0:
+            reporter.step(state, figures, scheduler.get_last_lr()[0], tokens * world)
+        if rank == 0 and (stop or state.step % loop.checkpoint_every == 0):
+            saved = checkpoints.save(artifacts, run_id, state, inner, optimizer, scheduler, loop.keep_checkpoints)
+            store.update(job_id, checkpoint=saved)
+            store.log(
+                job_id, f"step {state.step}: reward {figures['reward']:.4f}, kl {figures['kl']:.4f}; checkpoint {saved}"
+            )
+        if stop:
+            return
+    metrics = evaluate(w.model, w.reference, w.reward, w.tokenizer, w.heldout, params, held)
+    if rank == 0:
+        before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+        metrics = {
+            **metrics,
+            **{f"{name}_before": value for name, value in before.items()},
+            "kl_coef": controller.coef,
+            "steps": state.step,
+            "tokens_seen": state.tokens_seen,
+        }
+        write_final(artifacts, run_id, metrics, inner.policy.save_pretrained)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
+        store.log(job_id, f"finished: {shown}")
+
+
+class Reporter:
+    """Rank 0's progress reports, every log_every steps and at the last: the step's figures and throughput."""
+
+    def __init__(self, store: JobStore, job_id: str, loop: HFLoop) -> None:
+        self.store, self.job_id, self.loop = store, job_id, loop
+        self.started, self.tokens, self.steps = time.perf_counter(), 0.0, 0
+
+    def step(self, state: TrainState, figures: dict[str, float], learning_rate: float, tokens: float) -> None:
+        self.tokens += tokens
+        self.steps += 1
+        if state.step % self.loop.log_every and state.step != self.loop.max_steps:
+            return
+        seconds = time.perf_counter() - self.started
+        self.store.report_progress(
+            self.job_id,
+            {
+                "step": state.step,
+                "total_steps": self.loop.max_steps,
+                "loss": figures["policy_loss"] + figures["value_loss"],
+                "learning_rate": learning_rate,
+                "tokens_per_second": self.tokens / max(seconds, 1e-9),
+                "eta_seconds": seconds / self.steps * (self.loop.max_steps - state.step),
+                "tokens_seen": state.tokens_seen,
+                "values": figures,
+            },
+        )
+        self.started, self.tokens, self.steps = time.perf_counter(), 0.0, 0
+
+
+def settings(loop: HFLoop, params: PPOParams, models: Models) -> dict[str, Any]:
+    """What `train_loop` takes besides the job's ids (lm_loop.run_on_workers adds them)."""
+    return {"loop": asdict(loop), "params": asdict(params), "models": models}

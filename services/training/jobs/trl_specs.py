@@ -137,6 +137,8 @@ class BaseSpec(TrainerSpec):
 @dataclass
 class SFTSpec(BaseSpec):
     completion_only: bool = True
+    packing: bool = False
+    """Pack examples into rows of max_length (best-fit decreasing), each attending only to itself."""
 
     metrics: ClassVar[dict[str, str]] = {"eval_loss": "eval_loss", "eval_token_accuracy": "eval_mean_token_accuracy"}
 
@@ -148,7 +150,7 @@ class SFTSpec(BaseSpec):
             **_eval_every(arguments),
             max_length=self.max_length,
             completion_only_loss=None if chat else self.completion_only,
-            packing=False,
+            packing=self.packing,
         )
         return self.trainer(SFTTrainer, args, train, heldout)
 
