@@ -46,7 +46,7 @@ from libs.common.artifacts import check_name
 from libs.common.errors import InvalidArgument, NotFound
 from libs.common.planning import ModelShape, TrainingMemory, training_memory
 from services.training.dataprep.stage import require
-from services.training.jobs import DONE, JobContext, parse_config
+from services.training.jobs import DONE, JobContext, check_gpu, parse_config
 from services.training.jobs.builtin_data import BUILTIN, HELDOUT, TRAIN, builtin
 from services.training.jobs.hf_loop import HFLoop, TrainerSpec
 from services.training.jobs.pretrain import DATASETS, check_memory
@@ -298,8 +298,7 @@ def write_data(job: JobRecord, context: JobContext, records: list[dict[str, Any]
 
 
 def check_hardware(cfg: AlignConfig, context: JobContext) -> None:
-    if cfg.use_gpu and context.worker_gpus < 1:
-        raise InvalidArgument("this service's training workers have no GPU (worker_gpus is 0)", field="config.use_gpu")
+    check_gpu(cfg.use_gpu, context)
     if cfg.quantize:
         if not cfg.use_gpu:
             raise InvalidArgument(

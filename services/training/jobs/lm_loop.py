@@ -123,7 +123,7 @@ def fit(
 ) -> dict[str, float] | None:
     """Run `train_loop` on the job's Ray Train workers; the final metrics, or None if it stopped early."""
     settings = {"loop": asdict(loop), "objective": objective, "span": asdict(span)}
-    return run_on_workers(job, context, train_loop, dataset, settings, loop.num_workers, run_id=run_id)
+    return run_on_workers(job, context, train_loop, dataset, settings, loop.num_workers, loop.use_gpu, run_id)
 
 
 def run_on_workers(
@@ -194,6 +194,13 @@ class Batches:
         return torch.from_numpy(self.train[[self._row(first + i) for i in range(size)]])
 
 
+def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on a GPU that has bf16 (weights and optimiser stay fp32); nothing on a CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -218,14 +225,16 @@ def train_step(
 ) -> float:
     """One optimiser step over grad_accum_steps micro-batches; returns this worker's mean loss."""
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
     total = 0.0
     for micro in range(cfg.grad_accum_steps):
         first = ((step * cfg.grad_accum_steps + micro) * world + rank) * cfg.micro_batch_size
-        batch = data.batch(first, cfg.micro_batch_size)
+        batch = data.batch(first, cfg.micro_batch_size).to(device)
         last = micro == cfg.grad_accum_steps - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
-            loss = objective.loss(model, batch, first) / cfg.grad_accum_steps
+            with mixed_precision(device):
+                loss = objective.loss(model, batch, first) / cfg.grad_accum_steps
             loss.backward()
         total += loss.item()
     if cfg.grad_clip:
@@ -242,24 +251,25 @@ def evaluate(model: torch.nn.Module, objective: Objective, data: Batches, batch_
     rows = data.heldout[context.get_world_rank() :: context.get_world_size()]
     inner = unwrap(model)
     inner.eval()
+    device = ray.train.torch.get_device()
     totals: dict[str, list[float]] = {}
     for start in range(0, len(rows), batch_size):
-        for name, (value, count) in objective.heldout(
-            inner, torch.from_numpy(rows[start : start + batch_size])
-        ).items():
+        with mixed_precision(device):
+            sums = objective.heldout(inner, torch.from_numpy(rows[start : start + batch_size]).to(device))
+        for name, (value, count) in sums.items():
             running = totals.setdefault(name, [0.0, 0.0])
             running[0] += value
             running[1] += count
     inner.train()
     names = sorted(totals) or ["loss"]
-    sums = torch.tensor([totals.get(n, [0.0, 0.0]) for n in names], dtype=torch.float64)  # (names, 2)
-    dist.all_reduce(sums)
-    return {name: float(sums[i, 0] / max(float(sums[i, 1]), 1.0)) for i, name in enumerate(names)}
+    both = torch.tensor([totals.get(n, [0.0, 0.0]) for n in names], dtype=torch.float64, device=device)  # (names, 2)
+    dist.all_reduce(both)
+    return {name: float(both[i, 0] / max(float(both[i, 1]), 1.0)) for i, name in enumerate(names)}
 
 
 def agree(loss: float, stop: bool) -> tuple[float, bool]:
     """All workers' mean loss, and whether any was told to stop (only rank 0 reads the request)."""
-    values = torch.tensor([loss, float(stop)], dtype=torch.float64)
+    values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=ray.train.torch.get_device())
     dist.all_reduce(values)
     return float(values[0]) / dist.get_world_size(), bool(values[1] > 0)
 

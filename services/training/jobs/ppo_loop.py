@@ -55,7 +55,7 @@ from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.checkpoints import TrainState
 from services.training.jobs.hf_loop import HFLoop, read_jsonl
-from services.training.jobs.lm_loop import build_optimizer, unwrap, write_final, write_json
+from services.training.jobs.lm_loop import build_optimizer, mixed_precision, unwrap, write_final, write_json
 from services.training.jobs.ppo_loss import (
     AdaptiveKL,
     gae,
@@ -135,12 +135,14 @@ class PolicyWithValue(torch.nn.Module):
         """Set the normalisation from the first batch's scores (gathered over workers) once."""
         if self.score_norm[1] > 0:
             return
-        moments = torch.tensor([scores.sum(), (scores.double() ** 2).sum(), len(scores)], dtype=torch.float64)
+        moments = torch.tensor(
+            [scores.sum(), (scores.double() ** 2).sum(), len(scores)], dtype=torch.float64, device=scores.device
+        )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(moments)
         mean = moments[0] / moments[2]
         std = (moments[1] / moments[2] - mean**2).clamp(min=0).sqrt()
-        self.score_norm.copy_(torch.stack([mean, std.clamp(min=1e-6)]))
+        self.score_norm.copy_(torch.stack([mean, std.clamp(min=1e-6)]).to(self.score_norm.device))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -247,25 +249,26 @@ def rollout(
     """Sample completions of the prompts and measure them (see the module docstring, step 1)."""
     policy: Any = unwrap(model).policy
     device = prompts["input_ids"].device
-    sequences = policy.generate(
-        **prompts,
-        do_sample=True,
-        temperature=params.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=params.max_completion_length,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-    )
-    p = prompts["input_ids"].shape[1]
-    mask = completion_mask(sequences[:, p:], eos_id)
-    attention_mask = torch.cat([prompts["attention_mask"], mask.long()], dim=1)
-    empty = torch.empty(0, device=device)
-    out = Rollout(sequences, attention_mask, mask, empty, empty, empty, empty, p)
-    out.logprobs, out.values = completion_outputs(unwrap(model), out, slice(None), params.temperature)
-    out.ref_logprobs = reference_logprobs(reference, out, params.temperature)
-    out.scores = scores(reward, out, eos_id)
-    out.logprobs, out.ref_logprobs, out.values = out.logprobs * mask, out.ref_logprobs * mask, out.values * mask
+    with mixed_precision(device):  # bf16 on a GPU that has it
+        sequences = policy.generate(
+            **prompts,
+            do_sample=True,
+            temperature=params.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=params.max_completion_length,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+        p = prompts["input_ids"].shape[1]
+        mask = completion_mask(sequences[:, p:], eos_id)
+        attention_mask = torch.cat([prompts["attention_mask"], mask.long()], dim=1)
+        empty = torch.empty(0, device=device)
+        out = Rollout(sequences, attention_mask, mask, empty, empty, empty, empty, p)
+        out.logprobs, out.values = completion_outputs(unwrap(model), out, slice(None), params.temperature)
+        out.ref_logprobs = reference_logprobs(reference, out, params.temperature)
+        out.scores = scores(reward, out, eos_id)
+        out.logprobs, out.ref_logprobs, out.values = out.logprobs * mask, out.ref_logprobs * mask, out.values * mask
     return out
 
 
@@ -292,10 +295,11 @@ def update(
         order = torch.randperm(len(batch.sequences), generator=generator)
         for start in range(0, len(order), micro_batch_size):
             rows = order[start : start + micro_batch_size].to(batch.sequences.device)
-            logprobs, values = completion_outputs(model, batch, rows, params.temperature)
+            with mixed_precision(batch.sequences.device):
+                logprobs, values = completion_outputs(model, batch, rows, params.temperature)
             mask = batch.mask[rows]
             pg, clipped = policy_loss(logprobs, batch.logprobs[rows], advantages[rows], mask, params.clip_range)
-            vf = value_loss(values, batch.values[rows], returns[rows], mask, params.value_clip_range)
+            vf = value_loss(values.float(), batch.values[rows], returns[rows], mask, params.value_clip_range)
             (pg + params.vf_coef * vf).backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -320,7 +324,7 @@ def prompt_rows(step: int, rank: int, world: int, per_worker: int, count: int, s
 def all_mean(values: dict[str, float]) -> dict[str, float]:
     """The mean over workers of each figure."""
     names = sorted(values)
-    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=ray.train.torch.get_device())
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
@@ -346,7 +350,7 @@ def evaluate(
     mine = prompts[context.get_world_rank() :: context.get_world_size()]
     device = next(reference.parameters()).device
     torch.manual_seed(seed + EVAL_SEED_OFFSET)
-    sums = torch.zeros(4, dtype=torch.float64)  # reward, kl, length, count
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward, kl, length, count
     for start in range(0, len(mine), batch_size):
         encoded = encode_prompts(tokenizer, mine[start : start + batch_size], max_prompt)
         batch = rollout(
@@ -358,9 +362,9 @@ def evaluate(
             int(tokenizer.eos_token_id),
             int(tokenizer.pad_token_id),
         )
-        sums += torch.tensor(
-            [batch.scores.sum(), batch.kl().sum(), batch.mask.sum(), len(batch.scores)], dtype=torch.float64
-        )
+        sums += torch.stack(
+            [batch.scores.sum(), batch.kl().sum(), batch.mask.sum(), batch.mask.new_tensor(len(batch.scores))]
+        ).double()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     count, tokens = max(float(sums[3]), 1.0), max(float(sums[2]), 1.0)

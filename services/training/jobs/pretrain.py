@@ -33,7 +33,7 @@ from services.training import checkpoints
 from services.training.dataprep import DataPrepConfig, prepare_dataset
 from services.training.dataprep.packing import MANIFEST
 from services.training.dataprep.stage import field_prefix, require
-from services.training.jobs import DONE, JobContext, LoopSettings, parse_config
+from services.training.jobs import DONE, JobContext, LoopSettings, check_gpu, parse_config
 from services.training.jobstore import JobRecord
 from services.training.registry import Lineage
 
@@ -347,6 +347,7 @@ class PretrainJob:
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
         """Refuse what cannot run; returns the config with the tokeniser pinned to its version."""
         cfg = parse_config(PretrainConfig, config)
+        check_gpu(cfg.use_gpu, context)
         info = check_causal_data(cfg, context, cfg.seq_len)
         check_memory(
             context, training_memory(cfg.shape(info.vocab_size), cfg.micro_batch_size, cfg.seq_len, precision="fp32")
