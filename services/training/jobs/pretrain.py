@@ -51,10 +51,14 @@ class LoopConfig(LoopSettings):
 
     seq_len: int = 256
     """Tokens per training sequence."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimiser state over the workers (FSDP) instead of replicating them
+    (DDP); needs GPU workers (use_gpu)."""
 
     def __post_init__(self) -> None:
         self.check_loop()
         require(self.seq_len >= 1, "must be >= 1", "seq_len")
+        require(not self.fsdp or self.use_gpu, "FSDP shards over GPU workers (NCCL): set use_gpu", "fsdp")
 
     def loop(self) -> LoopConfig:
         """Only the loop's settings, as the workers get them."""
