@@ -83,7 +83,7 @@ def test_the_kl_estimate_is_zero_at_the_reference_and_unbiased() -> None:
 
 def test_rewards_are_the_penalty_per_token_and_the_score_on_the_last() -> None:
     kl, mask = t([0.5, 0.5, 0.5], [1.0, 1.0, 1.0]), t([1, 1, 1], [1, 1, 0])
-    rewards = token_rewards(t(2.0, 3.0).flatten(), kl, mask, kl_coef=0.1)
+    rewards = token_rewards(torch.tensor([2.0, 3.0]), kl, mask, kl_coef=0.1)
     assert rewards.tolist()[0] == pytest.approx([-0.05, -0.05, 1.95])
     assert rewards.tolist()[1] == pytest.approx([-0.1, 2.9, 0.0])
 
