@@ -19,8 +19,13 @@ tokens/s, over the fp32 matmul rate `torch.mm` reaches at the model's own shapes
 the run's threads.
 Loss curves (every LOG_EVERY steps) are printed for each run.
 
-Run: python -m bench training [--quick] [--threads=N]
-(--threads: all the intra-op threads a run may use, default all cores; "half" is N // 2.)
+4. alignment (bench/training_alignment.py): SFT (full and LoRA), DPO and PPO steps on the same model,
+   in tokens/s against the plain loop's at every core's threads, and PPO's share of time spent
+   generating rollouts against training on them.
+
+Run: python -m bench training [--quick] [--threads=N] [--alignment]
+(--threads: all the intra-op threads a run may use, default all cores; "half" is N // 2;
+--alignment: only the plain loop and the alignment rows.)
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench import training_alignment
 from libs.common import corpora
 
 QUICK = "--quick" in sys.argv or os.environ.get("LLMP_BENCH_QUICK") == "1"
+ALIGNMENT_ONLY = "--alignment" in sys.argv
 THREADS = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--threads=")), os.cpu_count() or 1)
 VOCAB = 4096
 SEQ = 128 if QUICK else 256
@@ -70,8 +77,8 @@ def model_config() -> LlamaConfig:
     )
 
 
-def token_rows() -> torch.Tensor:
-    """Packed (rows, SEQ) tokens of stdlib source under a byte-level BPE trained here."""
+def token_rows() -> tuple[torch.Tensor, Tokenizer]:
+    """Packed (rows, SEQ) tokens of stdlib source under a byte-level BPE trained here, and the BPE."""
     texts = [text for _, text in corpora.stdlib_source(limit=60 if QUICK else 300)]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,7 +86,7 @@ def token_rows() -> torch.Tensor:
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"]))
     ids = [t for e in tokenizer.encode_batch(texts) for t in [*e.ids, 0]]
     usable = len(ids) // SEQ * SEQ
-    return torch.tensor(ids[:usable]).view(-1, SEQ)
+    return torch.tensor(ids[:usable]).view(-1, SEQ), tokenizer
 
 
 def settings(rows: torch.Tensor, workers: int, threads: int, in_ray: bool) -> dict[str, Any]:
@@ -206,7 +213,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     kind = "quick" if QUICK else "full"
     print(f"training benchmarks ({kind}; {cores} cores, {THREADS} threads, load {os.getloadavg()[0]:.1f}):")
-    rows = token_rows()
+    rows, tokenizer = token_rows()
     config = model_config()
     per_token = flops_per_token(config)
     params = (per_token - 12 * config.num_hidden_layers * config.hidden_size * SEQ) / 6
@@ -217,6 +224,12 @@ def main() -> None:
     # that ran with other thread counts keeps their pools. The plain loop and the 1-worker Ray run
     # alternate, ROUNDS of each with Ray shut down between, and the best of each counts: the
     # machine's load drifts by more than the difference measured.
+    if ALIGNMENT_ONLY:
+        reference = fresh(train, settings(rows, 1, THREADS, in_ray=False))["tokens_per_second"]
+        training_alignment.show(
+            fresh(training_alignment.measure, tokenizer, config, MICRO_BATCH, SEQ, THREADS), reference
+        )
+        return
     counts = sorted({HALF, THREADS})
     plains: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     ones: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
@@ -274,6 +287,8 @@ def main() -> None:
         print(f"  MFU {label:26} {mfu:6.1%} of the matmul rate at its threads, {peak / 1e9:.1f} GFLOP/s")
     for label, run, _ in runs:
         print(f"  loss curve {label:26} {curve(run['losses'])}")
+    alignment = fresh(training_alignment.measure, tokenizer, config, MICRO_BATCH, SEQ, THREADS)
+    training_alignment.show(alignment, plain[THREADS]["tokens_per_second"])
 
 
 if __name__ == "__main__":

@@ -70,23 +70,3 @@ def instruction_pairs(max_chars: int = 600) -> list[dict[str, str]]:
                 )
     return records
 
-
-def preference_pairs(max_chars: int = 600, seed: int = 0) -> list[dict[str, str]]:
-    """Preference records (prompt, chosen, rejected) over the instruction prompts.
-
-    The chosen answer is the paragraph's real continuation; the rejected one is the same words in a
-    shuffled order (same length and vocabulary, so only fluency tells them apart).
-    """
-    import random
-
-    rng = random.Random(seed)
-    records = []
-    for record in instruction_pairs(max_chars):
-        words = record["completion"].split()
-        shuffled = words[:]
-        while shuffled == words:
-            rng.shuffle(shuffled)
-        records.append(
-            {"prompt": record["prompt"], "chosen": record["completion"], "rejected": " " + " ".join(shuffled)}
-        )
-    return records

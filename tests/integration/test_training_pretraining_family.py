@@ -15,6 +15,7 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
+from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForMaskedLM
 
 from libs.common.artifacts import ArtifactStore
@@ -23,7 +24,7 @@ from libs.common.planning.scaling import SweepFit
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams
 from services.inference.engine.drafters import DraftModelDrafter
 from services.inference.engine.model_loader import load_model
-from tests.integration.training_stack import Stack, refused, run_to_end
+from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused, run_to_end
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +166,23 @@ def test_a_sweep_fits_a_power_law_to_a_ladder_and_the_planner_reads_it(stack: St
     )
     assert printed.exit_code == 0, printed.output
     assert "sweep L(N)" in printed.output and "Chinchilla fitted law" in printed.output
+
+
+@pytest.mark.gpu
+def test_pretraining_shards_over_gpu_workers_with_fsdp_and_resumes(stack: Stack) -> None:
+    """FSDP over every GPU (at least two), bf16 where the GPU has it; cancelled after a checkpoint, then resumed."""
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"FSDP needs at least 2 GPUs; this machine has {gpus}")
+    config = {**TINY, "model_name": "fam-fsdp", "use_gpu": True, "fsdp": True, "num_workers": gpus}
+    config.update(max_steps=40, checkpoint_every=10)
+    job = stack.client.submit("pretrain", config)
+    follow_until(stack.client, job.job_id, "checkpoint checkpoints/")
+    stack.client.cancel(job.job_id)
+    assert stack.client.wait(job.job_id, timeout=WATCH_TIMEOUT_S).state == pb.Job.CANCELLED
+    stack.client.resume(job.job_id)
+    final = stack.client.wait(job.job_id, timeout=WATCH_TIMEOUT_S)
+    assert final.state == pb.Job.SUCCEEDED and final.metrics["steps"] == 40, final.reason
+    assert final.metrics["eval_loss"] < 6.0  # from ln(1000) = 6.9 for a uniform guess over the vocabulary
+    folder = ArtifactStore(stack.home / "artifacts").path(stack.client.model(final.model).path)
+    assert (folder / "model.safetensors").is_file()

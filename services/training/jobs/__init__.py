@@ -35,6 +35,8 @@ JOB_TYPES: dict[str, str] = {
     "reward": "services.training.jobs.align:RewardJob",
     "dpo": "services.training.jobs.align:DPOJob",
     "grpo": "services.training.jobs.align:GRPOJob",
+    "rloo": "services.training.jobs.align:RLOOJob",
+    "ppo": "services.training.jobs.ppo:PPOJob",
 }
 
 
@@ -80,6 +82,9 @@ class LoopSettings:
     log_every: int = 10
     eval_fraction: float = 0.05
     """Share of the data held out for the validation loss."""
+    use_gpu: bool = False
+    """One GPU per worker (the service's `worker_gpus` must be >= 1); bf16 mixed precision where the GPU has it.
+    num_workers is then the number of GPUs."""
 
     def check_loop(self) -> None:
         """Refuse settings no loop can run with (InvalidArgument naming the field)."""
@@ -99,6 +104,12 @@ class LoopSettings:
         require(self.weight_decay >= 0, "must be >= 0", "weight_decay")
         require(self.grad_clip >= 0, "must be >= 0 (0: no clipping)", "grad_clip")
         require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
+
+
+def check_gpu(use_gpu: bool, context: JobContext) -> None:
+    """Refuse GPU workers from a service whose workers have none."""
+    if use_gpu and context.worker_gpus < 1:
+        raise InvalidArgument("this service's training workers have no GPU (worker_gpus is 0)", field="config.use_gpu")
 
 
 class JobType(Protocol):

@@ -1,26 +1,28 @@
-"""Alignment jobs with `trl` on Ray Train: SFT, a reward model, DPO and GRPO (RLHF against the reward model).
+"""Alignment jobs with `trl` on Ray Train: SFT, a reward model, DPO, GRPO and RLOO (RLHF against the reward model).
 
     corpus -> pretrain -> sft -> reward (on preference pairs)
-                              -> grpo (the SFT model against the reward model, KL-penalised to the SFT model)
+                              -> grpo, rloo (the SFT model against the reward model, KL-penalised to the SFT model)
+                              -> ppo  (the same with PPO and a value head: jobs/ppo.py)
                               -> dpo  (the SFT model on preference pairs, itself the reference)
 
-A job config, as submitted (`base`, `data` and `model_name` are required; GRPO also `reward_model`):
+A job config, as submitted (`base`, `data` and `model_name` are required; GRPO and RLOO also `reward_model`):
 
     {"base": "tiny-code:latest", "data": ["pydoc:instructions"], "model_name": "tiny-sft",
      "max_steps": 200, "learning_rate": 1e-4, "lora_rank": 8, "merge_adapter": true}
 
 `base` is a registered model (its tokeniser comes with it). `data` names JSON-lines files in the
 artifact store (a corpus name from UploadCorpus, or a path relative to the store; a folder means
-every *.jsonl in it) or the built-in sets made from Python's reference text: "pydoc:instructions"
-(prompt -> completion) and "pydoc:preferences" (prompt, chosen, rejected). Records:
+every *.jsonl in it) or the built-in sets (jobs/builtin_data.py): "pydoc:instructions" (prompt ->
+completion), "pydoc:preferences" and "code:preferences" (prompt, chosen, rejected). Records:
 
     sft:    {"prompt": str, "completion": str}  or  {"messages": [{"role": ..., "content": ...}, ...]}
     reward, dpo: {"prompt": str, "chosen": str, "rejected": str}
-    grpo:   {"prompt": str, ...}  (other fields are ignored)
+    grpo, rloo, ppo: {"prompt": str, ...}  (other fields are ignored)
 
 Chat messages need a tokeniser with a chat template. Every record is checked at submission; the
-first bad one is refused with its file and line. A share (`eval_fraction`, at most
-`max_eval_records`) is held out for the metrics.
+first bad one is refused with its file and line. A record may carry `"split": "train" | "heldout"`
+(the built-in sets do, by topic); the held-out records (at most `max_eval_records`) give the
+metrics. Data without the tag have a seeded share (`eval_fraction`) held out instead.
 
 LoRA: `lora_rank` > 0 trains a peft adapter on every linear layer (or `lora_targets`) instead of
 the full model; `merge_adapter` folds it into the base weights for the registered model, else the
@@ -40,18 +42,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from libs.common import corpora
 from libs.common.artifacts import check_name
 from libs.common.errors import InvalidArgument, NotFound
 from libs.common.planning import ModelShape, TrainingMemory, training_memory
 from services.training.dataprep.stage import require
-from services.training.jobs import DONE, JobContext, parse_config
+from services.training.jobs import DONE, JobContext, check_gpu, parse_config
+from services.training.jobs.builtin_data import BUILTIN, HELDOUT, TRAIN, builtin
 from services.training.jobs.hf_loop import HFLoop, TrainerSpec
 from services.training.jobs.pretrain import DATASETS, check_memory
 from services.training.jobstore import JobRecord
 from services.training.registry import Lineage, Registered, registered
 
-BUILTIN_DATA = {"pydoc:instructions": "instruction_pairs", "pydoc:preferences": "preference_pairs"}
 ROLES = ("system", "user", "assistant")
 QUANTIZE = ("", "nf4")
 BYTES_FP32 = 4
@@ -64,7 +65,7 @@ class AlignConfig(HFLoop):
     base: str
     """The registered model to start from ("name", "name:latest" or "name:<version>")."""
     data: list[str]
-    """JSON-lines files or folders in the store, corpus names, or "pydoc:instructions" / "pydoc:preferences"."""
+    """JSON-lines files or folders in the store, corpus names, or built-in sets ("pydoc:instructions", ...)."""
     model_name: str
     """Name under which the result is registered."""
     max_length: int = 256
@@ -115,6 +116,8 @@ class AlignConfig(HFLoop):
 class SFTJobConfig(AlignConfig):
     completion_only: bool = True
     """Prompt/completion records: learn only the completion's tokens (the prompt is context)."""
+    packing: bool = False
+    """Pack several examples into each row of max_length tokens (no padding; each attends only to itself)."""
     learning_rate: float = 1e-4
 
 
@@ -161,7 +164,11 @@ class GRPOJobConfig(AlignConfig):
         )
 
 
-# -- models -------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RLOOJobConfig(GRPOJobConfig):
+    """GRPO's settings; the advantage is the reward less the mean of the group's other completions."""
+
+    beta: float = 0.05
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -173,7 +180,7 @@ def data_files(context: JobContext, ref: str, index: int) -> list[Path]:
     path = named if named.is_dir() else context.artifacts.path(ref, field=field_name)
     if not path.exists():
         raise NotFound(
-            f"no data set {ref!r} in the artifact store (nor a built-in: {sorted(BUILTIN_DATA)})", field=field_name
+            f"no data set {ref!r} in the artifact store (nor a built-in: {sorted(BUILTIN)})", field=field_name
         )
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     if not files:
@@ -191,6 +198,8 @@ def check_record(record: Any, kind: str, where: str) -> None:
     """Refuse a record that does not have the fields the job type learns from."""
     if not isinstance(record, dict):
         raise InvalidArgument(f"{where}: a record must be a JSON object")
+    if record.get("split", TRAIN) not in (TRAIN, HELDOUT):
+        raise InvalidArgument(f"{where}: 'split' must be {TRAIN!r} or {HELDOUT!r}")
     if kind == "instruction":
         if "messages" in record:
             messages = record["messages"]
@@ -219,8 +228,8 @@ def load_records(context: JobContext, refs: list[str], kind: str) -> list[dict[s
     records: list[dict[str, Any]] = []
     for i, ref in enumerate(refs):
         field_name = f"config.data[{i}]"
-        if ref in BUILTIN_DATA:
-            built: list[dict[str, Any]] = getattr(corpora, BUILTIN_DATA[ref])()
+        if ref in BUILTIN:
+            built = builtin(ref)
             for n, record in enumerate(built):
                 try:
                     check_record(record, kind, f"{ref} record {n + 1}")
@@ -252,11 +261,15 @@ def load_records(context: JobContext, refs: list[str], kind: str) -> list[dict[s
 
 
 def split(records: list[dict[str, Any]], cfg: AlignConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A seeded shuffle, cut to max_records, then (train, held-out)."""
+    """A seeded shuffle, cut to max_records, then (train, held-out): the records tagged "heldout" if
+    any are (at most max_eval_records of them; the others are not trained on), else a share of them."""
     order = records[:]
     random.Random(cfg.seed).shuffle(order)
     if cfg.max_records:
         order = order[: cfg.max_records]
+    tagged = [r for r in order if r.get("split") == HELDOUT]
+    if tagged:
+        return [r for r in order if r.get("split") != HELDOUT], tagged[: cfg.max_eval_records]
     held = min(cfg.max_eval_records, max(1, round(len(order) * cfg.eval_fraction)))
     return order[held:], order[:held]
 
@@ -275,7 +288,8 @@ def write_data(job: JobRecord, context: JobContext, records: list[dict[str, Any]
     train, heldout = split(records, cfg)
     with context.artifacts.staging(f"{DATASETS}/{job.job_id}") as tmp:
         for name, rows in (("train", train), ("eval", heldout)):
-            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            untagged = ({k: v for k, v in r.items() if k != "split"} for r in rows)
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in untagged))
     context.store.log(job.job_id, f"data: {len(train)} training records, {len(heldout)} held out")
     return out
 
@@ -284,8 +298,7 @@ def write_data(job: JobRecord, context: JobContext, records: list[dict[str, Any]
 
 
 def check_hardware(cfg: AlignConfig, context: JobContext) -> None:
-    if cfg.use_gpu and context.worker_gpus < 1:
-        raise InvalidArgument("this service's training workers have no GPU (worker_gpus is 0)", field="config.use_gpu")
+    check_gpu(cfg.use_gpu, context)
     if cfg.quantize:
         if not cfg.use_gpu:
             raise InvalidArgument(
@@ -384,16 +397,22 @@ class AlignJob:
     def spec(self, cfg: Any, base: Registered, context: JobContext) -> TrainerSpec:
         raise NotImplementedError
 
-    def run(self, job: JobRecord, context: JobContext) -> str:
+    def fit(
+        self, job: JobRecord, context: JobContext, cfg: Any, base: Registered, dataset: Path
+    ) -> dict[str, float] | None:
+        """Train on the job's Ray Train workers; the final metrics, or None if it stopped early."""
         from services.training.jobs import hf_loop
 
+        return hf_loop.fit(job, context, dataset, self.spec(cfg, base, context), cfg.loop())
+
+    def run(self, job: JobRecord, context: JobContext) -> str:
         cfg = parse_config(self.config_class, job.config)
         base, _, _ = self.models(cfg, context)
         stop = context.store.stop_requested(job.job_id)
         if stop:
             return stop
         dataset = write_data(job, context, load_records(context, cfg.data, self.data_kind), cfg)
-        metrics = hf_loop.fit(job, context, dataset, self.spec(cfg, base, context), cfg.loop())
+        metrics = self.fit(job, context, cfg, base, dataset)
         if metrics is None:
             stop = context.store.stop_requested(job.job_id)
             if not stop:
@@ -411,7 +430,15 @@ class SFTJob(AlignJob):
     def spec(self, cfg: SFTJobConfig, base: Registered, context: JobContext) -> TrainerSpec:
         from services.training.jobs.trl_specs import SFTSpec
 
-        return SFTSpec(str(base.path), cfg.lora(), cfg.merge_adapter, cfg.quantize, cfg.max_length, cfg.completion_only)
+        return SFTSpec(
+            str(base.path),
+            cfg.lora(),
+            cfg.merge_adapter,
+            cfg.quantize,
+            cfg.max_length,
+            cfg.completion_only,
+            cfg.packing,
+        )
 
 
 class RewardJob(AlignJob):
@@ -454,6 +481,7 @@ class DPOJob(AlignJob):
 class GRPOJob(AlignJob):
     config_class = GRPOJobConfig
     data_kind = "prompt"
+    spec_class = "GRPOSpec"
 
     def models(self, cfg: GRPOJobConfig, context: JobContext) -> tuple[Registered, dict[str, Any], int]:
         base, pinned, _ = super().models(cfg, context)
@@ -477,10 +505,11 @@ class GRPOJob(AlignJob):
         return pinned
 
     def spec(self, cfg: GRPOJobConfig, base: Registered, context: JobContext) -> TrainerSpec:
-        from services.training.jobs.trl_specs import GRPOSpec
+        from services.training.jobs import trl_specs
 
         reward = registered(context.registry, cfg.reward_model, "config.reward_model", head="ForSequenceClassification")
-        return GRPOSpec(
+        spec: type[trl_specs.GRPOSpec] = getattr(trl_specs, self.spec_class)
+        return spec(
             str(base.path),
             cfg.lora(),
             cfg.merge_adapter,
@@ -495,6 +524,11 @@ class GRPOJob(AlignJob):
 
     def parents(self, cfg: GRPOJobConfig) -> tuple[str, ...]:
         return (cfg.reward_model,)
+
+
+class RLOOJob(GRPOJob):
+    config_class = RLOOJobConfig
+    spec_class = "RLOOSpec"
 
 
 def same_tokenizer(base: Registered, other: Registered, field_name: str) -> None:

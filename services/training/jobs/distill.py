@@ -33,7 +33,7 @@ from libs.common.artifacts import check_name
 from libs.common.errors import InvalidArgument
 from libs.common.planning import training_memory
 from services.training.dataprep.stage import require
-from services.training.jobs import JobContext, parse_config
+from services.training.jobs import JobContext, check_gpu, parse_config
 from services.training.jobs.lm_loop import Objective, Sums
 from services.training.jobs.pretrain import (
     DataConfig,
@@ -127,6 +127,7 @@ class Distillation(Objective):
 
     def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None, "build() loads the teacher"
+        self.teacher.to(batch.device)  # a no-op once it is there
         with torch.no_grad():
             logits: torch.Tensor = self.teacher(input_ids=batch).logits
         return logits
@@ -178,6 +179,7 @@ class DistillJob:
         target = find_target(cfg, context)
         pinned = resolved(cfg, target, context)
         cfg = parse_config(DistillConfig, {**config, **pinned})
+        check_gpu(cfg.use_gpu, context)
         info = describe_tokenizer(context, cfg.tokenizer)
         end_of_document_token(cfg, info)
         positions = int(target.config.get("max_position_embeddings") or cfg.seq_len)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerControl, TrainerState
@@ -61,7 +62,6 @@ class HFLoop(LoopSettings):
     num_workers: int = 1
     checkpoint_every: int = 50
     eval_fraction: float = 0.1
-    use_gpu: bool = False
 
 
 class TrainerSpec(ABC):
@@ -161,7 +161,7 @@ class JobCallback(TrainerCallback):
         if state.global_step == state.max_steps:
             control.should_log = True  # the last step is always reported, whatever log_every
         asked = self.rank == 0 and bool(self.store.stop_requested(self.job_id))
-        flag = torch.tensor([float(asked)], dtype=torch.float64)
+        flag = torch.tensor([float(asked)], dtype=torch.float64, device=ray.train.torch.get_device())  # NCCL: on GPU
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag)
         if flag.item() > 0:

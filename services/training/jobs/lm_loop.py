@@ -51,7 +51,7 @@ from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.checkpoints import TrainState
 from services.training.dataprep import load_packed
-from services.training.jobs import JobContext
+from services.training.jobs import JobContext, LoopSettings, sharding
 from services.training.jobs.pretrain import LoopConfig
 from services.training.jobstore import JobRecord, JobStore
 
@@ -123,7 +123,7 @@ def fit(
 ) -> dict[str, float] | None:
     """Run `train_loop` on the job's Ray Train workers; the final metrics, or None if it stopped early."""
     settings = {"loop": asdict(loop), "objective": objective, "span": asdict(span)}
-    return run_on_workers(job, context, train_loop, dataset, settings, loop.num_workers, run_id=run_id)
+    return run_on_workers(job, context, train_loop, dataset, settings, loop.num_workers, loop.use_gpu, run_id)
 
 
 def run_on_workers(
@@ -194,11 +194,25 @@ class Batches:
         return torch.from_numpy(self.train[[self._row(first + i) for i in range(size)]])
 
 
+def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on a GPU that has bf16 (weights and optimiser stay fp32); nothing on a CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are FSDP shards (its forwards are then collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: LoopSettings) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms' gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -218,14 +232,16 @@ def train_step(
 ) -> float:
     """One optimiser step over grad_accum_steps micro-batches; returns this worker's mean loss."""
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
     total = 0.0
     for micro in range(cfg.grad_accum_steps):
         first = ((step * cfg.grad_accum_steps + micro) * world + rank) * cfg.micro_batch_size
-        batch = data.batch(first, cfg.micro_batch_size)
+        batch = data.batch(first, cfg.micro_batch_size).to(device)
         last = micro == cfg.grad_accum_steps - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
-            loss = objective.loss(model, batch, first) / cfg.grad_accum_steps
+            with mixed_precision(device):
+                loss = objective.loss(model, batch, first) / cfg.grad_accum_steps
             loss.backward()
         total += loss.item()
     if cfg.grad_clip:
@@ -239,27 +255,31 @@ def train_step(
 def evaluate(model: torch.nn.Module, objective: Objective, data: Batches, batch_size: int) -> dict[str, float]:
     """Held-out means over all workers (each takes every world-th row)."""
     context = ray.train.get_context()
-    rows = data.heldout[context.get_world_rank() :: context.get_world_size()]
+    world = context.get_world_size()
+    rows = data.heldout[context.get_world_rank() :: world]
+    if is_sharded(model):  # every worker must run as many forwards as the others
+        rows = rows[: len(data.heldout) // world]
     inner = unwrap(model)
     inner.eval()
+    device = ray.train.torch.get_device()
     totals: dict[str, list[float]] = {}
     for start in range(0, len(rows), batch_size):
-        for name, (value, count) in objective.heldout(
-            inner, torch.from_numpy(rows[start : start + batch_size])
-        ).items():
+        with mixed_precision(device):
+            sums = objective.heldout(inner, torch.from_numpy(rows[start : start + batch_size]).to(device))
+        for name, (value, count) in sums.items():
             running = totals.setdefault(name, [0.0, 0.0])
             running[0] += value
             running[1] += count
     inner.train()
     names = sorted(totals) or ["loss"]
-    sums = torch.tensor([totals.get(n, [0.0, 0.0]) for n in names], dtype=torch.float64)  # (names, 2)
-    dist.all_reduce(sums)
-    return {name: float(sums[i, 0] / max(float(sums[i, 1]), 1.0)) for i, name in enumerate(names)}
+    both = torch.tensor([totals.get(n, [0.0, 0.0]) for n in names], dtype=torch.float64, device=device)  # (names, 2)
+    dist.all_reduce(both)
+    return {name: float(both[i, 0] / max(float(both[i, 1]), 1.0)) for i, name in enumerate(names)}
 
 
 def agree(loss: float, stop: bool) -> tuple[float, bool]:
     """All workers' mean loss, and whether any was told to stop (only rank 0 reads the request)."""
-    values = torch.tensor([loss, float(stop)], dtype=torch.float64)
+    values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=ray.train.torch.get_device())
     dist.all_reduce(values)
     return float(values[0]) / dist.get_world_size(), bool(values[1] > 0)
 
@@ -309,6 +329,25 @@ def write_final(artifacts: ArtifactStore, run_id: str, metrics: dict[str, float]
         save(folder)
 
 
+def place(model: torch.nn.Module, cfg: LoopConfig) -> torch.nn.Module:
+    """The model on this worker's device: sharded (FSDP) or replicated (DDP, when there are several workers)."""
+    if cfg.fsdp:
+        return sharding.shard(model, ray.train.torch.get_device())
+    return ray.train.torch.prepare_model(model)
+
+
+def whole(model: torch.nn.Module, objective: Objective, cfg: LoopConfig) -> Any:
+    """The trained model in one piece, to save (on rank 0; under FSDP every rank takes part in gathering it)."""
+    if not cfg.fsdp:
+        return unwrap(model)
+    state = sharding.full_model_state(model)
+    if dist.get_rank() != 0:
+        return None
+    fresh = objective.build()
+    fresh.load_state_dict(state)
+    return fresh
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The body every Ray Train worker runs (see the module docstring)."""
     cfg = LoopConfig(**loop_config["loop"])
@@ -320,7 +359,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     data = Batches(Path(loop_config["dataset"]), cfg.eval_fraction, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    model = ray.train.torch.prepare_model(objective.build())
+    model = place(objective.build(), cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
@@ -328,7 +367,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     state = TrainState()
     latest = checkpoints.latest(artifacts, run_id)
     if latest is not None:
-        state = checkpoints.restore(latest, unwrap(model), optimizer, scheduler)
+        restore = sharding.restore if cfg.fsdp else checkpoints.restore
+        state = restore(latest, unwrap(model), optimizer, scheduler)
         if rank == 0:
             store.log(job_id, f"resumed from {artifacts.relative(latest)} at step {state.step}")
     tokens_per_step = cfg.grad_accum_steps * cfg.micro_batch_size * dist.get_world_size() * cfg.seq_len
@@ -344,19 +384,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             reporter.step(state, loss, scheduler.get_last_lr()[0])
         if stop or state.step % cfg.checkpoint_every == 0:
             heldout = evaluate(model, objective, data, cfg.micro_batch_size)
+            save = sharding.save if cfg.fsdp else checkpoints.save
+            if rank == 0 or cfg.fsdp:  # FSDP gathers the state on every worker
+                saved = save(artifacts, run_id, state, unwrap(model), optimizer, scheduler, cfg.keep_checkpoints)
             if rank == 0:
-                saved = checkpoints.save(
-                    artifacts, run_id, state, unwrap(model), optimizer, scheduler, cfg.keep_checkpoints
-                )
                 store.update(job_id, checkpoint=saved)
                 store.log(job_id, f"step {state.step}: held-out loss {heldout['loss']:.4f}; checkpoint {saved}")
         if stop:
             return
     heldout = evaluate(model, objective, data, cfg.micro_batch_size)
+    finished_model = whole(model, objective, cfg)
     if rank == 0:
         metrics = {**objective.metrics(heldout), "train_loss": loss, "tokens_seen": state.tokens_seen}
         metrics["steps"] = state.step
-        finished_model: Any = unwrap(model)
         write_final(artifacts, run_id, metrics, finished_model.save_pretrained)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") or k == "perplexity")
         store.log(job_id, f"finished{f' {run_id}' if run_id != job_id else ''}: {shown}")

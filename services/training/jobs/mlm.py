@@ -28,7 +28,7 @@ from transformers import BertConfig, BertForMaskedLM
 from libs.common.artifacts import check_name
 from libs.common.planning import ModelShape, training_memory
 from services.training.dataprep.stage import require
-from services.training.jobs import JobContext, parse_config
+from services.training.jobs import JobContext, check_gpu, parse_config
 from services.training.jobs.lm_loop import Objective, Sums
 from services.training.jobs.pretrain import (
     DataConfig,
@@ -137,7 +137,9 @@ class MaskedLM(Objective):
         return BertForMaskedLM(BertConfig.from_dict(self.config))
 
     def mask(self, rows: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) of `[CLS] row [SEP]`: 80/10/10 on the chosen positions, IGNORE elsewhere."""
+        """(inputs, labels) of `[CLS] row [SEP]`: 80/10/10 on the chosen positions, IGNORE elsewhere.
+        Drawn on the CPU (the same masks on any device), returned on the rows' device."""
+        device, rows = rows.device, rows.cpu()
         n = len(rows)
         inputs = torch.cat([torch.full((n, 1), self.cls_id), rows, torch.full((n, 1), self.sep_id)], dim=1)
         generator = torch.Generator().manual_seed(seed)
@@ -150,7 +152,7 @@ class MaskedLM(Objective):
         inputs = torch.where(chosen & (how < REPLACE_WITH_MASK), self.mask_id, inputs)
         at_random = chosen & (how >= REPLACE_WITH_MASK) & (how < REPLACE_WITH_MASK + REPLACE_AT_RANDOM)
         random_ids = torch.randint(self.vocab_size, inputs.shape, generator=generator)
-        return torch.where(at_random, random_ids, inputs), labels
+        return torch.where(at_random, random_ids, inputs).to(device), labels.to(device)
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor, position: int) -> torch.Tensor:
         inputs, labels = self.mask(batch, self.seed * 1_000_003 + position)
@@ -179,6 +181,7 @@ class MaskedLMJob:
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
         """Refuse what cannot run (a tokeniser without a mask token among it); pins the tokeniser's version."""
         cfg = parse_config(MaskedLMConfig, config)
+        check_gpu(cfg.use_gpu, context)
         info = describe_tokenizer(context, cfg.tokenizer)
         specials(cfg, info)
         check_data(cfg, context, cfg.seq_len - 2, info)

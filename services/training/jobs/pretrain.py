@@ -33,7 +33,7 @@ from services.training import checkpoints
 from services.training.dataprep import DataPrepConfig, prepare_dataset
 from services.training.dataprep.packing import MANIFEST
 from services.training.dataprep.stage import field_prefix, require
-from services.training.jobs import DONE, JobContext, LoopSettings, parse_config
+from services.training.jobs import DONE, JobContext, LoopSettings, check_gpu, parse_config
 from services.training.jobstore import JobRecord
 from services.training.registry import Lineage
 
@@ -51,10 +51,14 @@ class LoopConfig(LoopSettings):
 
     seq_len: int = 256
     """Tokens per training sequence."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimiser state over the workers (FSDP) instead of replicating them
+    (DDP); needs GPU workers (use_gpu)."""
 
     def __post_init__(self) -> None:
         self.check_loop()
         require(self.seq_len >= 1, "must be >= 1", "seq_len")
+        require(not self.fsdp or self.use_gpu, "FSDP shards over GPU workers (NCCL): set use_gpu", "fsdp")
 
     def loop(self) -> LoopConfig:
         """Only the loop's settings, as the workers get them."""
@@ -347,6 +351,7 @@ class PretrainJob:
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
         """Refuse what cannot run; returns the config with the tokeniser pinned to its version."""
         cfg = parse_config(PretrainConfig, config)
+        check_gpu(cfg.use_gpu, context)
         info = check_causal_data(cfg, context, cfg.seq_len)
         check_memory(
             context, training_memory(cfg.shape(info.vocab_size), cfg.micro_batch_size, cfg.seq_len, precision="fp32")

@@ -32,7 +32,7 @@ from libs.common.errors import InvalidArgument
 from libs.common.planning import training_flops, training_memory
 from libs.common.planning.scaling import SweepFit
 from services.training.dataprep.stage import field_prefix, require
-from services.training.jobs import DONE, JobContext, parse_config
+from services.training.jobs import DONE, JobContext, check_gpu, parse_config
 from services.training.jobs.pretrain import (
     DataConfig,
     LlamaShape,
@@ -148,6 +148,7 @@ class ScalingSweepJob:
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]:
         """Refuse what cannot run (shapes, budget, memory of the largest model); pins the tokeniser."""
         cfg = parse_config(SweepConfig, config)
+        check_gpu(cfg.use_gpu, context)
         info = check_causal_data(cfg, context, cfg.seq_len)
         rungs = plan_ladder(cfg, info.vocab_size)
         largest = max(rungs, key=lambda r: r.params)

@@ -8,6 +8,7 @@ a LoRA adapter (peft; on an NF4-quantised base for QLoRA) and builds the trl tra
     RewardSpec  trl.RewardTrainer   a scalar head; Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)
     DPOSpec     trl.DPOTrainer      -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)) to a frozen reference
     GRPOSpec    trl.GRPOTrainer     group-relative advantages from a reward model, KL penalty (beta) to the base
+    RLOOSpec    trl.RLOOTrainer     leave-one-out baseline within each prompt's group, KL penalty (beta) to the base
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ from transformers import (
 )
 
 from services.training.jobs.hf_loop import TrainerSpec
+
+
+def load_tokenizer(folder: str) -> PreTrainedTokenizerBase:
+    """A model folder's tokeniser; its end-of-sequence token from the model's config if the tokeniser names
+    none, and the pad token falling back to it."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    eos_id = AutoConfig.from_pretrained(folder).eos_token_id
+    if tokenizer.eos_token is None and isinstance(eos_id, int):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _eval_every(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -75,14 +88,7 @@ class BaseSpec(TrainerSpec):
         return {ours: float(found[theirs]) for ours, theirs in self.metrics.items() if theirs in found}
 
     def tokenizer(self, folder: str = "") -> PreTrainedTokenizerBase:
-        folder = folder or self.base
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        eos_id = AutoConfig.from_pretrained(folder).eos_token_id
-        if tokenizer.eos_token is None and isinstance(eos_id, int):
-            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+        return load_tokenizer(folder or self.base)
 
     def load(self, tokenizer: PreTrainedTokenizerBase, folder: str = "") -> PreTrainedModel:
         options: dict[str, Any] = {"dtype": torch.float32, **self.head}
@@ -131,6 +137,8 @@ class BaseSpec(TrainerSpec):
 @dataclass
 class SFTSpec(BaseSpec):
     completion_only: bool = True
+    packing: bool = False
+    """Pack examples into rows of max_length (best-fit decreasing), each attending only to itself."""
 
     metrics: ClassVar[dict[str, str]] = {"eval_loss": "eval_loss", "eval_token_accuracy": "eval_mean_token_accuracy"}
 
@@ -142,7 +150,7 @@ class SFTSpec(BaseSpec):
             **_eval_every(arguments),
             max_length=self.max_length,
             completion_only_loss=None if chat else self.completion_only,
-            packing=False,
+            packing=self.packing,
         )
         return self.trainer(SFTTrainer, args, train, heldout)
 
@@ -210,14 +218,17 @@ class GRPOSpec(BaseSpec):
     temperature: float = 1.0
 
     metrics: ClassVar[dict[str, str]] = {"eval_reward": "eval_reward", "eval_kl": "eval_kl"}
+    trainer_class: ClassVar[str] = "GRPO"
+    """trl's <name>Config and <name>Trainer."""
 
     def build(self, arguments: dict[str, Any], train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> Trainer:
-        from trl import GRPOConfig, GRPOTrainer
+        import trl
 
+        config_class, trainer_class = (getattr(trl, f"{self.trainer_class}{kind}") for kind in ("Config", "Trainer"))
         reward_tokenizer = self.tokenizer(self.reward_model)
         reward = AutoModelForSequenceClassification.from_pretrained(self.reward_model, num_labels=1)
         reward.config.pad_token_id = reward_tokenizer.pad_token_id
-        args = GRPOConfig(
+        args = config_class(
             **arguments,
             beta=self.beta,
             num_generations=self.num_generations,
@@ -226,5 +237,13 @@ class GRPOSpec(BaseSpec):
         )
         prompts = [[{"prompt": r["prompt"]} for r in rows] for rows in (train, heldout)]
         return self.trainer(
-            GRPOTrainer, args, *prompts, reward_funcs=reward, reward_processing_classes=reward_tokenizer
+            trainer_class, args, *prompts, reward_funcs=reward, reward_processing_classes=reward_tokenizer
         )
+
+
+@dataclass
+class RLOOSpec(GRPOSpec):
+    """REINFORCE with a leave-one-out baseline: each completion's advantage is its reward less the mean of the
+    other completions of its prompt (trl.RLOOTrainer); the KL penalty (beta) to the base as GRPO's."""
+
+    trainer_class: ClassVar[str] = "RLOO"

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from libs.common.corpora import instruction_pairs, preference_pairs
+from libs.common.corpora import instruction_pairs
 from libs.common.errors import InvalidArgument, NotFound
 from libs.common.planning import GB
-from services.training.jobs import JobContext, job_type, parse_config
+from services.training.jobs import JobContext, builtin_data, job_type, parse_config
 from services.training.jobs.align import SFTJobConfig, check_record, split
 from services.training.registry import Lineage, ModelInfo
 from tests.unit.training.test_family_jobs import Registry as CausalRegistry
@@ -64,13 +64,45 @@ def context(tmp_path: Path) -> JobContext:
     )
 
 
-def test_the_built_in_sets_come_from_the_reference_text() -> None:
-    pairs, prefs = instruction_pairs(), preference_pairs()
+def test_pydoc_preferences_reject_a_continuation_from_another_topic() -> None:
+    pairs, prefs = builtin_data.instruction_pairs(), builtin_data.pydoc_preferences()
     assert len(pairs) == len(prefs) > 500
+    topics: dict[str, set[str]] = {}
+    for p in pairs:
+        topics.setdefault(p["completion"], set()).add(builtin_data.topic_of(p["prompt"]))
     for pair, pref in zip(pairs, prefs, strict=True):
         assert pref["prompt"] == pair["prompt"] and pref["chosen"] == pair["completion"]
-        assert sorted(pref["rejected"].split()) == sorted(pref["chosen"].split()) != pref["rejected"].split()
-    assert preference_pairs() == prefs  # stable
+        assert builtin_data.topic_of(pref["prompt"]) not in topics[pref["rejected"]]  # real text, another topic
+    lengths = [len(p["rejected"]) / len(p["chosen"]) for p in prefs]
+    assert sorted(lengths)[len(lengths) // 2] == pytest.approx(1.0, abs=0.1)  # length alone does not tell them apart
+    assert builtin_data.pydoc_preferences() == prefs  # stable
+
+
+def test_code_preferences_corrupt_one_thing_or_take_another_docstring() -> None:
+    import ast
+
+    prefs = builtin_data.code_preferences()
+    bodies = [p for p in prefs if not p["chosen"].startswith('"""')]
+    docstrings = [p for p in prefs if p["chosen"].startswith('"""')]
+    assert len(bodies) > 200 and len(docstrings) > 200
+    for pref in bodies:
+        chosen, rejected = (ast.parse(pref["prompt"] + pref[k]) for k in ("chosen", "rejected"))
+        old, new = ast.dump(chosen).split(), ast.dump(rejected).split()
+        assert len(old) == len(new) and 1 <= sum(a != b for a, b in zip(old, new, strict=True)) <= 2  # one node
+    for pref in docstrings:
+        ast.parse(pref["prompt"])  # the function, without its docstring, is valid Python
+        assert pref["chosen"] != pref["rejected"] and pref["rejected"].startswith('"""')
+
+
+def test_the_held_out_split_is_whole_topics_the_same_in_every_set() -> None:
+    for name in builtin_data.BUILTIN:
+        records = builtin_data.builtin(name)
+        held = [r for r in records if r["split"] == builtin_data.HELDOUT]
+        assert 0.08 <= len(held) / len(records) <= 0.2, name
+        groups = {s: {r["prompt"].split("\n", 1)[0] for r in records if r["split"] == s} for s in ("train", "heldout")}
+        assert not groups["train"] & groups["heldout"]
+    splits = {r["prompt"]: r["split"] for r in builtin_data.instruction_pairs()}
+    assert all(splits[r["prompt"]] == r["split"] for r in builtin_data.pydoc_preferences())
 
 
 def test_valid_jobs_are_accepted_with_references_pinned(context: JobContext) -> None:
@@ -80,6 +112,12 @@ def test_valid_jobs_are_accepted_with_references_pinned(context: JobContext) -> 
     assert job_type("dpo").check({**PREF, "reference": "target:1"}, context)["reference"] == "target:1"
     grpo = job_type("grpo").check({**SFT, "reward_model": "rm", "max_completion_length": 32}, context)
     assert grpo["reward_model"] == "rm:1"
+    assert (
+        job_type("rloo").check({**SFT, "reward_model": "rm", "max_completion_length": 32}, context)["reward_model"]
+        == "rm:1"
+    )
+    ppo = job_type("ppo").check({**SFT, "reward_model": "rm", "kl_target": 6.0}, context)
+    assert (ppo["base"], ppo["reward_model"]) == ("target:1", "rm:1")
 
 
 @pytest.mark.parametrize(
@@ -110,6 +148,17 @@ def test_valid_jobs_are_accepted_with_references_pinned(context: JobContext) -> 
         ("grpo", {**SFT, "reward_model": "rm", "num_generations": 3}, InvalidArgument, "config.num_generations"),
         ("grpo", {**SFT, "reward_model": "rm", "max_completion_length": 128}, InvalidArgument, "config.max_length"),
         ("grpo", {**SFT}, InvalidArgument, "config.reward_model"),
+        ("rloo", {**SFT, "reward_model": "rm", "num_generations": 1}, InvalidArgument, "config.num_generations"),
+        ("rloo", {**SFT, "reward_model": "target"}, InvalidArgument, "config.reward_model"),
+        ("ppo", {**SFT}, InvalidArgument, "config.reward_model"),
+        ("ppo", {**SFT, "reward_model": "target"}, InvalidArgument, "config.reward_model"),
+        ("ppo", {**SFT, "reward_model": "rm", "lora_rank": 8}, InvalidArgument, "config.lora_rank"),
+        ("ppo", {**SFT, "reward_model": "rm", "quantize": "nf4"}, InvalidArgument, "config.quantize"),
+        ("ppo", {**SFT, "reward_model": "rm", "clip_range": -0.1}, InvalidArgument, "config.clip_range"),
+        ("ppo", {**SFT, "reward_model": "rm", "gamma": 0}, InvalidArgument, "config.gamma"),
+        ("ppo", {**SFT, "reward_model": "rm", "lam": 1.5}, InvalidArgument, "config.lam"),
+        ("ppo", {**SFT, "reward_model": "rm", "ppo_epochs": 0}, InvalidArgument, "config.ppo_epochs"),
+        ("ppo", {**SFT, "reward_model": "rm", "max_completion_length": 128}, InvalidArgument, "config.max_length"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field(
@@ -147,6 +196,16 @@ def test_records_are_checked_per_job_kind(record: Any, kind: str, message: str) 
     with pytest.raises(InvalidArgument, match=message):
         check_record(record, kind, "f.jsonl:1")
     check_record({"prompt": "", "chosen": "a", "rejected": "b"}, "preference", "ok")  # a preference prompt may be empty
+
+
+def test_records_tagged_heldout_are_the_held_out_split() -> None:
+    records = [{"prompt": str(i), "completion": "c", "split": "heldout" if i % 4 == 0 else "train"} for i in range(100)]
+    cfg = parse_config(SFTJobConfig, {**SFT, "max_eval_records": 20})
+    train, heldout = split(records, cfg)
+    assert len(heldout) == 20 and all(int(r["prompt"]) % 4 == 0 for r in heldout)
+    assert len(train) == 75 and all(r["split"] == "train" for r in train)  # held-out beyond the cap are not trained on
+    with pytest.raises(InvalidArgument, match="'split'"):
+        check_record({"prompt": "p", "completion": "c", "split": "test"}, "instruction", "f.jsonl:1")
 
 
 def test_the_split_is_seeded_and_bounded() -> None:

@@ -80,6 +80,8 @@ def test_a_valid_job_is_accepted_with_its_tokenizer_pinned(context: JobContext) 
         ({"tokenizer": "nope"}, NotFound, "config.tokenizer"),
         ({"corpus": ["nope"]}, NotFound, "config.corpus[0]"),
         ({"corpus": ["../../etc"]}, InvalidArgument, "config.corpus[0]"),
+        ({"fsdp": True}, InvalidArgument, "config.fsdp"),
+        ({"use_gpu": True}, InvalidArgument, "config.use_gpu"),
         (
             {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8},
             InvalidArgument,
