@@ -17,12 +17,14 @@ records it. Remove it once the gateway ships with the platform.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from libs.common import config as cfg
 from libs.common.config import CommonConfig
@@ -90,38 +92,42 @@ class Gateway:
         key = api_key()
         self.openai = openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, timeout=600, max_retries=0)
         self.http = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+
+    @contextlib.contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        """The gateway's refusals and absence as one StageError naming the route."""
+        import httpx
+        import openai
+
         try:
-            self.http.get("/healthz").raise_for_status()
-        except httpx.HTTPError as e:
+            yield
+        except (openai.APIConnectionError, httpx.TransportError) as e:
             raise StageError(
-                f"the gateway does not answer at {self.base} ({e})",
+                f"the gateway does not answer at {self.base} ({type(e).__name__})",
                 "start it with `llmp up` (see `llmp status` and $LLMP_HOME/logs/gateway.log), then rerun `llmp demo`",
             ) from None
+        except openai.APIStatusError as e:
+            raise StageError(f"the gateway answered {e.status_code} to {what}: {e.message}") from None
 
     def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int, stream: bool) -> Reply:
         started = time.perf_counter()
-        if not stream:
-            out = self.openai.chat.completions.create(
-                model=model,
-                messages=messages,
-                max_tokens=max_tokens,
-                temperature=0,  # type: ignore[arg-type]
+        sent = cast(Any, messages)
+        with self._calling("/v1/chat/completions"):
+            if not stream:
+                out = self.openai.chat.completions.create(
+                    model=model, messages=sent, max_tokens=max_tokens, temperature=0
+                )
+                tokens = out.usage.completion_tokens if out.usage else 0
+                return Reply(out.choices[0].message.content or "", tokens, time.perf_counter() - started)
+            first, parts = 0.0, []
+            events = self.openai.chat.completions.create(
+                model=model, messages=sent, max_tokens=max_tokens, temperature=0, stream=True
             )
-            tokens = out.usage.completion_tokens if out.usage else 0
-            return Reply(out.choices[0].message.content or "", tokens, time.perf_counter() - started)
-        first, parts = 0.0, []
-        events = self.openai.chat.completions.create(
-            model=model,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,  # type: ignore[arg-type]
-        )
-        for event in events:
-            delta = event.choices[0].delta.content if event.choices else None
-            if delta:
-                first = first or time.perf_counter() - started
-                parts.append(delta)
+            for event in events:
+                delta = event.choices[0].delta.content if event.choices else None
+                if delta:
+                    first = first or time.perf_counter() - started
+                    parts.append(delta)
         return Reply("".join(parts), len(parts), time.perf_counter() - started, first, len(parts))
 
     def rag_answer(self, collection: str, question: str, model: str, top_k: int, max_tokens: int) -> Answer:
@@ -133,7 +139,8 @@ class Gateway:
             "top_k": top_k,
             "max_tokens": max_tokens,
         }
-        reply = self.http.post(RAG_ANSWER, json=body)
+        with self._calling(RAG_ANSWER):
+            reply = self.http.post(RAG_ANSWER, json=body)
         if reply.status_code != 200:
             raise StageError(f"the gateway answered {reply.status_code} to {RAG_ANSWER}: {reply.text[:300]}")
         data = reply.json()

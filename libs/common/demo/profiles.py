@@ -34,9 +34,9 @@ class Profile:
     """The distilled draft's shape."""
     ladder: list[dict[str, int]]
     """The scaling sweep's models (at least three)."""
-    pretrain_steps: int
     distill_steps: int
-    ladder_tokens_per_param: float
+    tokens_per_param: float
+    """Training tokens per non-embedding parameter of the sweep's models and of the target (whose steps follow)."""
     micro_batch: int
     learning_rate: float
     align_steps: dict[str, int]
@@ -83,9 +83,8 @@ PROFILES: dict[str, Profile] = {
                 {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1},
                 {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1},
             ],
-            pretrain_steps=60,
             distill_steps=30,
-            ladder_tokens_per_param=2.0,
+            tokens_per_param=2.0,
             micro_batch=8,
             learning_rate=3e-3,
             align_steps={"sft": 12, "reward": 12, "dpo": 12, "ppo": 8},
@@ -111,9 +110,8 @@ PROFILES: dict[str, Profile] = {
             target={"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
             draft={"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1},
             ladder=_LADDER,
-            pretrain_steps=300,
             distill_steps=120,
-            ladder_tokens_per_param=10.0,
+            tokens_per_param=4.0,
             micro_batch=8,
             learning_rate=2e-3,
             align_steps={"sft": 60, "reward": 40, "dpo": 40, "ppo": 30},
@@ -132,9 +130,8 @@ PROFILES: dict[str, Profile] = {
             target={"hidden_size": 256, "num_layers": 6, "num_heads": 8, "num_kv_heads": 4},
             draft={"hidden_size": 96, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
             ladder=[*_LADDER, {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2}],
-            pretrain_steps=1500,
             distill_steps=400,
-            ladder_tokens_per_param=20.0,
+            tokens_per_param=20.0,
             micro_batch=16,
             learning_rate=1e-3,
             chunk_tokens=160,

@@ -88,11 +88,11 @@ class StageContext:
     def total(self, total: float) -> None:
         self.progress.update(self.task, total=total)
 
-    def advance(self, amount: float = 1.0, status: str | None = None) -> None:
-        self.progress.update(self.task, advance=amount, **({"status": status} if status is not None else {}))
+    def advance(self, amount: float = 1.0) -> None:
+        self.progress.update(self.task, advance=amount)
 
-    def at(self, completed: float, status: str | None = None) -> None:
-        self.progress.update(self.task, completed=completed, **({"status": status} if status is not None else {}))
+    def at(self, completed: float, status: str) -> None:
+        self.progress.update(self.task, completed=completed, status=status)
 
     def status(self, text: str) -> None:
         self.progress.update(self.task, status=text)

@@ -47,29 +47,37 @@ def _shape(settings: dict[str, int], vocab: int) -> ModelShape:
     )
 
 
+def _steps(ctx: StageContext, settings: dict[str, int], vocab: int) -> tuple[int, int]:
+    """(non-embedding parameters, steps) of a model trained on tokens_per_param tokens per such parameter."""
+    p = ctx.profile
+    non_embedding = _shape(settings, vocab).param_count() - 2 * vocab * settings["hidden_size"]
+    per_step = p.micro_batch * p.seq_len * p.num_workers
+    return non_embedding, max(2, -(-int(p.tokens_per_param * non_embedding) // per_step))
+
+
 def pretraining(ctx: StageContext) -> dict[str, Any]:
     p = ctx.profile
     data = ctx.results["data"]
     dataset, tokenizer = data["dataset_job"], data["tokenizer"]
     vocab = TokenizerClient().describe(tokenizer).vocab_size
-    ladder_steps = _ladder_steps(ctx, vocab)
-    ctx.total(ladder_steps + p.pretrain_steps + p.distill_steps)
+    ladder_steps = sum(_steps(ctx, size, vocab)[1] for size in p.ladder)
+    non_embedding, steps = _steps(ctx, p.target, vocab)
+    ctx.total(ladder_steps + steps + p.distill_steps)
 
     sweep_cfg = {
         "tokenizer": tokenizer,
         "dataset": dataset,
         "sizes": p.ladder,
-        "tokens_per_param": p.ladder_tokens_per_param,
+        "tokens_per_param": p.tokens_per_param,
         **_loop(ctx, 100_000),
+        "warmup_steps": 2,
     }
-    sweep_cfg["warmup_steps"] = 2
     sweep = run_job(ctx, "sweep", sweep_cfg, "sweep", label="sweep")
     law = SizeLaw(sweep.metrics["fit_E"], sweep.metrics["fit_A"], sweep.metrics["fit_alpha"], sweep.metrics["fit_rmse"])
     ctx.say(f"sweep fit L(N) = {law.E:.2f} + {law.A:.3g} / N^{law.alpha:.3f} over {len(p.ladder)} models")
 
     target = _shape(p.target, vocab)
-    tokens = p.pretrain_steps * p.micro_batch * p.seq_len * p.num_workers
-    non_embedding = target.param_count() - 2 * vocab * p.target["hidden_size"]
+    tokens = steps * p.micro_batch * p.seq_len * p.num_workers
     budget = training_flops(target.param_count(), tokens)
     predicted = law.loss(non_embedding)
     plan = [
@@ -79,27 +87,22 @@ def pretraining(ctx: StageContext) -> dict[str, Any]:
             "tokens": r.allocation.tokens,
             "predicted_loss": r.predicted_loss,
         }
-        for r in compute_plan(budget, p.ladder_tokens_per_param)
+        for r in compute_plan(budget, p.tokens_per_param)
     ]
     ctx.say(
-        f"budget C = 6 N D = {budget:.3g} FLOPs ({target.param_count():,} parameters, {tokens:,} tokens); "
-        f"the sweep predicts a held-out loss of {predicted:.3f}"
+        f"budget C = 6 N D = {budget:.3g} FLOPs: {target.param_count():,} parameters ({non_embedding:,} "
+        f"non-embedding) on {tokens:,} tokens; the sweep's law predicts a held-out loss of {predicted:.3f}"
     )
 
-    config = {
-        "tokenizer": tokenizer,
-        "dataset": dataset,
-        "model_name": ctx.name("lm"),
-        **p.target,
-        **_loop(ctx, p.pretrain_steps),
-    }
+    config = {"tokenizer": tokenizer, "dataset": dataset, "model_name": ctx.name("lm"), **p.target, **_loop(ctx, steps)}
     lm = run_job(ctx, "pretrain", config, "pretrain", offset=ladder_steps, label="pretrain")
     ctx.say(
         f"pretrained {lm.model}: held-out loss {lm.metrics['eval_loss']:.3f} (predicted {predicted:.3f}), "
         f"perplexity {lm.metrics['perplexity']:.1f}"
     )
 
-    corpus = list(data["corpora"][k]["name"] for k in ("code", "prose"))
+    # the target was trained on a prepared data set; its draft names the corpora themselves
+    corpus = [data["corpora"][k]["name"] for k in ("code", "prose")]
     draft_cfg = {
         "target": lm.model,
         "model_name": ctx.name("draft"),
@@ -107,7 +110,7 @@ def pretraining(ctx: StageContext) -> dict[str, Any]:
         **p.draft,
         **_loop(ctx, p.distill_steps),
     }
-    draft = run_job(ctx, "distill", draft_cfg, "distill", offset=ladder_steps + p.pretrain_steps, label="distill")
+    draft = run_job(ctx, "distill", draft_cfg, "distill", offset=ladder_steps + steps, label="distill")
     ctx.say(f"distilled draft {draft.model}: top-1 agreement with the target {draft.metrics['top1_agreement']:.2f}")
     paper = ChinchillaLaw()
     return {
@@ -134,17 +137,6 @@ def pretraining(ctx: StageContext) -> dict[str, Any]:
         "pretrain": lm.to_dict(),
         "distill": draft.to_dict(),
     }
-
-
-def _ladder_steps(ctx: StageContext, vocab: int) -> int:
-    """Steps the sweep will take, as the sweep job plans them (tokens_per_param x non-embedding params)."""
-    p = ctx.profile
-    per_step = p.micro_batch * p.seq_len * p.num_workers
-    total = 0
-    for size in p.ladder:
-        n = _shape(size, vocab).param_count() - 2 * vocab * size["hidden_size"]
-        total += max(2, -(-int(p.ladder_tokens_per_param * n) // per_step))
-    return total
 
 
 @dataclass(frozen=True)
