@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import random
 from importlib import resources
 from typing import Any
 
@@ -35,14 +36,15 @@ def seed_text() -> str:
 
 
 def heldout_sequences(ctx: StageContext, tokenizer: str) -> list[list[int]]:
-    """The first paragraphs of the seed document of enough length, as token ids of the model's tokeniser."""
+    """Windows of the seed document (which no model trained on), spread over it, as the model's token ids."""
     p = ctx.profile
-    paragraphs = [b.strip() for b in seed_text().split("\n\n") if len(b.strip()) > 300 and b[0].isalpha()]
-    ids = TokenizerClient().encode_batch(tokenizer, paragraphs[: p.heldout_texts * 2], add_special_tokens=False)
-    long_enough = [seq[: p.heldout_tokens] for seq in ids if len(seq) >= p.heldout_tokens]
-    if not long_enough:
-        raise StageError("no held-out paragraph of the seed document is long enough to score")
-    return long_enough[: p.heldout_texts]
+    (ids,) = TokenizerClient().encode_batch(tokenizer, [seed_text()], add_special_tokens=False)
+    n = p.heldout_tokens
+    starts = range(0, len(ids) - n, max(n, (len(ids) - n) // p.heldout_texts))
+    windows = [ids[s : s + n] for s in starts][: p.heldout_texts]
+    if not windows:
+        raise StageError(f"the seed document gives no held-out window of {n} tokens")
+    return windows
 
 
 def serving(ctx: StageContext) -> dict[str, Any]:
@@ -74,11 +76,9 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     prompts = TokenizerClient().encode_batch(
         tokenizer, [r["prompt"] for r in instruction_pairs()[-p.speed_prompts :]], add_special_tokens=False
     )
-    runs = {}
-    for kind in ("fp32", "int8", "served"):
-        ctx.status(f"greedy decoding, {kind}")
-        runs[kind] = decode(inference, names[kind], prompts, p.new_tokens)
-        ctx.advance()
+    ctx.status("greedy decoding: fp32, INT8 and INT8 + draft in turn")
+    runs = decode(inference, names, prompts, p.new_tokens)
+    ctx.advance(3)
     same = runs["int8"].outputs == runs["served"].outputs
     speedup = runs["served"].tokens_per_second / max(runs["int8"].tokens_per_second, 1e-9)
     ctx.say(
@@ -153,7 +153,8 @@ def labelled_questions(sources: set[str], limit: int) -> list[dict[str, Any]]:
     """The labelled retrieval questions about these sources, an even spread of at most `limit`."""
     lines = (resources.files(EVAL) / "questions.jsonl").read_text(encoding="utf-8").splitlines()[1:]
     rows = [q for q in map(json.loads, lines) if q["source"] in sources]
-    return rows[:: max(1, len(rows) // limit)][:limit]
+    chosen = sorted(random.Random(0).sample(range(len(rows)), min(limit, len(rows))))
+    return [rows[i] for i in chosen]
 
 
 def retrieval(ctx: StageContext) -> dict[str, Any]:

@@ -114,16 +114,28 @@ class Decoding:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def decode(inference: Inference, model: str, prompts: list[list[int]], max_tokens: int) -> Decoding:
-    inference.greedy(model, prompts[0], 2)  # warm the replica (first-call allocations)
-    outputs, latencies, drafted, accepted = [], [], 0, 0
-    for ids in prompts:
-        started = time.perf_counter()
-        reply = inference.greedy(model, ids, max_tokens)
-        latencies.append(time.perf_counter() - started)
-        completion = reply.completions[0]
-        outputs.append(list(completion.token_ids))
-        drafted += completion.draft_tokens
-        accepted += completion.accepted_draft_tokens
-    tokens = sum(len(o) for o in outputs)
-    return Decoding(outputs, tokens, sum(latencies), latencies, drafted, accepted)
+def decode(
+    inference: Inference, models: dict[str, str], prompts: list[list[int]], max_tokens: int, rounds: int = 2
+) -> dict[str, Decoding]:
+    """Greedy decoding of each prompt by each model (kind -> served name), the models taking turns prompt
+    by prompt so the machine's other load falls on all alike; each prompt's best time of `rounds` counts."""
+    for name in models.values():
+        inference.greedy(name, prompts[0], 2)  # warm each replica (first-call allocations)
+    best = {kind: [float("inf")] * len(prompts) for kind in models}
+    replies: dict[str, list[ipb.Completion]] = {kind: [] for kind in models}
+    for round_ in range(rounds):
+        for i, ids in enumerate(prompts):
+            for kind, name in models.items():
+                started = time.perf_counter()
+                completion = inference.greedy(name, ids, max_tokens).completions[0]
+                best[kind][i] = min(best[kind][i], time.perf_counter() - started)
+                if round_ == rounds - 1:
+                    replies[kind].append(completion)
+    out = {}
+    for kind, completions in replies.items():
+        outputs = [list(c.token_ids) for c in completions]
+        drafted = sum(c.draft_tokens for c in completions)
+        accepted = sum(c.accepted_draft_tokens for c in completions)
+        tokens = sum(len(o) for o in outputs)
+        out[kind] = Decoding(outputs, tokens, sum(best[kind]), best[kind], drafted, accepted)
+    return out
