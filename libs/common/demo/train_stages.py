@@ -71,6 +71,7 @@ def pretraining(ctx: StageContext) -> dict[str, Any]:
         "tokens_per_param": p.tokens_per_param,
         **_loop(ctx, 100_000),
         "warmup_steps": 2,
+        "log_every": 5,
     }
     sweep = run_job(ctx, "sweep", sweep_cfg, "sweep", label="sweep")
     law = SizeLaw(sweep.metrics["fit_E"], sweep.metrics["fit_A"], sweep.metrics["fit_alpha"], sweep.metrics["fit_rmse"])
