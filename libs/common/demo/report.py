@@ -128,7 +128,9 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         out.append(("funnel", {"rows": results["data"]["funnel"]}, _axes(_funnel)))
     if "tokenisers" in results:
         out.append(("tokenisers", results["tokenisers"], _tokenisers))
-    out.append(("loss_curves", {"curves": training_curves(results)}, _curves))
+    curves = training_curves(results)
+    if curves:
+        out.append(("loss_curves", {"curves": curves}, _curves))
     if "pretraining" in results:
         pre = results["pretraining"]
         out.append(("planner", {"law": pre["law"], "ladder": pre["ladder"], "target": pre["target"]}, _axes(_planner)))
