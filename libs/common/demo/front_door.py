@@ -29,6 +29,7 @@ from typing import Any, Protocol, cast
 from libs.common import config as cfg
 from libs.common.config import CommonConfig
 from libs.common.demo.runner import StageError
+from libs.common.settings import env
 
 RAG_ANSWER = "/api/v1/rag/answer"
 
@@ -65,7 +66,7 @@ def gateway_installed() -> bool:
 
 
 def api_key() -> str:
-    key = os.environ.get("LLMP_API_KEY", "")
+    key = env("LLMP_API_KEY")
     if key:
         return key
     path = cfg.load(CommonConfig, "common").home_path / "secrets" / "admin.key"
