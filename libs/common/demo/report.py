@@ -193,6 +193,46 @@ TITLES = {
 }
 
 
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    e = html.escape
+    cells = "".join("<tr>" + "".join(f"<td>{e(_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + f"</tr>{cells}</table>"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def tables(results: dict[str, Any]) -> dict[str, str]:
+    """Figure name -> the table shown under its picture."""
+    out = {}
+    if "data" in results:
+        rows = [[r["stage"], r["docs_in"], r["docs_out"], r["detail"]] for r in results["data"]["funnel"]]
+        out["funnel"] = _table(["stage", "documents in", "out", "dropped / redacted / counted"], rows)
+    if "tokenisers" in results:
+        rows = [[c["algorithm"], c["count"], " ".join(c.get("tokens", []))] for c in results["tokenisers"]["compared"]]
+        out["tokenisers"] = _table(["algorithm", "tokens", "pieces"], rows)
+    if "pretraining" in results:
+        rows = [
+            [r["method"], r["params"], r["tokens"], r["predicted_loss"]] for r in results["pretraining"].get("plan", [])
+        ]
+        out["planner"] = _table(["planner (budget of the target run)", "parameters", "tokens", "predicted loss"], rows)
+    steps = results.get("alignment", {}).get("steps", {})
+    if steps:
+        rows = [
+            [key, step["model"], m, b, a] for key, step in steps.items() for m, (b, a) in step["before_after"].items()
+        ]
+        out["loss_curves"] = _table(["step", "model", "held-out metric", "before", "after"], rows)
+    if "serving" in results:
+        rows = [
+            [c["question"], "streamed" if c["stream"] else "whole", c["answer"]] for c in results["serving"]["chats"]
+        ]
+        out["throughput"] = _table(["chat through " + results["serving"]["front_door"], "reply", "answer"], rows)
+    return out
+
+
 def _html(state: dict[str, Any], index: dict[str, Any]) -> str:
     e = html.escape
     results = state["stages"]
@@ -201,17 +241,21 @@ def _html(state: dict[str, Any], index: dict[str, Any]) -> str:
     if "FALLBACK" in door:
         parts.append(f"<p style='color:#b00;font-weight:bold'>Generation and RAG went through {e(door)}.</p>")
     parts.append("<h2>Summary</h2><ul>" + "".join(f"<li>{e(line)}</li>" for line in summary(state)) + "</ul>")
-    for entry in index.values():
+    below = tables(results)
+    for name, entry in index.items():
         parts.append(f"<h2>{e(entry['title'])}</h2><img src='{e(entry['png'])}' style='max-width:100%'>")
+        parts.append(below.get(name, ""))
+    if results.get("retrieval", {}).get("answers"):
+        parts.append("<h2>RAG answers with their citations</h2>")
     for answer in results.get("retrieval", {}).get("answers", []):
         cites = "".join(
-            f"<li>[{i + 1}] {e(str(c.get('source')))}: {e(str(c.get('text', ''))[:300])}</li>"
-            for i, c in enumerate(answer["citations"])
+            f"<li>{e(str(c.get('source')))} ({e(str(c.get('chunk_id', '')))}): {e(str(c.get('text', ''))[:300])}</li>"
+            for c in answer["citations"]
         )
         parts.append(f"<h3>Q: {e(answer['question'])}</h3><p>A: {e(answer['answer'])}</p><ol>{cites}</ol>")
     timings = "".join(f"<tr><td>{e(k)}</td><td>{v:.0f} s</td></tr>" for k, v in state["timings"].items())
     parts.append(f"<h2>Time per stage</h2><table>{timings}</table>")
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 12px}"
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 12px;text-align:left}"
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>llmp demo</title><style>{style}</style></head>"
         f"<body>{''.join(parts)}</body></html>"

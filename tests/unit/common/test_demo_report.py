@@ -38,7 +38,8 @@ def state(front_door: str) -> dict[str, Any]:
             "alignment": {"steps": {"sft": {**job(falling), "before_after": {"eval_loss": [3.0, 2.0]}}}},
             "serving": {"front_door": front_door, "decoding": {"int8": decoding, "served": decoding}, "speedup": 1.3,
                         "memory_bytes_per_parameter": {"fp32": 4.0, "int8": 1.2},
-                        "perplexity": {"fp32": 10.0, "int8": 10.1}, "perplexity_change": 0.01, "greedy_equal": True},
+                        "perplexity": {"fp32": 10.0, "int8": 10.1}, "perplexity_change": 0.01, "greedy_equal": True,
+                        "chats": [{"question": "Loops?", "stream": True, "answer": "They <repeat>."}]},
             "retrieval": {"k": 5, "recall": 0.7, "chance": 0.05, "questions": 20,
                           "answers": [{"question": "Why <RAG>?", "answer": "Because [1].", "cites_retrieved": True,
                                        "citations": [{"source": "seed.md", "text": "retrieval <augments>"}]}]},
@@ -58,6 +59,7 @@ def test_every_figure_is_drawn_kept_as_data_and_shown(tmp_path: Path) -> None:
     assert figures["loss_curves"]["data"]["curves"]["sft"] == [[1, 3.0], [2, 2.5], [3, 2.0]]
     assert "Why &lt;RAG&gt;?" in html and "retrieval &lt;augments&gt;" in html, "text is escaped"
     assert "FALLBACK" not in html
+    assert "They &lt;repeat&gt;." in html and "<td>eval_loss</td><td>3</td><td>2</td>" in html, "tables under pictures"
     assert json.loads((tmp_path / "out" / "results.json").read_text())["run_id"] == "r1"
 
 
