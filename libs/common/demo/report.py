@@ -90,12 +90,16 @@ def _planner(ax: Axes, data: dict[str, Any]) -> None:
     ax.legend()
 
 
+LABELS = {"fp32": "fp32", "int8": "INT8", "served": "INT8 + draft (served)"}
+
+
 def _throughput(fig: Any, data: dict[str, Any]) -> None:
     left, right = fig.subplots(1, 2)
     kinds = list(data["decoding"])
-    left.bar(kinds, [data["decoding"][k]["tokens_per_second"] for k in kinds], color="tab:purple")
+    labels = [LABELS.get(k, k) for k in kinds]
+    left.bar(labels, [data["decoding"][k]["tokens_per_second"] for k in kinds], color="tab:purple")
     left.set_ylabel("tokens/s (greedy, batch 1)")
-    right.boxplot([data["decoding"][k]["latencies"] for k in kinds], tick_labels=kinds)
+    right.boxplot([data["decoding"][k]["latencies"] for k in kinds], tick_labels=labels)
     right.set_ylabel("seconds per request")
 
 
