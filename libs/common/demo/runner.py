@@ -98,8 +98,13 @@ class StageContext:
         self.progress.update(self.task, status=text)
 
     def say(self, text: str) -> None:
-        """A line above the bars, kept for the summary."""
-        self.progress.console.print(f"  {text}")
+        """A line above the bars, kept in the run's record (printed as is: model output may hold brackets)."""
+        self.progress.console.print(f"  {text}", markup=False, highlight=False)
+        self.notes.append(text)
+
+    def warn(self, text: str) -> None:
+        """A line above the bars that must not be missed."""
+        self.progress.console.print(f"  {text}", style="bold red", markup=False)
         self.notes.append(text)
 
 
@@ -202,7 +207,8 @@ class Runner:
                 )
                 started = time.perf_counter()
                 result = self._one(stage, ctx, label)
-                progress.update(task, total=progress.tasks[task].total or 1, completed=progress.tasks[task].total or 1)
+                total = next(t.total for t in progress.tasks if t.id == task) or 1
+                progress.update(task, total=total, completed=total)
                 progress.update(task, status=f"[green]done[/] in {time.perf_counter() - started:.0f}s")
                 self.state.finish(stage.key, {**result, "notes": ctx.notes}, time.perf_counter() - started)
         return self.state

@@ -128,7 +128,7 @@ def serving(ctx: StageContext) -> dict[str, Any]:
 
 def _chats(ctx: StageContext, door: Any, model: str) -> list[dict[str, Any]]:
     if "FALLBACK" in door.kind:
-        ctx.say(f"[bold red]NO GATEWAY INSTALLED: generating through the {door.kind}[/]")
+        ctx.warn(f"NO GATEWAY INSTALLED: generating through the {door.kind}")
     questions = ["What does the for statement do?", "How are default parameter values evaluated?"]
     chats = []
     for question, stream in zip(questions, (False, True), strict=True):
@@ -193,7 +193,7 @@ def retrieval(ctx: StageContext) -> dict[str, Any]:
     served = ctx.results["serving"]
     door = open_front_door({served["served_name"]: served["tokenizer"]})
     if "FALLBACK" in door.kind:
-        ctx.say(f"[bold red]NO GATEWAY INSTALLED: answering through the {door.kind}[/]")
+        ctx.warn(f"NO GATEWAY INSTALLED: answering through the {door.kind}")
     answers = []
     for q in [q for q in questions if q["kind"] == "heading"][: p.rag_questions]:
         ctx.status("RAG answers")
