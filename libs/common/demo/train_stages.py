@@ -5,7 +5,12 @@
    the target's loss, which the pretraining job then reaches or not. A draft model for
    speculative decoding is distilled from the target.
 4. Alignment: the steps in ALIGNMENT, in order, each a training job on the output of an earlier one.
-   The list is data: a new objective (e.g. PPO against the reward model) is one more entry.
+   The list is data: a new objective is one more entry, e.g. PPO against the reward model,
+
+       AlignStep("ppo", "ppo", "sft", ("pydoc:instructions",), ("eval_reward", "eval_kl"),
+                 models={"reward_model": "reward"})
+
+   (its steps come from Profile.align_steps["ppo"]). The last step whose model is a policy is served.
 """
 
 from __future__ import annotations
