@@ -116,12 +116,23 @@ def plugins() -> None:
 
 
 @cli.command()
-@click.option("--fresh", is_flag=True, help="train again even if the demo's tokenisers exist")
-def demo(fresh: bool) -> None:
-    """Run the main job on the local stack: real corpora through every service that is installed."""
-    from libs.common.cli.demo import run
+@click.option(
+    "--profile",
+    "profile_name",
+    type=click.Choice(["tiny", "quick", "full"]),
+    default="quick",
+    show_default=True,
+    help="tiny: minutes (tests); quick: ~15 minutes on two cores; full: larger models",
+)
+@click.option("--fresh", is_flag=True, help="start over; otherwise the stages a previous run finished are kept")
+@click.option("--open", "open_report", is_flag=True, help="serve the report on 127.0.0.1 when the run is done")
+def demo(profile_name: str, fresh: bool, open_report: bool) -> None:
+    """The main job: data, tokenisers, pretraining, alignment, serving and RAG on the running stack, with a report."""
+    from libs.common.demo import run, serve_report
 
-    run(console, fresh)
+    page = run(console, profile_name, fresh)
+    if open_report:
+        serve_report(console, page)
 
 
 def _add_groups() -> None:
