@@ -192,3 +192,44 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* Labels the training service puts on its RayJobs' pods (services/training/backends.py). */}}
+{{- define "llmp.trainingJobLabels" -}}
+app.kubernetes.io/part-of: llmp
+app.kubernetes.io/component: training-job
+{{- end }}
+
+{{/* Egress to Redis: the chart's, or the external one (networkPolicy.externalEgress). */}}
+{{- define "llmp.redisEgress" -}}
+{{- if .Values.redis.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "llmp.selectorLabels" (dict "root" . "component" "redis") | nindent 10 }}
+  ports:
+    - {protocol: TCP, port: 6379}
+{{- else }}
+{{- with .Values.networkPolicy.externalEgress }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The KubeRay operator's calls to a Ray head's dashboard (job submission, Serve config and status). */}}
+{{- define "llmp.operatorIngress" -}}
+- from:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ include "llmp.operatorNamespace" . }}
+      podSelector:
+        matchLabels:
+          app.kubernetes.io/name: kuberay-operator
+  ports:
+    - {protocol: TCP, port: 8265}
+    - {protocol: TCP, port: 52365}
+    - {protocol: TCP, port: 8000}
+{{- end }}
+
+{{- define "llmp.operatorNamespace" -}}
+{{- if (index .Values "kuberay-operator").enabled }}{{ .Release.Namespace }}{{ else }}{{ .Values.networkPolicy.kuberayOperatorNamespace }}{{ end }}
+{{- end }}
