@@ -84,3 +84,14 @@ image-%-cuda: deploy/local/.ready
 image-%: deploy/local/.ready
 	$(ENGINE) build -f deploy/Dockerfile --target $* --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  $(IMAGE_BUILD_FLAGS) -t $(IMAGE_PREFIX)-$*:$(IMAGE_TAG) .
+
+# A kind cluster (Calico, KubeRay, the images, the chart, helm test): deploy/kind/up.sh
+kind-up:
+	KIND_CLUSTER=$(KIND_CLUSTER) ENGINE=$(ENGINE) IMAGE_TAG=$(IMAGE_TAG) bash deploy/kind/up.sh
+
+# The end-to-end scenario on that cluster (tests/e2e/scenario with LLMP_E2E_TARGET=kind)
+e2e-kind: kind-up
+	LLMP_E2E_TARGET=kind LLMP_KIND_CONTEXT=kind-$(KIND_CLUSTER) $(PY) -m pytest tests/e2e/scenario -p no:cacheprovider -rs
+
+kind-down:
+	kind delete cluster --name $(KIND_CLUSTER)
