@@ -164,4 +164,3 @@ def test_image_starts_as_non_root_and_answers_the_health_check(service: str, red
         assert container.stop() == 0, f"{service} did not drain and exit cleanly:\n{container.logs()}"
     finally:
         container.remove()
-
