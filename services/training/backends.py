@@ -308,8 +308,9 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
     memory = f"{int(config.worker_memory_gb * 1024)}Mi"
     labels = {**JOB_POD_LABELS, "llmp.dev/job-id": job.job_id}
 
-    def pod(name: str, cpu: str, gpus: int = 0, mounts: bool = True) -> dict[str, Any]:
-        limits = {"cpu": cpu, "memory": memory} | ({"nvidia.com/gpu": str(gpus)} if gpus else {})
+    def pod(name: str, cpu: str, memory: str, gpus: int = 0, mounts: bool = True) -> dict[str, Any]:
+        """`cpu` is the request; every pod may burst to one CPU (Ray's num-cpus says what it schedules)."""
+        limits = {"cpu": "1", "memory": memory} | ({"nvidia.com/gpu": str(gpus)} if gpus else {})
         container: dict[str, Any] = {
             "name": name,
             "image": config.kuberay_image,
@@ -326,7 +327,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
             ]
             volumes += [
                 {"name": "artifacts", "persistentVolumeClaim": {"claimName": config.kuberay_artifacts_claim}},
-                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": memory}},
+                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": memory}},  # Ray's object store
             ]
         spec = {
             "automountServiceAccountToken": False,
@@ -338,7 +339,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
 
     # KubeRay's submitter Job pod (it runs `ray job submit` against the head): labelled and restricted
     # like the rest, and without the artifact claim it does not need
-    submitter = pod("ray-job-submitter", "200m", mounts=False)
+    submitter = pod("ray-job-submitter", "100m", "256Mi", mounts=False)
     submitter["spec"]["restartPolicy"] = "Never"
     return {
         "apiVersion": "ray.io/v1",
@@ -355,7 +356,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
             "backoffLimit": 0,
             "submitterPodTemplate": submitter,
             "rayClusterSpec": {
-                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod("ray-head", "1")},
+                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod("ray-head", "250m", memory)},
                 "workerGroupSpecs": [
                     {
                         "groupName": "workers",
@@ -363,7 +364,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
                         "minReplicas": workers,
                         "maxReplicas": workers,
                         "rayStartParams": {"num-cpus": "1"} | ({"num-gpus": str(gpus)} if gpus else {}),
-                        "template": pod("ray-worker", "1", gpus),
+                        "template": pod("ray-worker", "1", memory, gpus),
                     }
                 ],
             },
