@@ -460,3 +460,18 @@ def test_network_policies_allow_the_platform_paths_and_nothing_else(default: lis
         assert reachable(policies, labels.get(src) if src else None, labels[dst], port), f"{src} -> {dst}:{port}"
     for src, dst, port in denied:
         assert not reachable(policies, labels.get(src) if src else None, labels[dst], port), f"{src} -> {dst}:{port}"
+
+
+def test_every_llmp_variable_the_chart_sets_is_declared(rendered: list[Manifest]) -> None:
+    """The pods read only variables that libs.common.settings declares (the gateway's once it is
+    installed); LLMP_REDIS_PASSWORD is the chart's own, expanded into LLMP_REDIS_URL by Kubernetes."""
+    import importlib.util
+
+    from libs.common.settings import VARIABLES
+
+    gateway_here = importlib.util.find_spec("services.gateway") is not None
+    names = {e["name"] for _, t in all_pods(rendered) for c in containers(t) for e in c.get("env", [])}
+    llmp = {n for n in names if n.startswith("LLMP_")} - {"LLMP_REDIS_PASSWORD"}
+    undeclared = {n for n in llmp - set(VARIABLES) if gateway_here or not n.startswith("LLMP_GATEWAY_")}
+    assert undeclared == set()
+    assert {"LLMP_TRAINING_KUBERAY_IMAGE", "LLMP_TRAINING_KUBERAY_SECRET", "LLMP_QDRANT_URL"} <= llmp
