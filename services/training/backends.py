@@ -305,7 +305,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
     workers = int(job.config.get("num_workers", 1))
     gpus = config.worker_gpus if job.config.get("use_gpu") else 0
     container_env = job_env(config, redis_url)
-    memory = f"{int(config.worker_memory_gb * 1024)}Mi"
+    job_memory = f"{int(config.worker_memory_gb * 1024)}Mi"
     labels = {**JOB_POD_LABELS, "llmp.dev/job-id": job.job_id}
 
     def pod(name: str, cpu: str, memory: str, gpus: int = 0, mounts: bool = True) -> dict[str, Any]:
@@ -356,7 +356,11 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
             "backoffLimit": 0,
             "submitterPodTemplate": submitter,
             "rayClusterSpec": {
-                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod("ray-head", "250m", memory)},
+                # the submitter pod reaches the head's job API on the pod network (NetworkPolicy: job pods only)
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": pod("ray-head", "250m", job_memory),
+                },
                 "workerGroupSpecs": [
                     {
                         "groupName": "workers",
@@ -364,7 +368,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
                         "minReplicas": workers,
                         "maxReplicas": workers,
                         "rayStartParams": {"num-cpus": "1"} | ({"num-gpus": str(gpus)} if gpus else {}),
-                        "template": pod("ray-worker", "1", memory, gpus),
+                        "template": pod("ray-worker", "1", job_memory, gpus),
                     }
                 ],
             },
