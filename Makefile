@@ -53,13 +53,16 @@ clean:
 ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
 BASE_IMAGE ?= docker.io/library/python:3.11-slim-bookworm
 IMAGE_PREFIX ?= llmp
-IMAGE_TAG ?= dev
+# the chart's appVersion, which its default values deploy
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' deploy/helm/llmp/Chart.yaml)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Podman here: host networking for pip, and runc (crun refuses hybrid cgroup setups)
 IMAGE_BUILD_FLAGS ?= $(if $(filter podman,$(ENGINE)),--network host $(if $(shell command -v runc),--runtime runc)) \
   $(if $(PIP_CA_BUNDLE),--build-arg PIP_CERT=/local/ca.pem)
 IMAGE_SERVICES := tokenizer gateway retrieval training inference
 KIND_CLUSTER ?= llmp
+# the kind cluster builds its own images with this tag (values-ci.yaml)
+KIND_IMAGE_TAG ?= dev
 
 .PHONY: images images-cpu images-cuda kind-up kind-down e2e-kind
 
@@ -87,7 +90,7 @@ image-%: deploy/local/.ready
 
 # A kind cluster (Calico, KubeRay, the images, the chart, helm test): deploy/kind/up.sh
 kind-up:
-	KIND_CLUSTER=$(KIND_CLUSTER) ENGINE=$(ENGINE) IMAGE_TAG=$(IMAGE_TAG) bash deploy/kind/up.sh
+	KIND_CLUSTER=$(KIND_CLUSTER) ENGINE=$(ENGINE) IMAGE_TAG=$(KIND_IMAGE_TAG) bash deploy/kind/up.sh
 
 # The end-to-end scenario on that cluster (tests/e2e/scenario with LLMP_E2E_TARGET=kind)
 e2e-kind: kind-up

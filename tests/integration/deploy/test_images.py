@@ -14,8 +14,10 @@ import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 from libs.common.rpc.client import wait_serving
 from tests.conftest import free_port
@@ -24,7 +26,9 @@ from tests.unit.training.redis_server import RedisServer
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
 IMAGE_PREFIX = os.environ.get("LLMP_TEST_IMAGE_PREFIX", "llmp")
-IMAGE_TAG = os.environ.get("LLMP_TEST_IMAGE_TAG", "dev")
+CHART = Path(__file__).resolve().parents[3] / "deploy" / "helm" / "llmp" / "Chart.yaml"
+IMAGE_TAG = os.environ.get("LLMP_TEST_IMAGE_TAG") or yaml.safe_load(CHART.read_text())["appVersion"]
+"""`make images` tags the images with the chart's appVersion unless IMAGE_TAG says otherwise."""
 START_SECONDS = 300  # Ray and Serve come up inside the training and inference containers
 NOT_IN = {"tokenizer": ["torch", "ray"], "gateway": ["torch", "ray"], "retrieval": ["ray"]}
 """Packages a service's image must not carry: only that service's extras are installed."""
