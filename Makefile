@@ -57,3 +57,55 @@ vllm-env:
 clean:
 	rm -rf $(VENV) build *.egg-info
 	find proto -name '*_pb2*.py*' -delete
+
+# -- container images and the kind cluster (deploy/) ------------------------------------------
+# `make images` builds one image per service from deploy/Dockerfile with Docker, else Podman, and
+# the CUDA variants of training and inference. BASE_IMAGE may be a local image (no registry needed).
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+BASE_IMAGE ?= docker.io/library/python:3.11-slim-bookworm
+IMAGE_PREFIX ?= llmp
+# the chart's appVersion, which its default values deploy
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' deploy/helm/llmp/Chart.yaml)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Podman here: host networking for pip, and runc (crun refuses hybrid cgroup setups)
+IMAGE_BUILD_FLAGS ?= $(if $(filter podman,$(ENGINE)),--network host $(if $(shell command -v runc),--runtime runc)) \
+  $(if $(PIP_CA_BUNDLE),--build-arg PIP_CERT=/local/ca.pem)
+IMAGE_SERVICES := tokenizer gateway retrieval training inference
+KIND_CLUSTER ?= llmp
+# the kind cluster builds its own images with this tag (values-ci.yaml)
+KIND_IMAGE_TAG ?= dev
+
+.PHONY: images images-cpu images-cuda kind-up kind-down e2e-kind
+
+images: images-cpu images-cuda
+images-cpu: $(addprefix image-,$(IMAGE_SERVICES))
+images-cuda: image-training-cuda image-inference-cuda
+
+# deploy/local/, what the builds copy in: the CPU torch wheel (pip's own sources first, e.g. a local
+# wheel, else TORCH_CPU_INDEX) and pip's certificate bundle where pip is configured with one.
+PIP_CA_BUNDLE ?= $(shell python3 -m pip config list 2>/dev/null | sed -n "s/^global.cert='\(.*\)'$$/\1/p")
+deploy/local/.ready:
+	mkdir -p deploy/local
+	python3 -m pip download -q --no-deps --only-binary=:all: -d deploy/local 'torch==2.13.0+cpu' \
+	  || python3 -m pip download -q --no-deps --only-binary=:all: -d deploy/local 'torch==2.13.0+cpu' --index-url $(TORCH_CPU_INDEX)
+	$(if $(PIP_CA_BUNDLE),cp $(PIP_CA_BUNDLE) deploy/local/ca.pem)
+	touch $@
+
+image-%-cuda: deploy/local/.ready
+	$(ENGINE) build -f deploy/Dockerfile --target $* --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg TORCH_REQUIREMENT=torch==2.13.0 --build-arg TORCH_FIND_LINKS= $(IMAGE_BUILD_FLAGS) -t $(IMAGE_PREFIX)-$*:$(IMAGE_TAG)-cuda .
+
+image-%: deploy/local/.ready
+	$(ENGINE) build -f deploy/Dockerfile --target $* --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  $(IMAGE_BUILD_FLAGS) -t $(IMAGE_PREFIX)-$*:$(IMAGE_TAG) .
+
+# A kind cluster (Calico, KubeRay, the images, the chart, helm test): deploy/kind/up.sh
+kind-up:
+	KIND_CLUSTER=$(KIND_CLUSTER) ENGINE=$(ENGINE) IMAGE_TAG=$(KIND_IMAGE_TAG) bash deploy/kind/up.sh
+
+# The end-to-end scenario on that cluster (tests/e2e/scenario with LLMP_E2E_TARGET=kind)
+e2e-kind: kind-up
+	LLMP_E2E_TARGET=kind LLMP_KIND_CONTEXT=kind-$(KIND_CLUSTER) $(PY) -m pytest tests/e2e/scenario -p no:cacheprovider -rs
+
+kind-down:
+	kind delete cluster --name $(KIND_CLUSTER)

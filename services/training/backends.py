@@ -23,9 +23,10 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from libs.common.errors import FailedPrecondition, Unavailable
-from libs.common.settings import env
+from libs.common.settings import env as env_value
 from libs.common.stack import free_port
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
@@ -250,35 +251,96 @@ def rayjob_name(job_id: str) -> str:
     return f"llmp-{job_id}".lower()
 
 
-def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> dict[str, Any]:
-    """The RayJob that runs `job`: a head running the driver and `num_workers` one-CPU workers."""
-    workers = int(job.config.get("num_workers", 1))
-    home = "/var/lib/llmp"
-    container_env = [
-        {"name": "LLMP_HOME", "value": home},
-        {"name": "LLMP_REDIS_URL", "value": redis_url},
-        {"name": "LLMP_TOKENIZER_ADDRESS", "value": env("LLMP_TOKENIZER_ADDRESS")},
+HOME = "/var/lib/llmp"
+"""Where the RayJob pods mount the artifact claim (LLMP_HOME; the store is artifacts/ below it)."""
+JOB_POD_LABELS = {"app.kubernetes.io/part-of": "llmp", "app.kubernetes.io/component": "training-job"}
+"""Labels of every RayJob pod: the chart's NetworkPolicies select them by these."""
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def job_env(config: TrainingConfig, redis_url: str) -> list[dict[str, Any]]:
+    """The RayJob pods' environment. With kuberay_secret, the Redis password and Ray's token come from
+    that Secret (the RayJob object never holds them) and the pods' Ray runs with token authentication."""
+    env: list[dict[str, Any]] = [
+        {"name": "LLMP_HOME", "value": HOME},
+        {"name": "LLMP_TOKENIZER_ADDRESS", "value": env_value("LLMP_TOKENIZER_ADDRESS")},
+        {"name": "HOME", "value": "/tmp"},
     ]
-    memory = f"{int(config.worker_memory_gb * 1024)}Mi"
+    if not config.kuberay_secret:
+        return [*env, {"name": "LLMP_REDIS_URL", "value": redis_url}]
 
-    def pod(name: str, cpu: str) -> dict[str, Any]:
-        return {
-            "spec": {
-                "containers": [
-                    {
-                        "name": name,
-                        "image": config.kuberay_image,
-                        "env": container_env,
-                        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
-                        "volumeMounts": [{"name": "artifacts", "mountPath": home}],
-                    }
-                ],
-                "volumes": [
-                    {"name": "artifacts", "persistentVolumeClaim": {"claimName": config.kuberay_artifacts_claim}}
-                ],
-            }
+    def secret(name: str, key: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"secretKeyRef": {"name": config.kuberay_secret, "key": key}}}
+
+    url = urlsplit(redis_url)
+    if url.password is not None:  # Kubernetes expands $(VAR) from the variables listed before it
+        netloc = f"{url.username or ''}:$(LLMP_REDIS_PASSWORD)@{url.hostname}" + (f":{url.port}" if url.port else "")
+        redis_url = urlunsplit(url._replace(netloc=netloc))
+    return [
+        *env,
+        secret("LLMP_REDIS_PASSWORD", "redis-password"),
+        {"name": "LLMP_REDIS_URL", "value": redis_url},
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        secret("RAY_AUTH_TOKEN", "ray-token"),
+    ]
+
+
+def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> dict[str, Any]:
+    """The RayJob that runs `job`: a head running the driver and `num_workers` one-CPU workers, each pod
+    non-root with a read-only root filesystem (writable /tmp and /dev/shm), labelled for the NetworkPolicies."""
+    workers = int(job.config.get("num_workers", 1))
+    gpus = config.worker_gpus if job.config.get("use_gpu") else 0
+    container_env = job_env(config, redis_url)
+    job_memory = f"{int(config.worker_memory_gb * 1024)}Mi"
+    labels = {**JOB_POD_LABELS, "llmp.dev/job-id": job.job_id}
+
+    def pod(name: str, cpu: str, memory: str, gpus: int = 0, mounts: bool = True) -> dict[str, Any]:
+        """`cpu` is the request; every pod may burst to one CPU (Ray's num-cpus says what it schedules)."""
+        limits = {"cpu": "1", "memory": memory} | ({"nvidia.com/gpu": str(gpus)} if gpus else {})
+        container: dict[str, Any] = {
+            "name": name,
+            "image": config.kuberay_image,
+            "env": container_env,
+            "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
+            "securityContext": RESTRICTED_CONTAINER,
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         }
+        volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+        if mounts:
+            container["volumeMounts"] += [
+                {"name": "artifacts", "mountPath": HOME},
+                {"name": "shm", "mountPath": "/dev/shm"},
+            ]
+            volumes += [
+                {"name": "artifacts", "persistentVolumeClaim": {"claimName": config.kuberay_artifacts_claim}},
+                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": memory}},  # Ray's object store
+            ]
+        spec = {
+            "automountServiceAccountToken": False,
+            "securityContext": RESTRICTED_POD,
+            "containers": [container],
+            "volumes": volumes,
+        }
+        return {"metadata": {"labels": labels}, "spec": spec}
 
+    # KubeRay's submitter Job pod (it runs `ray job submit` against the head): labelled and restricted
+    # like the rest, and without the artifact claim it does not need
+    submitter = pod("ray-job-submitter", "100m", "256Mi", mounts=False)
+    submitter["spec"]["restartPolicy"] = "Never"
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -292,16 +354,21 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
             "backoffLimit": 0,
+            "submitterPodTemplate": submitter,
             "rayClusterSpec": {
-                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod("ray-head", "1")},
+                # the submitter pod reaches the head's job API on the pod network (NetworkPolicy: job pods only)
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": pod("ray-head", "250m", job_memory),
+                },
                 "workerGroupSpecs": [
                     {
                         "groupName": "workers",
                         "replicas": workers,
                         "minReplicas": workers,
                         "maxReplicas": workers,
-                        "rayStartParams": {"num-cpus": "1"},
-                        "template": pod("ray-worker", "1"),
+                        "rayStartParams": {"num-cpus": "1"} | ({"num-gpus": str(gpus)} if gpus else {}),
+                        "template": pod("ray-worker", "1", job_memory, gpus),
                     }
                 ],
             },
