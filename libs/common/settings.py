@@ -94,6 +94,11 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_TRAINING_KUBERAY_IMAGE", "llmp:latest", "container image of the RayJob pods"),
                 EnvVar("LLMP_TRAINING_KUBERAY_ARTIFACTS_CLAIM", "llmp-artifacts", "PVC holding the artifact store"),
                 EnvVar(
+                    "LLMP_TRAINING_KUBERAY_REDIS_SECRET",
+                    "llmp-secrets",
+                    "Secret whose key `redis-url` gives RayJob pods LLMP_REDIS_URL (password included)",
+                ),
+                EnvVar(
                     "LLMP_TRAINING_RAY_JOBS_ADDRESS",
                     "http://127.0.0.1:8265",
                     "Ray job server (dashboard) URL of the ray_jobs backend",

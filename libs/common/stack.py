@@ -51,6 +51,7 @@ __all__ = [
     "local_ray_env",
     "ray_temp_dir",
     "redis_server_binary",
+    "secure_local_ray",
 ]
 
 #: Ray keeps unix sockets in <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store: 64
@@ -112,6 +113,22 @@ def local_ray_env(home: Path) -> dict[str, str]:
         # clients do not turn 127.0.0.1 into that outside address
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
+
+
+def secure_local_ray(home: Path) -> str:
+    """Set up this process to start its own local Ray (`ray.init(address="local", _temp_dir=...)`)
+    as securely as the stack's: token authentication, loopback only. Returns the temp folder to
+    pass as `_temp_dir`. Call it before `import ray` where possible: Ray reads the loopback setting
+    once, at import; the token settings are read again here if Ray is already imported."""
+    os.environ.update(local_ray_env(home))
+    if "ray" in sys.modules:  # as Ray's own token setup does after changing RAY_AUTH_MODE
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    temp = ray_temp_dir(home)
+    temp.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return str(temp)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

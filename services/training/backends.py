@@ -26,7 +26,7 @@ from typing import Any
 
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env
-from libs.common.stack import free_port
+from libs.common.stack import free_port, secure_local_ray
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
 from services.training.jobstore import CANCEL, FAILED, PREEMPT, JobRecord
@@ -83,8 +83,6 @@ class LocalRayBackend(Backend):
 
     def open(self) -> None:
         """Join Ray before serving any call: Ray forks its processes, which is unsafe under busy gRPC threads."""
-        import ray
-
         address = os.environ.get("RAY_ADDRESS")
         local: dict[str, Any] = {
             "num_cpus": self.config.ray_num_cpus or None,
@@ -92,6 +90,12 @@ class LocalRayBackend(Backend):
             "dashboard_host": "127.0.0.1",
             "dashboard_port": LOCAL_DASHBOARD_PORT,
         }
+        if not address:
+            # its own Ray, as secure as the stack's: token authentication with the token of
+            # $LLMP_HOME/secrets (never ~/.ray), loopback only, its session folders under LLMP_HOME
+            local["_temp_dir"] = secure_local_ray(self.context.artifacts.root.parent)
+        import ray  # after the environment is set: Ray reads part of it at import
+
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             try:
                 if not address:
@@ -217,7 +221,7 @@ class KubeRayBackend(Backend):
         self.api = client.CustomObjectsApi()
 
     def start(self, job: JobRecord) -> None:
-        manifest = rayjob_manifest(job, self.config, self.context.redis_url)
+        manifest = rayjob_manifest(job, self.config)
         self.api.create_namespaced_custom_object(
             self.GROUP, self.VERSION, self.config.kuberay_namespace, self.PLURAL, manifest
         )
@@ -250,13 +254,18 @@ def rayjob_name(job_id: str) -> str:
     return f"llmp-{job_id}".lower()
 
 
-def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> dict[str, Any]:
-    """The RayJob that runs `job`: a head running the driver and `num_workers` one-CPU workers."""
+def rayjob_manifest(job: JobRecord, config: TrainingConfig) -> dict[str, Any]:
+    """The RayJob that runs `job`: a head running the driver and `num_workers` one-CPU workers, its Ray
+    cluster with token authentication (KubeRay makes the token), Redis' URL from a Secret."""
     workers = int(job.config.get("num_workers", 1))
     home = "/var/lib/llmp"
-    container_env = [
+    container_env: list[dict[str, Any]] = [
         {"name": "LLMP_HOME", "value": home},
-        {"name": "LLMP_REDIS_URL", "value": redis_url},
+        # from the Secret, not written into the RayJob, which anyone allowed to list RayJobs reads
+        {
+            "name": "LLMP_REDIS_URL",
+            "valueFrom": {"secretKeyRef": {"name": config.kuberay_redis_secret, "key": "redis-url"}},
+        },
         {"name": "LLMP_TOKENIZER_ADDRESS", "value": env("LLMP_TOKENIZER_ADDRESS")},
     ]
     memory = f"{int(config.worker_memory_gb * 1024)}Mi"
@@ -293,6 +302,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
             "ttlSecondsAfterFinished": 600,
             "backoffLimit": 0,
             "rayClusterSpec": {
+                "authOptions": {"mode": "token"},
                 "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod("ray-head", "1")},
                 "workerGroupSpecs": [
                     {

@@ -20,6 +20,9 @@ class TrainingConfig(ServiceConfig):
     kuberay_namespace: str = doc("namespace of the RayJobs the kuberay backend creates", "llmp")
     kuberay_image: str = doc("container image of the RayJob pods", "llmp:latest")
     kuberay_artifacts_claim: str = doc("PersistentVolumeClaim holding the artifact store", "llmp-artifacts")
+    kuberay_redis_secret: str = doc(
+        "Secret whose key `redis-url` the RayJob pods read LLMP_REDIS_URL from (it holds the password)", "llmp-secrets"
+    )
     ray_jobs_address: str = doc(
         "Ray dashboard (job server) URL the ray_jobs backend submits to", "http://127.0.0.1:8265"
     )

@@ -11,8 +11,10 @@ import yaml
 from services.training.backends import rayjob_manifest
 from services.training.config import TrainingConfig
 from services.training.jobstore import JobRecord
+from tests.conftest import ROOT
 
-CRD = Path("/work/shared/k8s/crds/ray.io_rayjobs.yaml")
+CRD = ROOT.parent / "shared" / "k8s" / "crds" / "ray.io_rayjobs.yaml"
+"""KubeRay's CRDs sit in the shared/ folder beside the repository (design.md)."""
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def rayjob_v1() -> jsonschema.Draft7Validator:
 
 def test_rayjob_manifest_validates_against_the_crd(rayjob_v1: jsonschema.Draft7Validator) -> None:
     job = JobRecord("train-0123456789ab", "pretrain", {"num_workers": 3}, "kuberay")
-    manifest = rayjob_manifest(job, TrainingConfig(kuberay_namespace="ml"), "redis://redis:6379/0")
+    manifest = rayjob_manifest(job, TrainingConfig(kuberay_namespace="ml", kuberay_redis_secret="ml-secrets"))
     rayjob_v1.validate(manifest)
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     assert manifest["metadata"] == {
@@ -40,13 +42,18 @@ def test_rayjob_manifest_validates_against_the_crd(rayjob_v1: jsonschema.Draft7V
     assert spec["entrypoint"] == "python -m services.training.runner --job-id train-0123456789ab"
     (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
-    env = {e["name"]: e["value"] for e in workers["template"]["spec"]["containers"][0]["env"]}
-    assert env["LLMP_REDIS_URL"] == "redis://redis:6379/0"
+    env = {e["name"]: e for e in workers["template"]["spec"]["containers"][0]["env"]}
+    # the password stays in the Secret: the RayJob only names it
+    assert env["LLMP_REDIS_URL"] == {
+        "name": "LLMP_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "ml-secrets", "key": "redis-url"}},
+    }
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
 
 
 def test_a_broken_manifest_fails_the_schema(rayjob_v1: jsonschema.Draft7Validator) -> None:
     job = JobRecord("train-0123456789ab", "pretrain", {}, "kuberay")
-    manifest = rayjob_manifest(job, TrainingConfig(), "redis://redis:6379/0")
+    manifest = rayjob_manifest(job, TrainingConfig())
     del manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
     with pytest.raises(jsonschema.ValidationError, match="groupName"):
         rayjob_v1.validate(manifest)
