@@ -18,6 +18,7 @@ Secrets, through the environment variables named below.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets as _random
 import stat
@@ -63,6 +64,10 @@ def read(home: Path, name: str) -> str | None:
         fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link could lead anywhere: a secret is a plain file of its own
+            raise FailedPrecondition(f"{file} is a symbolic link; a secret must be a plain file") from None
+        raise
     with os.fdopen(fd) as fh:
         _check_private(file, os.fstat(fd))
         return fh.read().strip() or None
