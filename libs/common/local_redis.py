@@ -71,7 +71,7 @@ def config_text(*, port: int, directory: Path, password: str, major_version: int
 
 def write_config(directory: Path, text: str) -> Path:
     """Write `text` to directory/redis.conf, created 0600 and swapped in with one rename."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = directory / CONFIG_FILE
     tmp = directory / f".{CONFIG_FILE}.{os.getpid()}"
     tmp.unlink(missing_ok=True)

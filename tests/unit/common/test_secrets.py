@@ -79,3 +79,14 @@ def test_the_redis_url_carries_the_local_password_unless_one_is_given(tmp_path: 
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(tmp_path / "secrets" / "ray.token"),
     }
+
+
+def test_config_show_never_prints_the_redis_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from libs.common.cli import cli
+
+    monkeypatch.setenv("LLMP_REDIS_URL", "redis://:hunter2@redis:6379/0")
+    shown = CliRunner().invoke(cli, ["config", "show"], terminal_width=240)
+    assert shown.exit_code == 0, shown.output
+    assert "hunter2" not in shown.output and "redis://:***@redis:6379/0" in shown.output
