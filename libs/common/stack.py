@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -322,6 +323,9 @@ class LocalStack:
             psutil.wait_procs(left, timeout=10)
             self._pidfile(name).unlink(missing_ok=True)
             stopped.append(name)
+        temp = ray_temp_dir(self.home)
+        if "ray" in stopped and not temp.is_relative_to(self.home):  # the /tmp stand-in is not kept
+            shutil.rmtree(temp, ignore_errors=True)
         return stopped
 
     def status(self) -> list[Status]:

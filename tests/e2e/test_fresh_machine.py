@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from libs.common import secrets
-from libs.common.stack import installed_services
+from libs.common.stack import installed_services, ray_temp_dir
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
@@ -182,6 +182,7 @@ def test_a_fresh_machine_runs_the_whole_stack_securely_and_down_leaves_nothing(t
     left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert left == [], f"still running after down: {[(p.pid, p.name()) for p in left]}"
     assert list((llmp_home / "run").glob("*.json")) == []
+    assert not ray_temp_dir(llmp_home).exists() or ray_temp_dir(llmp_home).is_relative_to(llmp_home)
     for port in ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after down"
