@@ -123,7 +123,7 @@ def secure_local_ray(home: Path) -> str:
     once, at import; the token settings are read again here if Ray is already imported."""
     os.environ.update(local_ray_env(home))
     if "ray" in sys.modules:  # as Ray's own token setup does after changing RAY_AUTH_MODE
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()

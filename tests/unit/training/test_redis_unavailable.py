@@ -80,3 +80,13 @@ def test_a_driver_waits_for_redis_and_records_how_the_job_ended(redis_server: Re
     ended = store.get(job.job_id)
     assert ended.state == FAILED and "unknown job type 'retired-type'" in ended.reason
     assert ended.attempts == 1
+
+
+def test_the_model_registry_is_unavailable_too(redis_server: RedisServer, tmp_path: Path) -> None:
+    from services.training.registry import ModelRegistry
+
+    registry = ModelRegistry(JobStore.from_url(redis_server.url).redis, ArtifactStore(tmp_path))
+    redis_server.stop()
+    for call in (lambda: registry.get("tiny:latest"), lambda: registry.list()):
+        with pytest.raises(Unavailable, match="Redis is unavailable"):
+            call()
