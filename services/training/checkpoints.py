@@ -7,8 +7,10 @@
         state.json           {"step": 40, "tokens_seen": ...}
     checkpoints/<job_id>/final/   the finished model as a Hugging Face folder
 
-A checkpoint appears in one rename (ArtifactStore.staging), so a worker killed mid-write leaves
-the previous one as the latest. Only the newest `keep` step checkpoints are kept.
+A checkpoint appears in one rename (ArtifactStore.staging, which flushes it to disk first), so a
+worker killed mid-write leaves the previous one as the latest. Only the newest `keep` step
+checkpoints are kept, and an old one is removed only once the new one is complete on disk: a
+save that fails removes nothing.
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ def save(
     scheduler: Any,
     keep: int,
 ) -> str:
-    """Write a step checkpoint, drop the ones beyond `keep`; returns its store-relative path."""
+    """Write a step checkpoint, then drop the ones beyond `keep`; returns its store-relative path."""
     relative = f"{job_dir(job_id)}/{PREFIX}{state.step:08d}"
     with store.staging(relative, replace=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state.__dict__))
+    # here the new checkpoint is renamed into place and flushed: only now may older ones go
     for old in step_dirs(store, job_id)[:-keep]:
         store.delete(store.relative(old))
     return relative

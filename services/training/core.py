@@ -19,6 +19,7 @@ from typing import Any
 from libs.common.config import CommonConfig
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.common.rpc.pools import run_blocking
+from libs.common.secrets import redis_url
 from services.training.backends import BACKENDS, Backend
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext, job_type
@@ -57,8 +58,7 @@ class TrainingCore:
 
     @classmethod
     def from_config(cls, common: CommonConfig, config: TrainingConfig) -> TrainingCore:
-        redis_url = common.redis_url or f"redis://127.0.0.1:{common.redis_port}/0"
-        return cls(config, build_context(common, config, redis_url))
+        return cls(config, build_context(common, config, redis_url(common)))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:

@@ -9,20 +9,28 @@ Creation and every state change are single Lua scripts, so two callers never bot
 (two submissions with one token, a cancel against a finish) and a watcher sees each state change
 exactly once, in order. With Redis' append-only file the whole state outlives a restart of Redis
 and of the service. Workers write progress and read the stop request through the same class.
+
+Redis itself failing (unreachable, refusing, out of memory) is Unavailable (gRPC UNAVAILABLE),
+never taken for a job's state: a caller can tell "try again" from "not allowed".
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from libs.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from libs.common.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -125,6 +133,19 @@ class Event:
     data: Any
 
 
+def redis_unavailable(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn a Redis failure inside `method` into Unavailable, naming the operation."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as e:
+            raise Unavailable(f"Redis is unavailable ({method.__name__}): {type(e).__name__}: {e}") from e
+
+    return call
+
+
 def _pairs(fields: dict[str, str]) -> list[str]:
     return [x for item in fields.items() for x in item]
 
@@ -140,6 +161,17 @@ class JobStore:
     def from_url(cls, url: str) -> JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
 
+    @classmethod
+    def from_env(cls) -> JobStore:
+        """The store of the Redis this process's environment names (LLMP_REDIS_URL, else the local
+        stack's with its password from LLMP_HOME): how Ray Train workers connect, so that the URL and
+        its password never travel in a job's config, which Ray's dashboard shows."""
+        from libs.common import config as cfg
+        from libs.common.config import CommonConfig
+        from libs.common.secrets import redis_url
+
+        return cls.from_url(redis_url(cfg.load(CommonConfig, "common")))
+
     @staticmethod
     def _key(job_id: str) -> str:
         return f"{PREFIX}:job:{job_id}"
@@ -149,6 +181,7 @@ class JobStore:
         return f"{PREFIX}:events:{job_id}"
 
     # -- creation and lookup -----------------------------------------------------------------
+    @redis_unavailable
     def create(
         self, job_type: str, config: dict[str, Any], backend: str, client_token: str = ""
     ) -> tuple[JobRecord, bool]:
@@ -166,12 +199,14 @@ class JobStore:
             raise AlreadyExists(f"{client_token!r} was used for a different job ({winner})", field="client_token")
         return existing, False
 
+    @redis_unavailable
     def get(self, job_id: str) -> JobRecord:
         raw = self.redis.hgetall(self._key(job_id)) if job_id else {}
         if not raw:
             raise NotFound(f"no job {job_id!r}", field="job_id")
         return JobRecord.from_hash(raw)
 
+    @redis_unavailable
     def list_jobs(self, state: str = "", job_type: str = "", limit: int = 100) -> list[JobRecord]:
         """Newest first, filtered by state and type."""
         out: list[JobRecord] = []
@@ -190,6 +225,7 @@ class JobStore:
         return [j for j in self.list_jobs(limit=1 << 30) if j.state in ACTIVE]
 
     # -- state changes -----------------------------------------------------------------------
+    @redis_unavailable
     def transition(self, job_id: str, to: str, reason: str = "", **fields: Any) -> str:
         """Move a job to state `to` if ALLOWED_FROM permits; returns the state it left."""
         values = {"reason": reason, **{k: str(v) for k, v in fields.items()}}
@@ -207,29 +243,36 @@ class JobStore:
                     keys=[self._key(job_id), self._events_key(job_id)], args=[to, allowed, event, *_pairs(values)]
                 )
             )
-        except redis.ResponseError as e:
+        except redis.ResponseError as e:  # the script's own answers; any other error is Redis failing
             if str(e) == "NOT_FOUND":
                 raise NotFound(f"no job {job_id!r}", field="job_id") from None
-            state = str(e).removeprefix("STATE ")
-            raise FailedPrecondition(f"job {job_id} is {state}; it cannot become {to}", field="job_id") from None
+            if str(e).startswith("STATE "):
+                state = str(e).removeprefix("STATE ")
+                raise FailedPrecondition(f"job {job_id} is {state}; it cannot become {to}", field="job_id") from None
+            raise
 
+    @redis_unavailable
     def start_attempt(self, job_id: str) -> int:
         """Count one more start of the job; returns the new count."""
         return int(self.redis.hincrby(self._key(job_id), "attempts", 1))
 
+    @redis_unavailable
     def request_stop(self, job_id: str, why: str) -> None:
         self.redis.hset(self._key(job_id), "stop", why)
 
+    @redis_unavailable
     def stop_requested(self, job_id: str) -> str:
         """'' while the job should keep going, else CANCEL or PREEMPT."""
         return str(self.redis.hget(self._key(job_id), "stop") or "")
 
     # -- progress, results and logs ----------------------------------------------------------
+    @redis_unavailable
     def update(self, job_id: str, **fields: Any) -> None:
         """Set plain fields (checkpoint, model, dataset) or the JSON ones (metrics) of a job."""
         values = {k: json.dumps(v) if k in JobRecord._JSON else str(v) for k, v in fields.items()}
         self.redis.hset(self._key(job_id), mapping=values)
 
+    @redis_unavailable
     def report_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         data = json.dumps(progress)
         pipe = self.redis.pipeline()
@@ -237,9 +280,11 @@ class JobStore:
         pipe.xadd(self._events_key(job_id), {"kind": "progress", "data": data}, maxlen=EVENTS_KEPT)
         pipe.execute()
 
+    @redis_unavailable
     def log(self, job_id: str, line: str) -> None:
         self.redis.xadd(self._events_key(job_id), {"kind": "log", "data": json.dumps(line)}, maxlen=EVENTS_KEPT)
 
+    @redis_unavailable
     def events(self, job_id: str, after: str = "0", block_ms: int | None = None) -> list[Event]:
         """Events after id `after`; with `block_ms`, wait up to that long for the first one."""
         found = self.redis.xread({self._events_key(job_id): after}, block=block_ms)

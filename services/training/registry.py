@@ -25,7 +25,7 @@ import redis
 from libs.common.artifacts import ArtifactStore, check_name
 from libs.common.errors import InvalidArgument, LlmpError, NotFound
 from libs.common.planning import ModelShape
-from services.training.jobstore import now
+from services.training.jobstore import now, redis_unavailable
 
 PREFIX = "llmp:models"
 KIND = "models"
@@ -80,6 +80,7 @@ class ModelRegistry:
         self.redis: Any = client
         self.artifacts = artifacts
 
+    @redis_unavailable
     def register(
         self,
         name: str,
@@ -112,6 +113,7 @@ class ModelRegistry:
             raise
         return info
 
+    @redis_unavailable
     def get(self, ref: str) -> ModelInfo:
         name, version = parse_ref(ref)
         records = self.redis.hgetall(f"{PREFIX}:{name}")
@@ -127,6 +129,7 @@ class ModelRegistry:
         """The folder of a model in the artifact store."""
         return self.artifacts.path(self.get(ref).path, field="model")
 
+    @redis_unavailable
     def list(self, prefix: str = "") -> list[ModelInfo]:
         """Every version of every model whose name starts with `prefix`, by name then version."""
         out = []

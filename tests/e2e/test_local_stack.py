@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from libs.common import secrets
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +43,8 @@ def test_stack_up_use_and_down(tmp_path: Path) -> None:
     try:
         up = llmp(env, "up", "--only", "tokenizer")
         assert "tokenizer" in up and "SERVING" in up
-        assert redis.Redis(port=int(env["LLMP_REDIS_PORT"])).ping()
+        password = secrets.read(tmp_path / "home", secrets.REDIS_PASSWORD)
+        assert redis.Redis(port=int(env["LLMP_REDIS_PORT"]), password=password).ping()
         status = llmp(env, "status")
         assert status.count("SERVING") == 1 and "RUNNING" in status
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -206,3 +207,23 @@ def test_reflection_lists_the_services() -> None:
             assert {"test.Kit", "grpc.health.v1.Health"} <= set(names)
 
     run(body())
+
+
+def test_a_taken_port_names_the_variable_to_change() -> None:
+    """Neither the gRPC port nor the metrics port is shared (no SO_REUSEPORT): a second server is refused."""
+    from libs.common.ports import PortInUse
+
+    async def scenario() -> None:
+        async with started(Kit()) as (first, _):
+            second = Server("kit", ServiceConfig(port=first.port, metrics_port=-1), [Kit().registration()])
+            with pytest.raises(PortInUse, match=f"^port {first.port} is in use: set LLMP_KIT_PORT$"):
+                await second.start()
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                metrics = taken.getsockname()[1]
+                third = Server("kit", ServiceConfig(port=0, metrics_port=metrics), [Kit().registration()])
+                with pytest.raises(PortInUse, match=f"^port {metrics} is in use: set LLMP_KIT_METRICS_PORT$"):
+                    await third.start()
+
+    run(scenario())

@@ -22,6 +22,7 @@ import pytest
 from llmp.training.v1 import training_pb2 as pb
 
 from libs.common.clients.training import TrainingClient
+from libs.common.stack import local_ray_env, ray_temp_dir
 from tests.conftest import free_port, start_service
 from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, train_workers
 
@@ -66,9 +67,8 @@ def test_a_killed_worker_and_a_redis_restart_mid_job_lose_nothing_acknowledged(s
     assert final.progress.step == MAX_STEPS and final.model == "tiny-faults:1"
 
 
-# Ray reads RAY_AUTH_MODE once, at import: the job server's token authentication (on with `ray
-# start`) is used from processes started with RAY_AUTH_MODE=token, as the stack starts its services.
-RAY_CLIENT_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+# Ray reads RAY_AUTH_MODE once, at import: the head runs with token authentication and its clients
+# are started with its token in their environment, as the local stack starts its Ray and services.
 LIST_SUBMISSIONS = """
 import json, sys
 from ray.job_submission import JobSubmissionClient
@@ -77,10 +77,10 @@ print(json.dumps([{"id": j.submission_id, "status": str(j.status.value), "meta":
 """
 
 
-def submissions(url: str) -> list[dict[str, Any]] | None:
+def submissions(url: str, ray_env: dict[str, str]) -> list[dict[str, Any]] | None:
     """The job server's submissions, or None while it does not answer."""
     done = subprocess.run(
-        [sys.executable, "-c", LIST_SUBMISSIONS, url], env=RAY_CLIENT_ENV, capture_output=True, text=True
+        [sys.executable, "-c", LIST_SUBMISSIONS, url], env={**os.environ, **ray_env}, capture_output=True, text=True
     )
     return json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else None
 
@@ -91,14 +91,20 @@ class RayHead:
     def __init__(self, home: Path) -> None:
         self.port, self.dashboard_port = free_port(), free_port()
         self.log = home / "ray-head.log"
-        argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
+        self.env = local_ray_env(home)  # token authentication with $LLMP_HOME's token, loopback only
+        argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
         argv += ["--node-ip-address=127.0.0.1", f"--port={self.port}", "--num-cpus=2"]
+        temp = ray_temp_dir(home)
+        temp.mkdir(mode=0o700, exist_ok=True)
+        argv += [f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"]
         argv += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         # the agent's HTTP port is fixed (52365) by default: taken by any other Ray on this machine,
         # its job server then answers "No available agent"
         argv += [f"--dashboard-agent-listen-port={free_port()}"]
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env}
+            )
 
     @property
     def url(self) -> str:
@@ -110,7 +116,7 @@ class RayHead:
             with socket.socket() as s:
                 s.settimeout(0.5)
                 listening = s.connect_ex(("127.0.0.1", self.dashboard_port)) == 0
-            if listening and submissions(self.url) is not None:  # it listens before its job module is up
+            if listening and submissions(self.url, self.env) is not None:  # it listens before its job module is up
                 return True
             time.sleep(0.5)
         return False
@@ -121,12 +127,12 @@ class RayHead:
             self.proc.wait(60)
 
 
-def driver_end(url: str, job_id: str, timeout: float = 120) -> list[str]:
+def driver_end(url: str, ray_env: dict[str, str], job_id: str, timeout: float = 120) -> list[str]:
     """The statuses of the job's drivers once none is pending or running (each exits just after
     recording the job's end in Redis)."""
     end = time.monotonic() + timeout
     while True:
-        found = [j["status"] for j in submissions(url) or [] if j["meta"].get("llmp_job_id") == job_id]
+        found = [j["status"] for j in submissions(url, ray_env) or [] if j["meta"].get("llmp_job_id") == job_id]
         if found and not {"PENDING", "RUNNING"} & set(found):
             return found
         assert time.monotonic() < end, f"drivers of {job_id}: {found}"
@@ -143,7 +149,7 @@ def test_the_ray_jobs_backend_runs_a_job_through_job_submission(stack: Stack) ->
             "LLMP_TOKENIZER_ADDRESS": stack.tokenizer.address,
             "LLMP_TRAINING_BACKEND": "ray_jobs",
             "LLMP_TRAINING_RAY_JOBS_ADDRESS": head.url,
-            "RAY_AUTH_MODE": "token",
+            **head.env,
         }
         service = start_service("training", stack.home, extra_env=env)
         try:
@@ -154,7 +160,8 @@ def test_the_ray_jobs_backend_runs_a_job_through_job_submission(stack: Stack) ->
             assert final.state == pb.Job.SUCCEEDED, f"{final.reason}\n{service.output()[-3000:]}"
             assert final.model == "tiny-rayjobs:1"
 
-            assert driver_end(head.url, job.job_id) == ["SUCCEEDED"]  # one driver, run by the head's job server
+            # one driver, run by the head's job server
+            assert driver_end(head.url, head.env, job.job_id) == ["SUCCEEDED"]
         finally:
             service.stop()
     finally:

@@ -98,8 +98,10 @@ def config_vars() -> None:
 def config_show() -> None:
     """Show the shared settings in effect (defaults < file < environment)."""
     table = Table("setting", "value", "meaning")
+    from libs.common.secrets import redact
+
     for name, value, text in cfg.describe(common_config()):
-        table.add_row(name, str(value), text)
+        table.add_row(name, redact(value) if name == "redis_url" else str(value), text)
     console.print(table)
 
 

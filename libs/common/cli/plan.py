@@ -73,12 +73,17 @@ def memory(preset: str, config: Path | None, tokens: int, batch: int, show_seed:
 
 
 @group.command()
-@click.option("--flops", type=float, required=True, help="training budget in FLOPs (e.g. 1e21)")
+@click.argument("budget", type=float, required=False)
+@click.option("--flops", type=float, help="training budget in FLOPs (e.g. 1e21); or give it as the argument")
 @click.option("--ratio", default=20.0, show_default=True, help="tokens per parameter for the rule of thumb")
 @click.option("--fit", "fit", default="", help="a sweep's fit: its fit.json, or the sweep job's id (local store)")
 @click.option("--seed", "show_seed", is_flag=True, help="also check the seed document's figures")
-def compute(flops: float, ratio: float, fit: str, show_seed: bool) -> None:
-    """Compute-optimal parameters and tokens for a FLOP budget (C = 6 N D)."""
+def compute(budget: float | None, flops: float | None, ratio: float, fit: str, show_seed: bool) -> None:
+    """Compute-optimal parameters and tokens for a FLOP budget BUDGET (C = 6 N D): `llmp plan compute 1e21`."""
+    if (budget is None) == (flops is None):
+        raise click.UsageError("give the FLOP budget once: `llmp plan compute 1e21` or `--flops 1e21`")
+    flops = budget if budget is not None else flops
+    assert flops is not None
     table = Table("method", "parameters", "tokens", "tokens/param", "predicted loss", title=f"C = {flops:.3g} FLOPs")
     for row in compute_plan(flops, ratio, _sweep_fit(fit) if fit else None):
         alloc = row.allocation

@@ -17,8 +17,10 @@ LLAMA_2_7B = ModelShape(num_layers=32, hidden_size=4096, num_heads=32, vocab_siz
 LLAMA_3_8B = ModelShape(
     num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, vocab_size=128256, intermediate_size=14336
 )
-# The seed's 70B example: 80 layers, 8 KV heads, head dimension 128 (8192 / 64).
-LLAMA_70B = ModelShape(num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8, vocab_size=128256)
+# Llama 3 70B, the seed's 70B example: 80 layers, 8 KV heads, head dimension 128 (8192 / 64).
+LLAMA_70B = ModelShape(
+    num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8, vocab_size=128256, intermediate_size=28672
+)
 
 
 @dataclass(frozen=True)

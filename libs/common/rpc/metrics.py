@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from libs.common.ports import PortInUse
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +22,14 @@ IN_FLIGHT = Gauge("llmp_grpc_in_flight", "gRPC calls in progress", ["service", "
 SERVING = Gauge("llmp_serving", "1 when the service reports SERVING", ["service"])
 
 
-def serve_metrics(host: str, port: int) -> None:
-    """Expose /metrics over HTTP; port -1 turns it off."""
+def serve_metrics(host: str, port: int, variable: str = "the metrics port") -> None:
+    """Expose /metrics over HTTP; port -1 turns it off. A taken port raises PortInUse naming `variable`."""
     if port < 0:
         return
-    start_http_server(port, addr=host)
+    try:
+        start_http_server(port, addr=host)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(port, variable) from None
+        raise
     log.info("metrics on http://%s:%d/metrics", host, port)

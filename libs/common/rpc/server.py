@@ -22,7 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from libs.common.config import ServiceConfig
+from libs.common.config import ServiceConfig, env_name
+from libs.common.ports import PortInUse, ensure_free
 from libs.common.rpc.interceptors import ServerInterceptor
 from libs.common.rpc.metrics import SERVING, serve_metrics
 from libs.common.rpc.pools import SlowCalls
@@ -64,9 +65,13 @@ class Server:
     async def start(self) -> int:
         """Bind and start (NOT_SERVING); returns the bound port."""
         slow = frozenset(m for r in self.registrations for m in r.slow_methods())
+        # a taken port is one clear line naming the variable to change, before gRPC logs its own error
+        ensure_free(self.config.host, self.config.port, env_name(self.service, "port"))
+        ensure_free(self.config.host, self.config.metrics_port, env_name(self.service, "metrics_port"))
         server = grpc.aio.server(
             interceptors=[ServerInterceptor(self.service, slow, self.slow_calls)],
-            options=channel_options(self.config.max_message_bytes),
+            # no SO_REUSEPORT: a second server on a taken port must fail, not share it silently
+            options=[*channel_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
         for reg in self.registrations:
@@ -80,7 +85,7 @@ class Server:
         await self.set_serving(False)
         await server.start()
         self._server = server
-        serve_metrics(self.config.host, self.config.metrics_port)
+        serve_metrics(self.config.host, self.config.metrics_port, env_name(self.service, "metrics_port"))
         log.info("%s listening on %s:%d", self.service, self.config.host, self.port)
         return self.port
 
@@ -117,7 +122,10 @@ class Server:
         """Start, load, serve until SIGTERM/SIGINT, drain."""
         self._stopping = asyncio.Event()
         self._handle_signals()
-        await self.start()
+        try:
+            await self.start()
+        except PortInUse as e:  # one line for the user (and the stack's log), not a traceback
+            raise SystemExit(e.message) from None
         if load is not None:
             await load()
             self._handle_signals()  # loading may have installed its own handlers (ray.init does)

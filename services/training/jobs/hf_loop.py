@@ -215,7 +215,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop = HFLoop(**loop_config["loop"])
     spec: TrainerSpec = loop_config["spec"]
     job_id, run_id = loop_config["job_id"], loop_config["run_id"]
-    store = JobStore.from_url(loop_config["redis_url"])
+    store = JobStore.from_env()  # the Redis URL and its password come from the worker's environment
     artifacts = ArtifactStore(loop_config["artifacts"])
     rank = ray.train.get_context().get_world_rank()
     dataset = Path(loop_config["dataset"])

@@ -138,7 +138,8 @@ def run_on_workers(
 ) -> dict[str, float] | None:
     """Run `body` on `num_workers` Ray Train workers (restarted on failure); the final metrics, or None.
 
-    `body` gets `settings` plus the job's ids, the data set and where the store and Redis are.
+    `body` gets `settings` plus the job's ids, the data set and where the store is; it reaches Redis
+    through its own environment (JobStore.from_env), so no password shows in Ray's dashboard.
     """
     run_id = run_id or job.job_id
     attempt = context.store.get(job.job_id).attempts
@@ -150,7 +151,6 @@ def run_on_workers(
             "run_id": run_id,
             "dataset": str(dataset),
             "artifacts": str(context.artifacts.root),
-            "redis_url": context.redis_url,
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
@@ -353,7 +353,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     cfg = LoopConfig(**loop_config["loop"])
     objective: Objective = loop_config["objective"]
     job_id, run_id = loop_config["job_id"], loop_config["run_id"]
-    store = JobStore.from_url(loop_config["redis_url"])
+    store = JobStore.from_env()  # the Redis URL and its password come from the worker's environment
     artifacts = ArtifactStore(loop_config["artifacts"])
     rank = ray.train.get_context().get_world_rank()
     data = Batches(Path(loop_config["dataset"]), cfg.eval_fraction, cfg.seed)

@@ -80,3 +80,37 @@ def test_delete(store: ArtifactStore) -> None:
     assert not (store.root / "corpora" / "c").exists()
     with pytest.raises(NotFound):
         store.delete("corpora/c")
+
+
+def test_staging_flushes_every_file_and_folder_around_the_rename(
+    store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each staged file and folder is fsynced before the rename, the receiving folder after it."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with store.staging("models/m/1") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "config.json").write_text("{}")
+        (tmp / "sub" / "model.safetensors").write_bytes(b"weights")
+    staged = str(tmp)
+    final = str(store.root / "models" / "m" / "1")
+    rename = events.index(("rename", final))
+    before = {path for kind, path in events[:rename] if kind == "fsync"}
+    assert before == {
+        f"{staged}/config.json",
+        f"{staged}/sub/model.safetensors",
+        f"{staged}/sub",
+        staged,
+    }
+    assert events[rename + 1 :] == [("fsync", str(store.root / "models" / "m"))]

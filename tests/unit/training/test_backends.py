@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jsonschema
 import pytest
 import yaml
@@ -11,8 +9,10 @@ import yaml
 from services.training.backends import rayjob_manifest
 from services.training.config import TrainingConfig
 from services.training.jobstore import JobRecord
+from tests.conftest import ROOT
 
-CRD = Path("/work/shared/k8s/crds/ray.io_rayjobs.yaml")
+CRD = ROOT.parent / "shared" / "k8s" / "crds" / "ray.io_rayjobs.yaml"
+"""KubeRay's CRDs sit in the shared/ folder beside the repository (design.md)."""
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def rayjob_v1() -> jsonschema.Draft7Validator:
 
 def test_rayjob_manifest_validates_against_the_crd(rayjob_v1: jsonschema.Draft7Validator) -> None:
     job = JobRecord("train-0123456789ab", "pretrain", {"num_workers": 3}, "kuberay")
-    manifest = rayjob_manifest(job, TrainingConfig(kuberay_namespace="ml"), "redis://redis:6379/0")
+    config = TrainingConfig(kuberay_namespace="ml", kuberay_secret="ml-secrets")
+    manifest = rayjob_manifest(job, config, "redis://:s3cret@redis:6379/0")
     rayjob_v1.validate(manifest)
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     assert manifest["metadata"] == {
@@ -40,8 +41,13 @@ def test_rayjob_manifest_validates_against_the_crd(rayjob_v1: jsonschema.Draft7V
     assert spec["entrypoint"] == "python -m services.training.runner --job-id train-0123456789ab"
     (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
-    env = {e["name"]: e["value"] for e in workers["template"]["spec"]["containers"][0]["env"]}
-    assert env["LLMP_REDIS_URL"] == "redis://redis:6379/0"
+    env = {e["name"]: e for e in workers["template"]["spec"]["containers"][0]["env"]}
+    # the password and Ray's token stay in the Secret: the RayJob only names them
+    assert env["LLMP_REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "ml-secrets", "key": "redis-password"}}
+    assert env["LLMP_REDIS_URL"]["value"] == "redis://:$(LLMP_REDIS_PASSWORD)@redis:6379/0"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "ml-secrets", "key": "ray-token"}}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert "s3cret" not in str(manifest)
 
 
 def test_a_broken_manifest_fails_the_schema(rayjob_v1: jsonschema.Draft7Validator) -> None:

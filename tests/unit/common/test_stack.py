@@ -1,0 +1,42 @@
+"""The local stack's pieces that need no process: where Ray keeps its sockets, what Ray clients are told."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from libs.common import secrets
+from libs.common.config import CommonConfig
+from libs.common.stack import LocalStack, local_ray_env, ray_temp_dir
+
+
+def test_ray_temp_stays_under_llmp_home_unless_its_sockets_would_be_too_long(tmp_path: Path) -> None:
+    short = Path("/tmp/h")
+    assert ray_temp_dir(short) == short / "ray-tmp"
+    deep = tmp_path / ("x" * 60)
+    outside = ray_temp_dir(deep)
+    assert not outside.is_relative_to(deep) and outside.parent == Path("/tmp")
+    assert outside == ray_temp_dir(deep), "the same LLMP_HOME always gets the same folder"
+    assert ray_temp_dir(tmp_path / ("y" * 60)) != outside
+    # Ray's longest socket path below the temp folder must fit a unix socket's 107 characters
+    socket = f"{outside}/session_2026-12-01_15-00-09_889912_4194304/sockets/plasma_store"
+    assert len(socket) <= 107
+
+
+def test_ray_clients_get_the_token_file_and_loopback(tmp_path: Path) -> None:
+    env = local_ray_env(tmp_path)
+    token = secrets.path(tmp_path, secrets.RAY_TOKEN)
+    assert env == {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text().strip()) == 64
+
+
+def test_services_are_given_the_password_in_the_redis_url(tmp_path: Path) -> None:
+    stack = LocalStack(CommonConfig(home=str(tmp_path), redis_port=6391))
+    password = secrets.ensure(tmp_path, secrets.REDIS_PASSWORD)
+    env = stack._service_env()
+    assert env["LLMP_REDIS_URL"] == f"redis://:{password}@127.0.0.1:6391/0"
+    assert env["LLMP_HOME"] == str(tmp_path) and "RAY_ADDRESS" not in env  # no Ray of ours is running
