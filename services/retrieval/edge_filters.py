@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
+import numpy as np
 import qdrant_edge as qe
 from qdrant_client import models
 
@@ -77,7 +78,8 @@ def _field(c: models.FieldCondition) -> qe.FieldCondition:
 
 
 MATCHES: dict[type, Callable[[Any], Any]] = {
-    models.MatchValue: lambda m: qe.MatchValue(m.value),
+    # The binding reads a Python bool as the integer 1 (bool subclasses int); numpy's bool reaches it as a bool.
+    models.MatchValue: lambda m: qe.MatchValue(np.bool_(m.value) if isinstance(m.value, bool) else m.value),
     models.MatchText: lambda m: qe.MatchText(m.text),
     models.MatchTextAny: lambda m: qe.MatchTextAny(m.text_any),
     models.MatchPhrase: lambda m: qe.MatchPhrase(m.phrase),
