@@ -97,7 +97,8 @@ class LiveShard:
 
     def maybe_build(self) -> None:
         with self.write_lock:
-            busy = self._thread is not None and self._thread.is_alive()
+            thread = self._thread
+            busy = thread is not None and thread.is_alive() and thread is not threading.current_thread()
             if busy or self._closed or self._failed or not self.build_enabled or self.pending_kb < self.threshold_kb:
                 return
             self._thread = threading.Thread(target=self._build, name=f"index-{self.folder.name}", daemon=True)
