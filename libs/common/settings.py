@@ -81,11 +81,9 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar(
                     "LLMP_RETRIEVAL_VECTORSTORE",
                     "qdrant_edge",
-                    "embedded vector store when LLMP_QDRANT_URL is unset: qdrant_edge, or qdrant (qdrant-client's local mode)",
+                    "embedded store without LLMP_QDRANT_URL: qdrant_edge, or qdrant (qdrant-client's local mode)",
                 ),
-                EnvVar(
-                    "LLMP_RETRIEVAL_INDEX_THRESHOLD_KB", "10000", "vectors written (KiB) that start an HNSW build"
-                ),
+                EnvVar("LLMP_RETRIEVAL_INDEX_THRESHOLD_KB", "10000", "vectors written (KiB) that start an HNSW build"),
             ],
         ),
         *_service_vars(

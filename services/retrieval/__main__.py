@@ -2,8 +2,9 @@
 
 Collections live in Qdrant Edge (Qdrant's engine in-process) under LLMP_HOME/qdrant_edge, or in
 the Qdrant server that LLMP_QDRANT_URL names (LLMP_RETRIEVAL_VECTORSTORE=qdrant picks
-qdrant-client's local mode under LLMP_HOME/qdrant instead of Qdrant Edge); models and documents are read from the artifact store. With a Ray
-(RAY_ADDRESS, or LLMP_RETRIEVAL_RAY=local), large corpus ingests run on Ray Data.
+qdrant-client's local mode under LLMP_HOME/qdrant instead of Qdrant Edge). Models and documents
+are read from the artifact store. With a Ray (RAY_ADDRESS, or LLMP_RETRIEVAL_RAY=local), large
+corpus ingests run on Ray Data.
 """
 
 from __future__ import annotations

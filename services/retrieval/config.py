@@ -21,7 +21,7 @@ class RetrievalConfig(ServiceConfig):
     ray_min_documents: int = doc("corpus size for Ray Data in 'auto'", 2000)
     ray_workers: int = doc("most Ray Data actors chunking and embedding one corpus", 2)
     vectorstore: str = doc(
-        "embedded vector store when LLMP_QDRANT_URL is unset: qdrant_edge, or qdrant (qdrant-client's local mode)",
+        "embedded store without LLMP_QDRANT_URL: qdrant_edge, or qdrant (qdrant-client's local mode)",
         "qdrant_edge",
     )
     index_threshold_kb: int = doc("vectors written (KiB) that start an HNSW build", 10_000)

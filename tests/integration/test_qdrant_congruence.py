@@ -39,7 +39,8 @@ FILTERS: list[dict[str, Any]] = [
     {"must_not": [{"key": "document_id", "match": {"value": "d0"}}]},
     {"should": [{"key": "n", "range": {"lt": 20}}, {"key": "n", "range": {"gte": 280}}]},
     {"must": [{"key": "n", "range": {"gt": 10.5, "lte": 40}}, {"key": "tags", "values_count": {"gte": 2}}]},
-    {"min_should": {"conditions": [{"key": "n", "range": {"lt": 100}}, {"key": "odd", "match": {"value": True}}], "min_count": 2}},
+    {"min_should": {"conditions": [{"key": "n", "range": {"lt": 100}}, {"key": "odd", "match": {"value": True}}],
+                    "min_count": 2}},
     {"must": [{"key": "meta.group", "match": {"value": 2}}]},
     {"must": [{"is_empty": {"key": "tags"}}]},
     {"must": [{"is_null": {"key": "note"}}]},
@@ -109,9 +110,7 @@ def sparse(i: int) -> SparseVector:
 def points() -> tuple[np.ndarray, list[Point]]:
     rng = np.random.default_rng(0)
     data = rng.standard_normal((N, DIM)).astype(np.float32)
-    made = [
-        Point(str(uuid.UUID(int=i + 1)), data[i].tolist(), payload(i), sparse(i)) for i in range(N)
-    ]
+    made = [Point(str(uuid.UUID(int=i + 1)), data[i].tolist(), payload(i), sparse(i)) for i in range(N)]
     return data, made
 
 

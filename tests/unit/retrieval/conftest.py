@@ -10,9 +10,9 @@ import pytest
 from libs.common.artifacts import ArtifactStore
 from services.retrieval.config import RetrievalConfig
 from services.retrieval.core import RetrievalCore
+from services.retrieval.edge_store import EdgeStore
 from services.retrieval.embedders import load_tokenizer, packaged_minilm
 from services.retrieval.tokens import LocalTokens
-from services.retrieval.edge_store import EdgeStore
 
 
 @pytest.fixture(scope="session")
