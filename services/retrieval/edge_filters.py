@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import qdrant_edge as qe
@@ -22,8 +22,10 @@ from libs.common.errors import InvalidArgument
 
 def edge_filter(f: models.Filter | None) -> qe.Filter | None:
     """The Edge form of a validated Qdrant filter (None stays None)."""
-    if f is None:
-        return None
+    return None if f is None else _filter(f)
+
+
+def _filter(f: models.Filter) -> qe.Filter:
     min_should = None
     if f.min_should is not None:
         min_should = qe.MinShould([_condition(c) for c in f.min_should.conditions], f.min_should.min_count)
@@ -41,7 +43,7 @@ def _conditions(value: Any) -> list[Any] | None:
 
 def _condition(c: Any) -> Any:
     if isinstance(c, models.Filter):
-        return edge_filter(c)
+        return _filter(c)
     if isinstance(c, models.FieldCondition):
         return _field(c)
     if isinstance(c, models.IsEmptyCondition):
@@ -53,7 +55,7 @@ def _condition(c: Any) -> Any:
     if isinstance(c, models.HasVectorCondition):
         return qe.HasVectorCondition(c.has_vector)
     if isinstance(c, models.NestedCondition):
-        return qe.NestedCondition(c.nested.key, edge_filter(c.nested.filter))
+        return qe.NestedCondition(c.nested.key, _filter(c.nested.filter))
     raise InvalidArgument(f"{type(c).__name__} is not supported by the embedded engine", field="filter")
 
 
@@ -78,8 +80,7 @@ def _field(c: models.FieldCondition) -> qe.FieldCondition:
 
 
 MATCHES: dict[type, Callable[[Any], Any]] = {
-    # The binding reads a Python bool as the integer 1 (bool subclasses int); numpy's bool reaches it as a bool.
-    models.MatchValue: lambda m: qe.MatchValue(np.bool_(m.value) if isinstance(m.value, bool) else m.value),
+    models.MatchValue: lambda m: qe.MatchValue(_value(m.value)),
     models.MatchText: lambda m: qe.MatchText(m.text),
     models.MatchTextAny: lambda m: qe.MatchTextAny(m.text_any),
     models.MatchPhrase: lambda m: qe.MatchPhrase(m.phrase),
@@ -88,6 +89,11 @@ MATCHES: dict[type, Callable[[Any], Any]] = {
     models.MatchAny: lambda m: qe.MatchAny(list(m.any)),
     models.MatchExcept: lambda m: qe.MatchExcept(list(m.except_)),
 }
+
+
+def _value(value: str | int | bool) -> str | int | bool:
+    """The binding reads a Python bool as the integer 1 (bool subclasses int); numpy's bool reaches it as a bool."""
+    return cast(bool, np.bool_(value)) if isinstance(value, bool) else value
 
 
 def _match(m: Any) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 
 import qdrant_edge as qe
 
-from libs.common.errors import InvalidArgument, NotFound
+from libs.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.retrieval.edge_filters import edge_filter
 from services.retrieval.edge_index import SHARD, LiveShard
 from services.retrieval.embedders import SparseVector
@@ -107,7 +107,7 @@ class EdgeStore(VectorStore):
     def create(self, name: str, layout: Layout, metadata: dict[str, Any]) -> None:
         with self._lock:
             if self.exists(name):
-                raise ValueError(f"collection {name!r} exists")
+                raise AlreadyExists(f"collection {name!r} already exists", field="name")
             self._make(
                 name, self._config(layout), {"layout": asdict(layout), "metadata": metadata}, layout.keyword_fields
             )
