@@ -2,38 +2,33 @@
 
 1. Embedding throughput through the service (Embed over gRPC, the packaged all-MiniLM-L6-v2)
    vs sentence-transformers called in-process on the same texts and batches (target >= 0.8x).
-2. Search on 100k vectors of dim 384 (a Gaussian mixture, built once): p50/p99 latency of the
-   vector store's search, and its recall@10 against exact numpy search (target >= 0.95). The
-   embedded Qdrant searches exactly; with LLMP_QDRANT_URL the same run measures a server's HNSW
-   search against the same server's exact search.
+2. Ingest throughput end to end through the service (IngestCorpus: chunk, embed, BM25, journal,
+   write into Qdrant Edge) vs embedding the same chunks alone in-process.
+3. Vector search in Qdrant Edge (bench/retrieval_search.py): HNSW latency and recall against the
+   engine's exact search, index build, memory, and the former local mode on the same data.
+   Flags: --vectors=100000,1000000 (default 100000), --hnsw=16:128,8:64, --no-local.
 
-Run: python -m bench retrieval
+Run: python -m bench retrieval [flags]; python -m bench retrieval_search [flags] runs 3 alone.
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-import numpy as np
-
+from bench import retrieval_search
 from libs.common import corpora
 from libs.common.clients.retrieval import RetrievalClient
-from libs.common.settings import env
-from services.retrieval.embedders import packaged_minilm
-from services.retrieval.vectorstores import VECTORSTORES, Layout, Point
+from services.retrieval.chunkers import CHUNKERS
+from services.retrieval.embedders import load_tokenizer, packaged_minilm
+from services.retrieval.tokens import LocalTokens
 from tests.conftest import start_service
 
 BATCH = 64
 TEXTS = 256
 REPEATS = 3
-VECTORS = 100_000
-DIM = 384
-QUERIES = 200
-K = 10
+INGEST_CHUNKER = {"type": "recursive", "size": 256}
 
 
 def passages() -> list[str]:
@@ -76,53 +71,47 @@ def embedding_throughput() -> None:
     print(f"  retrieval service (gRPC)     {served:8.1f} texts/s   ratio {served / direct:.2f} (target >= 0.8)")
 
 
-def mixture(n: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
-    rows = centres[rng.integers(0, len(centres), n)] + 0.35 * rng.standard_normal((n, DIM))
-    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+def ingest_throughput() -> None:
+    """Chunks embedded and indexed per second through the service (IngestCorpus over gRPC, into Qdrant
+    Edge, with BM25 sparse vectors and the ingest journal) vs embedding the same chunks alone in-process."""
+    from sentence_transformers import SentenceTransformer
 
-
-def search_latency() -> None:
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((256, DIM)) / np.sqrt(DIM)
-    data, queries = mixture(VECTORS, rng, centres), mixture(QUERIES, rng, centres)
-    ids = [str(uuid.UUID(int=i + 1)) for i in range(VECTORS)]
-    with tempfile.TemporaryDirectory() as tmp:
-        store = VECTORSTORES.create({"type": "qdrant", "url": env("LLMP_QDRANT_URL"), "path": f"{tmp}/qdrant"})
-        name = f"bench-{uuid.uuid4().hex[:8]}"
-        start = time.perf_counter()
-        store.create(name, Layout(DIM, hnsw_m=16, ef_construct=128), {})
-        for i in range(0, VECTORS, 2000):
-            store.upsert(name, [Point(ids[j], data[j].tolist(), {"n": j}) for j in range(i, min(i + 2000, VECTORS))])
-        built = time.perf_counter() - start
-        exact = np.argsort(-(queries @ data.T), axis=1)[:, :K]  # [QUERIES, K] cosine top-k
-        server = bool(env("LLMP_QDRANT_URL"))
-        runs = {"ann": False, "exact": True} if server else {"exact": True}
-        measured = {}
-        for label, brute in runs.items():
-            latencies, recalls = [], []
-            for q, truth in zip(queries, exact, strict=True):
-                start = time.perf_counter()
-                found = store.dense(name, q.tolist(), K, None, exact=brute)
-                latencies.append((time.perf_counter() - start) * 1000)
-                recalls.append(len({f.payload["n"] for f in found} & set(truth.tolist())) / K)
-            measured[label] = (statistics.median(latencies), float(np.percentile(latencies, 99)), recalls)
-        store.drop(name)
-        store.close()
-    where = "Qdrant server (HNSW m=16, ef_construct=128)" if server else "embedded Qdrant"
-    print(f"search, {VECTORS} vectors of dim {DIM} in the {where}, built in {built:.0f}s, {QUERIES} queries:")
-    for label, (p50, p99, recalls) in measured.items():
-        what = "HNSW (ANN)" if label == "ann" else "exact (brute force)"
-        print(f"  {what:20} top-{K} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  recall@{K} {statistics.mean(recalls):.3f}")
-    if server:
-        speedup = measured["exact"][0] / measured["ann"][0]
-        print(f"  ANN recall@{K} {statistics.mean(measured['ann'][2]):.3f} (target >= 0.95), p50 {speedup:.1f}x exact")
-    else:
-        print("  the embedded engine always searches exactly; set LLMP_QDRANT_URL to measure HNSW recall")
+    with tempfile.TemporaryDirectory() as home:
+        folder = Path(home) / "artifacts" / "corpora" / "topics"
+        folder.mkdir(parents=True)
+        topics = list(corpora.pydoc_topics())
+        for name, text in topics:
+            (folder / f"{name}.txt").write_text(text)
+        service = start_service("retrieval", Path(home))
+        try:
+            client = RetrievalClient(service.address)
+            client.create("bench", sparse=True, chunker=INGEST_CHUNKER)
+            client.embed(["warm up"], collection="bench")  # loads the model
+            start = time.perf_counter()
+            steps = list(client.ingest_corpus("bench", "corpora/topics", engine="local"))
+            served = time.perf_counter() - start
+            chunks = steps[-1].chunks_done
+            client.close()
+        finally:
+            service.stop()
+    splitter = CHUNKERS.create(INGEST_CHUNKER)
+    tokens = LocalTokens(load_tokenizer(packaged_minilm()))
+    texts = [c.text for _, text in topics for c in splitter.split(text, "text", tokens)]
+    model = SentenceTransformer(str(packaged_minilm()), device="cpu")
+    model.encode(texts[:BATCH], batch_size=BATCH)
+    start = time.perf_counter()
+    model.encode(texts, batch_size=BATCH, normalize_embeddings=True)
+    alone = time.perf_counter() - start
+    print(f"ingest, {len(topics)} reference-text documents, {chunks} chunks (recursive, 256 tokens, MiniLM + BM25):")
+    print(f"  embedding alone, in-process            {len(texts) / alone:8.1f} chunks/s")
+    print(f"  IngestCorpus end to end (Qdrant Edge)  {chunks / served:8.1f} chunks/s   "
+          f"ratio {chunks / served / (len(texts) / alone):.2f}")  # fmt: skip
 
 
 def main() -> None:
     embedding_throughput()
-    search_latency()
+    ingest_throughput()
+    retrieval_search.main()
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ VARIABLES: dict[str, EnvVar] = {
                     "",
                     "test hook: the process kills itself at this ingest step (after_journal, after_upsert)",
                 ),
+                EnvVar(
+                    "LLMP_RETRIEVAL_VECTORSTORE",
+                    "qdrant_edge",
+                    "embedded store without LLMP_QDRANT_URL: qdrant_edge, or qdrant (qdrant-client's local mode)",
+                ),
+                EnvVar("LLMP_RETRIEVAL_INDEX_THRESHOLD_KB", "10000", "vectors written (KiB) that start an HNSW build"),
             ],
         ),
         *_service_vars(

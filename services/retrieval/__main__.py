@@ -1,14 +1,17 @@
 """Run the retrieval service: `python -m services.retrieval [--port 50052] [--config llmp.yaml]`.
 
-Collections live in the embedded Qdrant under LLMP_HOME/qdrant, or in the Qdrant server that
-LLMP_QDRANT_URL names; models and documents are read from the artifact store. With a Ray
-(RAY_ADDRESS, or LLMP_RETRIEVAL_RAY=local), large corpus ingests run on Ray Data.
+Collections live in Qdrant Edge (Qdrant's engine in-process) under LLMP_HOME/qdrant_edge, or in
+the Qdrant server that LLMP_QDRANT_URL names (LLMP_RETRIEVAL_VECTORSTORE=qdrant picks
+qdrant-client's local mode under LLMP_HOME/qdrant instead of Qdrant Edge). Models and documents
+are read from the artifact store. With a Ray (RAY_ADDRESS, or LLMP_RETRIEVAL_RAY=local), large
+corpus ingests run on Ray Data.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from llmp.retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -25,8 +28,18 @@ from services.retrieval.vectorstores import VECTORSTORES
 SPEC = ServiceSpec(name="retrieval", module="services.retrieval", default_port=50052)
 
 
+def store_spec(common: CommonConfig, config: RetrievalConfig) -> dict[str, Any]:
+    """A Qdrant server when LLMP_QDRANT_URL is set, else the embedded store in a folder named after it."""
+    if common.qdrant_url:
+        return {"type": "qdrant", "url": common.qdrant_url}
+    spec: dict[str, Any] = {"type": config.vectorstore, "path": str(common.home_path / config.vectorstore)}
+    if config.vectorstore == "qdrant_edge":
+        spec["index_threshold_kb"] = config.index_threshold_kb
+    return spec
+
+
 def build(common: CommonConfig, config: RetrievalConfig) -> tuple[Server, RetrievalCore]:
-    store = VECTORSTORES.create({"type": "qdrant", "url": common.qdrant_url, "path": str(common.home_path / "qdrant")})
+    store = VECTORSTORES.create(store_spec(common, config), field="vectorstore")
     core = RetrievalCore(config, ArtifactStore(common.artifacts_path), store)
     servicer = RetrievalServicer(core, join_ray(config))
     registration = Registration(pb_grpc.add_RetrievalServiceServicer_to_server, servicer, SERVICE_NAME)

@@ -24,4 +24,9 @@ class RetrievalConfig(ServiceConfig):
     ray: str = doc("Ray for corpus ingests: auto (join RAY_ADDRESS when set), local, off", "auto")
     ray_min_documents: int = doc("corpus size for Ray Data in 'auto'", 2000)
     ray_workers: int = doc("most Ray Data actors chunking and embedding one corpus", 2)
+    vectorstore: str = doc(
+        "embedded store without LLMP_QDRANT_URL: qdrant_edge, or qdrant (qdrant-client's local mode)",
+        "qdrant_edge",
+    )
+    index_threshold_kb: int = doc("vectors written (KiB) that start an HNSW build", 10_000)
     fault_point: str = doc("test hook: the process kills itself at this ingest step (after_journal, after_upsert)", "")

@@ -36,10 +36,10 @@ from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.errors import AlreadyExists, InvalidArgument
 from services.retrieval.chunkers import CHUNKERS, KINDS, Chunk, Chunker
 from services.retrieval.config import RetrievalConfig
-from services.retrieval.embedders import BM25, EMBEDDERS, DenseEmbedder, Encoder
-from services.retrieval.ranking import RRF_K, mmr, rrf
+from services.retrieval.embedders import EMBEDDERS, DenseEmbedder, Encoder, SparseEncoder
+from services.retrieval.ranking import RRF_K
 from services.retrieval.tokens import LocalTokens, ServiceTokens, TokenCounter
-from services.retrieval.vectorstores import DISTANCES, Found, Layout, Point, VectorStore, parse_filter
+from services.retrieval.vectorstores import DISTANCES, Found, Layout, Point, Search, VectorStore, parse_filter
 
 MODES = ("dense", "sparse", "hybrid")
 DEFAULT_EMBEDDER = {"type": "sentence_transformers"}
@@ -87,7 +87,7 @@ class IngestPlan:
     splitter: Chunker
     dense: DenseEmbedder
     tokens: TokenCounter
-    bm25: BM25 | None
+    bm25: SparseEncoder | None
 
 
 @dataclass(frozen=True)
@@ -239,9 +239,9 @@ class Preparer:
             raise InvalidArgument(f"{spec.get('type')!r} is not a dense embedder", field=field)
         return built
 
-    def sparse_encoder(self, spec: dict[str, Any], field: str = "sparse_embedder") -> BM25:
+    def sparse_encoder(self, spec: dict[str, Any], field: str = "sparse_embedder") -> SparseEncoder:
         built = self.encoder(spec, field)
-        if not isinstance(built, BM25):
+        if not isinstance(built, SparseEncoder):
             raise InvalidArgument(f"{spec.get('type')!r} is not a sparse embedder", field=field)
         return built
 
@@ -477,7 +477,7 @@ class RetrievalCore(Preparer):
         vectors = self.vectors(plan, prepared)
         return [self.write(collection, doc, rows, plan.bm25) for doc, rows in zip(prepared, vectors, strict=True)]
 
-    def write(self, collection: str, doc: Prepared, vectors: np.ndarray, bm25: BM25 | None) -> Ingested:
+    def write(self, collection: str, doc: Prepared, vectors: np.ndarray, bm25: SparseEncoder | None) -> Ingested:
         """Replace one document by a new generation of its chunks, journalled (see the module docstring)."""
         ingest = uuid.uuid4().hex
         points = [
@@ -550,32 +550,28 @@ class RetrievalCore(Preparer):
             raise InvalidArgument(f"at most {self.config.max_mmr_candidates}", field="mmr.candidates")
         parse_filter(q.filter)
 
-    def _retrieve(self, q: Query, spec: dict[str, Any], limit: int, vector: np.ndarray | None) -> list[Found]:
-        filter = self._visible(q.collection, q.filter)
-        dense = self.store.dense(q.collection, vector.tolist(), limit, filter) if vector is not None else []
-        if q.mode == "dense":
-            return dense
-        bm25 = self.sparse_encoder(spec["sparse_embedder"])
-        sparse = self.store.sparse(q.collection, bm25.query(q.query), limit, filter)
-        if q.mode == "sparse":
-            return sparse
-        by_id = {f.id: f for f in [*sparse, *dense]}
-        fused = rrf([[f.id for f in dense], [f.id for f in sparse]], q.rrf_k or RRF_K)
-        return [Found(str(i), score, by_id[str(i)].payload) for i, score in fused[:limit]]
-
     def search(self, q: Query) -> list[Hit]:
+        """Dense, sparse or hybrid (RRF) retrieval, optionally MMR-reranked, all in one store call."""
         spec = self.spec(q.collection)
         self._check_query(q, spec)
-        limit = max(q.top_k, q.mmr.candidates or min(4 * q.top_k, self.config.max_mmr_candidates)) if q.mmr else q.top_k
         vector = None
         if q.mode != "sparse" or q.mmr:
-            vector = self.dense_embedder(spec["embedder"], "collection.embedder").embed([q.query])[0]
-        found = self._retrieve(q, spec, limit, None if q.mode == "sparse" else vector)
-        if q.mmr and found and vector is not None:
-            stored = self.store.vectors(q.collection, [f.id for f in found])
-            order = mmr(vector, np.array([stored[f.id] for f in found]), q.top_k, q.mmr.diversity)
-            found = [found[i] for i in order]
-        return [self._hit(f) for f in found[: q.top_k]]
+            vector = self.dense_embedder(spec["embedder"], "collection.embedder").embed([q.query])[0].tolist()
+        sparse = self.sparse_encoder(spec["sparse_embedder"]).query(q.query) if q.mode != "dense" else None
+        found = self.store.search(
+            q.collection,
+            Search(
+                q.top_k,
+                dense=None if q.mode == "sparse" else vector,
+                sparse=sparse,
+                filter=self._visible(q.collection, q.filter),
+                rrf_k=q.rrf_k or RRF_K,
+                mmr=q.mmr.diversity if q.mmr else None,
+                candidates=q.mmr.candidates if q.mmr else 0,
+                mmr_vector=vector,
+            ),
+        )
+        return [self._hit(f) for f in found]
 
     @staticmethod
     def _hit(f: Found) -> Hit:

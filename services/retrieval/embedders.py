@@ -10,6 +10,8 @@ counts their tokens (for chunking and usage). Built-ins:
   store), mean-pooled last hidden states.
 - `bm25` (sparse): hashed terms weighted by BM25's saturated term frequency; the collection keeps
   the IDF statistics (Qdrant's IDF modifier), so deletes and re-ingests keep it exact.
+- `qdrant_bm25` (sparse): the same scoring with Qdrant's own BM25 text processing (the engine's
+  word tokenizer, English stop words and Snowball stemmer, as Qdrant's server-side `qdrant/bm25`).
 
 Model folders are a path relative to the artifact store; weights load from safetensors only and
 `trust_remote_code` is never set.
@@ -192,10 +194,20 @@ _STOPWORDS = "a an and are as at be by can do does for from has have how i in is
 STOPWORDS = frozenset((_STOPWORDS + "was were what when where which who why with you").split())
 
 
-class BM25(Encoder):
-    """Okapi BM25 as a sparse vector: document side k1/b-saturated term frequency; IDF from the collection."""
+class SparseEncoder(Encoder):
+    """Texts as sparse vectors: documents as stored, queries as searched; the store applies the IDF."""
 
     sparse: ClassVar[bool] = True
+
+    def document(self, text: str) -> SparseVector:
+        raise NotImplementedError
+
+    def query(self, text: str) -> SparseVector:
+        raise NotImplementedError
+
+
+class BM25(SparseEncoder):
+    """Okapi BM25 as a sparse vector: document side k1/b-saturated term frequency; IDF from the collection."""
 
     def __init__(
         self, k1: float = 1.2, b: float = 0.75, avg_length: float = 120.0, artifacts: ArtifactStore | None = None
@@ -231,6 +243,37 @@ class BM25(Encoder):
         return self._vector({self.index(t): 1.0 for t in set(self.terms(text))})
 
 
+class QdrantBM25(SparseEncoder):
+    """BM25 with Qdrant's text processing (qdrant-edge-py's `Bm25`): stemmed, stop words dropped,
+    terms hashed by the engine; document side k1/b-saturated term frequency, IDF from the collection."""
+
+    def __init__(
+        self,
+        k1: float = 1.2,
+        b: float = 0.75,
+        avg_length: float = 120.0,
+        language: str = "english",
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
+        import qdrant_edge as qe
+
+        super().__init__(artifacts)
+        try:
+            self.model = qe.Bm25(qe.Bm25Config(k=k1, b=b, avg_len=avg_length, language=language))
+        except ValueError as e:
+            raise InvalidArgument(str(e), field="sparse_embedder") from None
+
+    @staticmethod
+    def _ours(vector: Any) -> SparseVector:
+        return SparseVector(list(vector.indices), [float(v) for v in vector.values])
+
+    def document(self, text: str) -> SparseVector:
+        return self._ours(self.model.embed_document(text))
+
+    def query(self, text: str) -> SparseVector:
+        return self._ours(self.model.embed_query(text))
+
+
 EMBEDDERS: Registry[Any] = Registry(
     "embedders",
     {
@@ -238,6 +281,7 @@ EMBEDDERS: Registry[Any] = Registry(
         "static": "services.retrieval.embedders:StaticEmbedder",
         "hf_causal": "services.retrieval.embedders:CausalLMEmbedder",
         "bm25": "services.retrieval.embedders:BM25",
+        "qdrant_bm25": "services.retrieval.embedders:QdrantBM25",
     },
     base=Encoder,
 )

@@ -1,12 +1,17 @@
-"""Vector stores as plugins (group `llmp.vectorstores`); the built-in is Qdrant through qdrant-client.
+"""Vector stores as plugins (group `llmp.vectorstores`): one interface, three backends.
 
-`qdrant` is embedded on disk (qdrant-client's local mode, one client per directory: this service
-owns it) unless `url` names a Qdrant server (LLMP_QDRANT_URL); both run the same calls. Names that
-begin with "_" (which users cannot choose) hold the service's own records and are not listed. A
-collection holds one named dense vector ("dense"), optionally one sparse vector ("sparse", with
-Qdrant's IDF modifier) per chunk, and its creation spec as collection metadata, so a restarted
-service finds everything it needs in the store itself. Local mode searches exactly (no HNSW);
-the HNSW and quantisation settings take effect on a server.
+- `qdrant_edge` (services/retrieval/edge_store.py), the local default: Qdrant's own engine
+  in-process (`qdrant-edge-py`), one shard per collection under LLMP_HOME/qdrant_edge, with HNSW,
+  quantisation, payload indexes, the IDF modifier, fusion and MMR done by the engine.
+- `qdrant` with `url`: a Qdrant server through qdrant-client (LLMP_QDRANT_URL).
+- `qdrant` with `path`: qdrant-client's local mode, a pure-Python stand-in that searches exactly
+  and ignores HNSW and quantisation; kept for comparison (benchmarks, congruence tests).
+
+Names that begin with "_" (which users cannot choose) hold the service's own records and are not
+listed. A collection holds one named dense vector ("dense"), optionally one sparse vector
+("sparse", with Qdrant's IDF modifier) per chunk, and its creation spec as collection metadata,
+so a restarted service finds everything it needs in the store itself. Filters are Qdrant's JSON
+filters, checked by qdrant-client's models for every backend.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydantic
 from qdrant_client import QdrantClient, models
 
 from libs.common.errors import InvalidArgument, NotFound
 from libs.common.plugins import Registry
 from services.retrieval.embedders import SparseVector
+from services.retrieval.ranking import RRF_K, mmr, rrf
 
 DENSE, SPARSE = "dense", "sparse"
 DISTANCES = {
@@ -55,10 +62,37 @@ class Layout:
 
     dim: int
     distance: str = "cosine"
-    hnsw_m: int = 0
-    ef_construct: int = 0
-    quantization: bool = False
+    hnsw_m: int = 0  # 0: the engine's default (16)
+    ef_construct: int = 0  # 0: the engine's default (100)
+    #: False/"": none; True or "scalar": int8 per dimension; "binary": one bit per dimension.
+    quantization: bool | str = False
     sparse: bool = False
+    #: Payload fields that get a keyword index: those the service's own filters use.
+    keyword_fields: tuple[str, ...] = ("document_id", "ingest", "source", "kind")
+
+    @property
+    def quantizer(self) -> str:
+        return "scalar" if self.quantization is True else str(self.quantization or "")
+
+
+@dataclass(frozen=True)
+class Search:
+    """One retrieval: dense and/or sparse, fused by reciprocal rank when both, optionally MMR-reranked."""
+
+    limit: int
+    dense: Sequence[float] | None = None  # searched when given
+    sparse: SparseVector | None = None  # searched when given
+    filter: dict[str, Any] | None = None
+    rrf_k: int = RRF_K
+    #: MMR diversity in [0, 1] (None: no MMR): `candidates` hits reranked against `mmr_vector`.
+    mmr: float | None = None
+    candidates: int = 0
+    mmr_vector: Sequence[float] | None = None
+
+    @property
+    def fetch(self) -> int:
+        """Hits each search fetches: the candidates MMR chooses from, else the limit."""
+        return max(self.limit, self.candidates or 4 * self.limit) if self.mmr is not None else self.limit
 
 
 class VectorStore(abc.ABC):
@@ -82,7 +116,13 @@ class VectorStore(abc.ABC):
     def delete(self, name: str, filter: dict[str, Any]) -> int: ...
     @abc.abstractmethod
     def dense(
-        self, name: str, vector: Sequence[float], limit: int, filter: dict[str, Any] | None, exact: bool = False
+        self,
+        name: str,
+        vector: Sequence[float],
+        limit: int,
+        filter: dict[str, Any] | None,
+        exact: bool = False,
+        hnsw_ef: int = 0,
     ) -> list[Found]: ...
     @abc.abstractmethod
     def sparse(self, name: str, vector: SparseVector, limit: int, filter: dict[str, Any] | None) -> list[Found]: ...
@@ -98,6 +138,23 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def search(self, name: str, s: Search) -> list[Found]:
+        """Dense, sparse or both fused by RRF, then MMR: here in Python; an engine that can does it itself."""
+        dense = self.dense(name, s.dense, s.fetch, s.filter) if s.dense is not None else []
+        found = dense
+        if s.sparse is not None:
+            sparse = self.sparse(name, s.sparse, s.fetch, s.filter)
+            found = sparse
+            if s.dense is not None:
+                by_id = {f.id: f for f in [*sparse, *dense]}
+                fused = rrf([[f.id for f in dense], [f.id for f in sparse]], s.rrf_k)
+                found = [Found(str(i), score, by_id[str(i)].payload) for i, score in fused[: s.fetch]]
+        if s.mmr is not None and found and s.mmr_vector is not None:
+            stored = self.vectors(name, [f.id for f in found])
+            rows = np.array([stored[f.id] for f in found])
+            found = [found[i] for i in mmr(np.asarray(s.mmr_vector), rows, s.limit, s.mmr)]
+        return found[: s.limit]
+
 
 def parse_filter(raw: dict[str, Any] | None) -> models.Filter | None:
     if not raw:
@@ -110,7 +167,18 @@ def parse_filter(raw: dict[str, Any] | None) -> models.Filter | None:
         raise InvalidArgument(f"not a Qdrant filter: {where}: {problem['msg']}", field="filter") from None
 
 
+QUANTIZATION: dict[str, models.QuantizationConfig | None] = {
+    "": None,
+    "scalar": models.ScalarQuantization(
+        scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
+    ),
+    "binary": models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True)),
+}
+
+
 class QdrantStore(VectorStore):
+    """qdrant-client: a Qdrant server (`url`) or the client's local mode (`path`)."""
+
     def __init__(self, url: str = "", path: str = "") -> None:
         if not url and not path:
             raise ValueError("needs a server url or a local path")
@@ -131,13 +199,7 @@ class QdrantStore(VectorStore):
 
     def create(self, name: str, layout: Layout, metadata: dict[str, Any]) -> None:
         hnsw = models.HnswConfigDiff(m=layout.hnsw_m or None, ef_construct=layout.ef_construct or None)
-        quantization = (
-            models.ScalarQuantization(
-                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
-            )
-            if layout.quantization
-            else None
-        )
+        quantization = QUANTIZATION[layout.quantizer]
         self._call(
             "create_collection",
             name,
@@ -149,8 +211,9 @@ class QdrantStore(VectorStore):
             quantization_config=quantization,
             metadata=metadata,
         )
-        if not self.local:
-            self._call("create_payload_index", name, "document_id", models.PayloadSchemaType.KEYWORD)
+        if not self.local:  # local mode has no payload indexes
+            for field in layout.keyword_fields:
+                self._call("create_payload_index", name, field, models.PayloadSchemaType.KEYWORD)
 
     def exists(self, name: str) -> bool:
         return bool(self._call("collection_exists", name))
@@ -192,7 +255,13 @@ class QdrantStore(VectorStore):
         return [Found(str(p.id), float(p.score), dict(p.payload or {})) for p in points]
 
     def dense(
-        self, name: str, vector: Sequence[float], limit: int, filter: dict[str, Any] | None, exact: bool = False
+        self,
+        name: str,
+        vector: Sequence[float],
+        limit: int,
+        filter: dict[str, Any] | None,
+        exact: bool = False,
+        hnsw_ef: int = 0,
     ) -> list[Found]:
         reply = self._call(
             "query_points",
@@ -201,7 +270,7 @@ class QdrantStore(VectorStore):
             using=DENSE,
             limit=limit,
             query_filter=parse_filter(filter),
-            search_params=models.SearchParams(exact=exact),
+            search_params=models.SearchParams(exact=exact, hnsw_ef=hnsw_ef or None),
             with_payload=True,
         )
         return self._found(reply.points)
@@ -249,5 +318,10 @@ class QdrantStore(VectorStore):
 
 
 VECTORSTORES: Registry[VectorStore] = Registry(
-    "vectorstores", {"qdrant": "services.retrieval.vectorstores:QdrantStore"}, base=VectorStore
+    "vectorstores",
+    {
+        "qdrant_edge": "services.retrieval.edge_store:EdgeStore",
+        "qdrant": "services.retrieval.vectorstores:QdrantStore",
+    },
+    base=VectorStore,
 )

@@ -1,4 +1,4 @@
-"""A retrieval core over an embedded Qdrant in a temporary directory, with the packaged MiniLM."""
+"""A retrieval core over Qdrant Edge (the local default) in a temporary directory, with the packaged MiniLM."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from libs.common.artifacts import ArtifactStore
 from services.retrieval.config import RetrievalConfig
 from services.retrieval.core import RetrievalCore
+from services.retrieval.edge_store import EdgeStore
 from services.retrieval.embedders import load_tokenizer, packaged_minilm
 from services.retrieval.tokens import LocalTokens
-from services.retrieval.vectorstores import QdrantStore
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def minilm_tokens() -> LocalTokens:
 
 
 def make_core(root: Path, **config: int) -> RetrievalCore:
-    store = QdrantStore(path=str(root / "qdrant"))
+    store = EdgeStore(str(root / "qdrant_edge"))
     return RetrievalCore(RetrievalConfig(**config), ArtifactStore(root / "artifacts"), store)
 
 

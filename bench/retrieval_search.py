@@ -1,0 +1,178 @@
+"""Vector search in Qdrant Edge (the local default store) on data shaped like sentence embeddings.
+
+For each size (100k by default; `--vectors=100000,1000000` adds 1M) and each HNSW setting
+(`--hnsw=16:128,8:64`, m:ef_construct), in one run:
+
+- ingest: upserts of 2000 points; each point is searchable when its upsert returns (from the
+  engine's plain segment, exactly); then the time until the child-process index builds are done
+  (fully indexed), and search latency while they run (searches never wait for a build);
+- search: p50/p99 latency of 200 top-10 queries and recall@10 against the engine's exact search
+  on the same shard, for several search-time ef; target at 100k: recall@10 >= 0.95 with
+  p99 <= 5 ms;
+- memory: the serving process's resident-set growth, the build process's peak, bytes on disk;
+- reference: qdrant-client's local mode (the former default) on the same 100k vectors, same
+  queries: p50 ratio (target >= 50x lower with Qdrant Edge). `--no-local` skips it.
+
+Data: 384-dim unit vectors in 1000 topic clusters whose spread lies in a 64-dim subspace (sentence
+embeddings have a low intrinsic dimension): neighbours have cosine ~0.5-0.8, unrelated ~0.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from services.retrieval.edge_store import EdgeStore
+from services.retrieval.vectorstores import Found, Layout, Point, QdrantStore, VectorStore
+
+DIM, QUERIES, K, BATCH = 384, 200, 10, 2000
+EFS = (16, 32, 64, 128)
+LOCAL_QUERIES = 30
+
+
+def flag(name: str, default: str) -> str:
+    return next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default)
+
+
+def embeddings_like(n: int, rng: np.random.Generator, centres: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """[n, DIM] unit rows: a topic centre plus a spread inside a 64-dim subspace plus a little noise."""
+    out = np.empty((n, DIM), dtype=np.float32)
+    for a in range(0, n, 100_000):
+        b = min(n, a + 100_000)
+        rows = centres[rng.integers(0, len(centres), b - a)]
+        rows = rows + 0.9 * rng.standard_normal((b - a, basis.shape[0])) @ basis / np.sqrt(basis.shape[0])
+        rows += 0.15 * rng.standard_normal((b - a, DIM)) / np.sqrt(DIM)
+        out[a:b] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return out
+
+
+def ids(n: int) -> list[str]:
+    return [str(uuid.UUID(int=i + 1)) for i in range(n)]
+
+
+def fill(store: VectorStore, name: str, data: np.ndarray, keys: list[str]) -> float:
+    """Upsert every row in batches; seconds taken."""
+    start = time.perf_counter()
+    for a in range(0, len(data), BATCH):
+        batch = [Point(keys[j], data[j].tolist(), {"n": j}) for j in range(a, min(a + BATCH, len(data)))]
+        store.upsert(name, batch)
+    return time.perf_counter() - start
+
+
+def timed(search: Callable[[np.ndarray], list[Found]], queries: np.ndarray) -> tuple[list[float], list[list[str]]]:
+    latencies, found = [], []
+    for q in queries:
+        start = time.perf_counter()
+        hits = search(q)
+        latencies.append((time.perf_counter() - start) * 1000)
+        found.append([h.id for h in hits])
+    return latencies, found
+
+
+def p50_p99(latencies: list[float]) -> tuple[float, float]:
+    return statistics.median(latencies), float(np.percentile(latencies, 99))
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def folder_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def during_build(store: EdgeStore, name: str, queries: np.ndarray) -> tuple[float, list[float]]:
+    """Wait for the builds in a thread while this one searches; (seconds to fully indexed, latencies)."""
+    start = time.perf_counter()
+    waiter = threading.Thread(target=store.wait_indexed, args=(name,))
+    waiter.start()
+    latencies: list[float] = []
+    while waiter.is_alive():  # 10 queries every half second, so the searches leave the build its CPU
+        latencies += timed(lambda q: store.dense(name, q.tolist(), K, None), queries[:10])[0]
+        waiter.join(0.5)
+    return time.perf_counter() - start, latencies
+
+
+def edge_run(root: Path, data: np.ndarray, queries: np.ndarray, m: int, ef_construct: int) -> dict[str, float]:
+    """One size and HNSW setting through Qdrant Edge; prints its rows, returns the p50 at ef=128."""
+    name, keys = f"bench-{m}-{ef_construct}", ids(len(data))
+    base_rss = rss_mib()
+    store = EdgeStore(str(root))
+    store.create(name, Layout(DIM, hnsw_m=m, ef_construct=ef_construct), {})
+    upserted = fill(store, name, data, keys)
+    last = store.dense(name, data[-1].tolist(), 1, None, exact=True)[0].id
+    indexed, busy = during_build(store, name, queries)
+    info = store.info(name)
+    exact_lat, truth = timed(lambda q: store.dense(name, q.tolist(), K, None, exact=True), queries)
+    n = len(data)
+    print(f"  HNSW m={m} ef_construct={ef_construct}, {n} vectors of dim {DIM}:")
+    print(f"    upserts {upserted:6.1f} s ({n / upserted:8.0f} points/s); searchable on return: {last == keys[-1]}")
+    print(f"    fully indexed {indexed:6.1f} s after the last upsert ({store._shard(name).builds} builds, "
+          f"{info.indexed_vectors_count} of {info.points_count} indexed, {info.segments_count} segments)")  # fmt: skip
+    if busy:
+        p50, p99 = p50_p99(busy)
+        print(f"    searches during the builds: {len(busy)}, p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
+    print(f"    exact search    p50 {p50_p99(exact_lat)[0]:7.2f} ms  p99 {p50_p99(exact_lat)[1]:7.2f} ms")
+    measured = {}
+    for ef in EFS:
+        lat, found = timed(lambda q, ef=ef: store.dense(name, q.tolist(), K, None, hnsw_ef=ef), queries)
+        recall = statistics.mean(len(set(f) & set(t)) / K for f, t in zip(found, truth, strict=True))
+        p50, p99 = p50_p99(lat)
+        measured[f"ef{ef}"] = p50
+        print(f"    HNSW ef={ef:<4d}    p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  recall@{K} {recall:.3f}  "
+              f"{p50_p99(exact_lat)[0] / p50:6.1f}x exact")  # fmt: skip
+    build_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"    memory: serving process +{rss_mib() - base_rss:.0f} MiB, build process peak {build_peak:.0f} MiB, "
+          f"disk {folder_mib(root / name):.0f} MiB")  # fmt: skip
+    store.drop(name)
+    store.close()
+    return measured
+
+
+def local_mode_p50(root: Path, data: np.ndarray, queries: np.ndarray) -> float:
+    store = QdrantStore(path=str(root / "local"))
+    store.create("bench", Layout(DIM), {})
+    upserted = fill(store, "bench", data, ids(len(data)))
+    lat, _ = timed(lambda q: store.dense("bench", q.tolist(), K, None), queries[:LOCAL_QUERIES])
+    store.close()
+    shutil.rmtree(root / "local", ignore_errors=True)
+    p50, p99 = p50_p99(lat)
+    print(f"  qdrant-client local mode (the former default), same {len(data)} vectors: upserts {upserted:.0f} s, "
+          f"{LOCAL_QUERIES} queries p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")  # fmt: skip
+    return p50
+
+
+def main() -> None:
+    sizes = [int(s) for s in flag("vectors", "100000").split(",")]
+    settings = [tuple(int(x) for x in s.split(":")) for s in flag("hnsw", "16:128,8:64").split(",")]
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((1000, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    basis = np.linalg.qr(rng.standard_normal((DIM, 64)))[0].T  # [64, DIM] orthonormal rows
+    queries = embeddings_like(QUERIES, rng, centres, basis)
+    for n in sizes:
+        data = embeddings_like(n, rng, centres, basis)
+        print(f"vector search in Qdrant Edge, {n} clustered vectors of dim {DIM}, {QUERIES} top-{K} queries:")
+        with tempfile.TemporaryDirectory(prefix="llmp-bench-") as tmp:
+            results = [edge_run(Path(tmp), data, queries, m, efc) for m, efc in settings]
+            if n == 100_000 and "--no-local" not in sys.argv:
+                local = local_mode_p50(Path(tmp), data, queries)
+                best = results[0]["ef128"]
+                print(f"  p50 HNSW ef=128 (m={settings[0][0]}) vs local mode: {local / best:.0f}x lower (target >= 50)")
+
+
+if __name__ == "__main__":
+    main()
