@@ -27,8 +27,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env as env_value
-from libs.common.stack import free_port
-from libs.common.settings import env
 from libs.common.stack import free_port, secure_local_ray
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
