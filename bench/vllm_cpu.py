@@ -133,7 +133,9 @@ def theirs(python: Path, folder: Path, dtype: str, work: dict, threads: int) -> 
 def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, threads: int) -> None:
     work = workload()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    our_batches, our_mixed, window = ours(copy.deepcopy(model).to(torch_dtype), work)
+    copied = copy.deepcopy(model)
+    copied.to(torch_dtype)  # in place (nn.Module.to returns the module itself)
+    our_batches, our_mixed, window = ours(copied, work)
     vllm = theirs(python, folder, dtype, work, threads)
     for name, count, _, out in BATCHES:
         tokens = count * out
