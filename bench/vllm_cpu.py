@@ -134,7 +134,7 @@ def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, thre
     work = workload()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     copied = copy.deepcopy(model)
-    copied.to(torch_dtype)  # in place (nn.Module.to returns the module itself)
+    torch.nn.Module.to(copied, torch_dtype)  # in place
     our_batches, our_mixed, window = ours(copied, work)
     vllm = theirs(python, folder, dtype, work, threads)
     for name, count, _, out in BATCHES:
