@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from bench.inference import Row, engine_for, greedy, load_average, print_table, record, timed
 from bench.inference_models import big_model
@@ -67,7 +68,7 @@ def vllm_env(python: Path, threads: int) -> dict[str, str]:
     return env
 
 
-def saved_model() -> tuple[torch.nn.Module, Path]:
+def saved_model() -> tuple[PreTrainedModel, Path]:
     model = big_model(quick=False)
     folder = CACHE / "big-llama"
     if not (folder / "config.json").exists():
@@ -90,7 +91,7 @@ def workload(seed: int = 0) -> dict:
     return {"batches": batches, "mixed": mixed}
 
 
-def ours(model: torch.nn.Module, work: dict) -> tuple[dict[str, float], float, float]:
+def ours(model: PreTrainedModel, work: dict) -> tuple[dict[str, float], float, float]:
     """(best seconds per batch, seconds for the mixed arrivals, the arrival window) on our compiled engine."""
     engine = engine_for(model, kv_mb=1024, budget=2048, compile=True)
     engine.warm_up()
@@ -129,10 +130,12 @@ def theirs(python: Path, folder: Path, dtype: str, work: dict, threads: int) -> 
         return json.loads(result.read_text())
 
 
-def compare(model: torch.nn.Module, folder: Path, python: Path, dtype: str, threads: int) -> None:
+def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, threads: int) -> None:
     work = workload()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    our_batches, our_mixed, window = ours(copy.deepcopy(model).to(torch_dtype), work)
+    copied = copy.deepcopy(model)
+    torch.nn.Module.to(copied, torch_dtype)  # in place
+    our_batches, our_mixed, window = ours(copied, work)
     vllm = theirs(python, folder, dtype, work, threads)
     for name, count, _, out in BATCHES:
         tokens = count * out
