@@ -213,7 +213,8 @@ def training(home: Path, tokenizer_target: Target) -> Target:
     words += ["tokenizer", "corpus", "model_name", "max_steps", "num_workers", "seq_len"]
     # Valid but for its corpus, which lives in the tokeniser's store and not in this service's: the
     # checks run to the end (the tokeniser service is asked) and no Ray work starts.
-    config = {"tokenizer": "fuzz-bpe", "corpus": ["fuzz-corpus"], "model_name": "fuzz", "max_steps": 5, "warmup_steps": 1}
+    config = {"tokenizer": "fuzz-bpe", "corpus": ["fuzz-corpus"], "model_name": "fuzz"}
+    config |= {"max_steps": 5, "warmup_steps": 1}
     config |= {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "seq_len": 32, "num_workers": 1}
     bases = {"SubmitJob": pb.SubmitJobRequest(type="pretrain", config=to_struct(config))}
     service = pb.DESCRIPTOR.services_by_name["TrainingService"]
