@@ -89,7 +89,8 @@ def tokenizer(home: Path) -> Target:
     from libs.common import corpora
     from libs.common.clients.tokenizer import TokenizerClient
 
-    process = start_service("tokenizer", home, {"LLMP_TOKENIZER_MAX_TEXT_BYTES": str(1 << 20)})
+    env = {"LLMP_TOKENIZER_MAX_TEXT_BYTES": str(1 << 20), "LLMP_TOKENIZER_MAX_REPORT_BYTES": str(2 << 20)}
+    process = start_service("tokenizer", home, env)
     client = TokenizerClient(process.address)
     client.upload("fuzz-corpus", [text for _, text in list(corpora.pydoc_topics())[:40]])
 
