@@ -78,6 +78,7 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_TOKENIZER_CHAT_RENDER_SECONDS", "2", "longest a chat template may render"),
                 EnvVar("LLMP_TOKENIZER_MAX_OUTPUT_TOKENS", str(1 << 22), "most token ids one encode call returns"),
                 EnvVar("LLMP_TOKENIZER_MAX_OVERFLOW_WINDOWS", "65536", "most overflow windows one encode call makes"),
+                EnvVar("LLMP_TOKENIZER_MAX_REPORT_BYTES", str(256 << 20), "most bytes a vocabulary report trains on"),
             ],
         ),
         *_service_vars(

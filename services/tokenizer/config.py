@@ -23,4 +23,5 @@ class TokenizerConfig(ServiceConfig):
     max_chat_template_chars: int = doc("longest chat template", 65536)
     chat_render_seconds: float = doc("longest a chat template may render", 2.0)
     max_output_tokens: int = doc("most token ids one encode call returns, padding and overflow included", 1 << 22)
+    max_report_bytes: int = doc("most corpus bytes a vocabulary report trains on, summed over its sizes", 256 << 20)
     max_overflow_windows: int = doc("most overflow windows one encode call may make (truncation with stride)", 65536)

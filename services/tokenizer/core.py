@@ -318,6 +318,12 @@ class TokenizerCore:
         if not 0 < holdout_fraction < 1:
             raise InvalidArgument("must be in (0, 1)", field="holdout_fraction")
         stats = corpus.check(self.artifacts, corpus.resolve(self.artifacts, corpus_refs), list(texts))
+        if stats.bytes * len(vocab_sizes) > self.config.max_report_bytes:
+            raise InvalidArgument(
+                f"{len(vocab_sizes)} tokenisers on {stats.bytes} bytes each exceed {self.config.max_report_bytes} "
+                "bytes of training (LLMP_TOKENIZER_MAX_REPORT_BYTES): fewer sizes or a smaller corpus",
+                field="vocab_sizes",
+            )
         algorithms = [
             ALGORITHMS.create({"type": algorithm or "byte_level_bpe", "vocab_size": v}, field="algorithm")
             for v in vocab_sizes

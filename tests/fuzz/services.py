@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from libs.common.structs import to_struct
 from tests.conftest import ServiceProcess, start_service
 
 REAL_DEADLINE_S = 60.0
@@ -39,6 +40,10 @@ class Target:
     real: Callable[[grpc.Channel], Any]
     expected: Any = None
     others: list[Any] = field(default_factory=list)  # processes it depends on, stopped after it
+    #: A valid request per method (by name), which the fuzzer also mutates a field or two at a time.
+    bases: dict[str, Any] = field(default_factory=dict)
+    #: Puts back what the fuzzer's calls may have removed (its collection, its model), before each RPC.
+    restore: Callable[[grpc.Channel], None] | None = None
 
     def stop(self) -> None:
         self.process.stop()
@@ -84,12 +89,19 @@ def tokenizer(home: Path) -> Target:
     from libs.common import corpora
     from libs.common.clients.tokenizer import TokenizerClient
 
-    process = start_service("tokenizer", home, {"LLMP_TOKENIZER_MAX_TEXT_BYTES": str(1 << 20)})
+    env = {"LLMP_TOKENIZER_MAX_TEXT_BYTES": str(1 << 20), "LLMP_TOKENIZER_MAX_REPORT_BYTES": str(2 << 20)}
+    process = start_service("tokenizer", home, env)
     client = TokenizerClient(process.address)
     client.upload("fuzz-corpus", [text for _, text in list(corpora.pydoc_topics())[:40]])
+
+    def train(ch: grpc.Channel, name: str = "fuzz-bpe") -> None:
+        trainer = TokenizerClient(ch=ch)
+        if not trainer.exists(name):
+            trained = trainer.train(name, "bpe", 800, corpus=["fuzz-corpus"], chat_template="default")
+            assert trained.state == trained.SUCCEEDED, trained.error
+
     for name in ("real-bpe", "fuzz-bpe"):
-        trained = client.train(name, "bpe", 800, corpus=["fuzz-corpus"], chat_template="default")
-        assert trained.state == trained.SUCCEEDED, trained.error
+        train(client.channel, name)
     client.close()
 
     def real(ch: grpc.Channel) -> Any:
@@ -99,7 +111,23 @@ def tokenizer(home: Path) -> Target:
 
     words = ["fuzz-bpe", "fuzz-bpe:1", "fuzz-corpus", "bpe", "byte_level_bpe", "wordpiece", "unigram", "default"]
     words += ["user", "assistant", "system", "right", "left", "longest_first", "tokenizer.json", "sentencepiece"]
-    return _with_expected(Target("tokenizer", pb.DESCRIPTOR.services_by_name["TokenizerService"], process, words, real))
+    text = "The with statement is used to wrap the execution of a block."
+    options = {"truncation": pb.TruncationOptions(max_length=8, stride=2), "padding": pb.PaddingOptions(length=8)}
+    bases = {
+        "Train": pb.TrainRequest(name="fuzz-trained", algorithm="bpe", vocab_size=120, texts=[text] * 3),
+        "Encode": pb.EncodeRequest(tokenizer="fuzz-bpe", text=text, return_offsets=True, **options),
+        "EncodeBatch": pb.EncodeBatchRequest(tokenizer="fuzz-bpe", texts=[text, "a b"], **options),
+        "EncodeStream": pb.EncodeRequest(tokenizer="fuzz-bpe", text=text),
+        "Decode": pb.DecodeRequest(tokenizer="fuzz-bpe", ids=[5, 6, 7]),
+        "CountTokens": pb.CountTokensRequest(tokenizer="fuzz-bpe", texts=[text]),
+        "ApplyChatTemplate": pb.ApplyChatTemplateRequest(
+            tokenizer="fuzz-bpe", messages=[pb.ChatMessage(role="user", content=text)], add_generation_prompt=True
+        ),
+        "UploadCorpus": pb.CorpusChunk(name="fuzz-upload", text=text, new_document=True),
+        "VocabReport": pb.VocabReportRequest(texts=[text] * 20, algorithm="bpe", vocab_sizes=[100, 120]),
+    }
+    service = pb.DESCRIPTOR.services_by_name["TokenizerService"]
+    return _with_expected(Target("tokenizer", service, process, words, real, bases=bases, restore=train))
 
 
 def retrieval(home: Path) -> Target:
@@ -119,9 +147,17 @@ def retrieval(home: Path) -> Target:
         pb.Document(id="loops", text="The for statement iterates over the elements of a sequence."),
         pb.Document(id="errors", text="The try statement specifies exception handlers for a group of statements."),
     ]
+
+    def create(ch: grpc.Channel, name: str = "docs") -> None:
+        stub = _stub(ch, pb, "RetrievalService")
+        if name in [c.name for c in stub.ListCollections(pb.ListCollectionsRequest(), timeout=60).collections]:
+            return
+        spec = to_struct({"type": "static"})
+        stub.CreateCollection(pb.CreateCollectionRequest(name=name, embedder=spec, sparse=True), timeout=120)
+        stub.Ingest(pb.IngestRequest(collection=name, documents=documents), timeout=120)
+
     for name in ("real-docs", "docs"):
-        client.create(name, embedder={"type": "static"}, sparse=True)
-        client.stub.Ingest(pb.IngestRequest(collection=name, documents=documents), timeout=120)
+        create(client.channel, name)
     client.close()
 
     def real(ch: grpc.Channel) -> Any:
@@ -131,7 +167,21 @@ def retrieval(home: Path) -> Target:
 
     words = ["docs", "with", "loops", "static", "bm25", "fixed", "recursive", "sentences", "dense", "sparse"]
     words += ["hybrid", "cosine", "dot", "euclid", "local", "auto", "text", "markdown", "code", "document_id"]
-    return _with_expected(Target("retrieval", pb.DESCRIPTOR.services_by_name["RetrievalService"], process, words, real))
+    mmr = pb.MmrOptions(diversity=0.5)
+    search = pb.SearchRequest(collection="docs", query="a statement", top_k=2, mode="hybrid", mmr=mmr)
+    bases = {
+        "Embed": pb.EmbedRequest(texts=["a statement"], embedder=to_struct({"type": "static"})),
+        "CreateCollection": pb.CreateCollectionRequest(name="fuzz-new", embedder=to_struct({"type": "static"})),
+        "Ingest": pb.IngestRequest(
+            collection="docs",
+            documents=[pb.Document(id="fuzz-doc", text=documents[0].text)],
+            chunker=to_struct({"type": "fixed", "size": 8, "overlap": 2}),
+        ),
+        "Search": search,
+        "BuildContext": pb.BuildContextRequest(search=search, max_tokens=200),
+    }
+    service = pb.DESCRIPTOR.services_by_name["RetrievalService"]
+    return _with_expected(Target("retrieval", service, process, words, real, bases=bases, restore=create))
 
 
 def training(home: Path, tokenizer_target: Target) -> Target:
@@ -162,7 +212,14 @@ def training(home: Path, tokenizer_target: Target) -> Target:
 
     words = ["pretrain", "mlm", "sweep", "distill", "prepare", "sft", "reward", "dpo", "grpo", "fuzz-bpe"]
     words += ["tokenizer", "corpus", "model_name", "max_steps", "num_workers", "seq_len"]
-    target = Target("training", pb.DESCRIPTOR.services_by_name["TrainingService"], process, words, real)
+    # Valid but for its corpus, which lives in the tokeniser's store and not in this service's: the
+    # checks run to the end (the tokeniser service is asked) and no Ray work starts.
+    config = {"tokenizer": "fuzz-bpe", "corpus": ["fuzz-corpus"], "model_name": "fuzz"}
+    config |= {"max_steps": 5, "warmup_steps": 1}
+    config |= {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "seq_len": 32, "num_workers": 1}
+    bases = {"SubmitJob": pb.SubmitJobRequest(type="pretrain", config=to_struct(config))}
+    service = pb.DESCRIPTOR.services_by_name["TrainingService"]
+    target = Target("training", service, process, words, real, bases=bases)
     target.others.append(redis)
     return _with_expected(target)
 
@@ -175,9 +232,15 @@ def inference(home: Path) -> Target:
     save_tiny_model(home / "artifacts")
     env = {"LLMP_INFERENCE_BACKEND": "local", "LLMP_INFERENCE_MAX_TOKENS": "64", "LLMP_INFERENCE_MAX_N": "4"}
     process = start_service("inference", home, env)
+
+    def load(ch: grpc.Channel, name: str = "tiny") -> None:
+        stub = _stub(ch, pb, "InferenceService")
+        if name not in [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=60).models]:
+            stub.LoadModel(pb.LoadModelRequest(path=TINY, name=name), timeout=300)
+
     with grpc.insecure_channel(process.address) as ch:
         for name in ("real-tiny", "tiny"):
-            _stub(ch, pb, "InferenceService").LoadModel(pb.LoadModelRequest(path=TINY, name=name), timeout=300)
+            load(ch, name)
 
     def real(ch: grpc.Channel) -> Any:
         stub = _stub(ch, pb, "InferenceService")
@@ -187,7 +250,10 @@ def inference(home: Path) -> Target:
         return list(stub.Generate(request, timeout=REAL_DEADLINE_S).completions[0].token_ids)
 
     words = ["tiny", "true", "false", "never"]
-    return _with_expected(Target("inference", pb.DESCRIPTOR.services_by_name["InferenceService"], process, words, real))
+    generate = pb.GenerateRequest(model="tiny", token_ids=pb.TokenIds(ids=[5, 17, 99, 3]), max_tokens=4, temperature=0)
+    bases = {"Generate": generate, "GenerateStream": generate}
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    return _with_expected(Target("inference", service, process, words, real, bases=bases, restore=load))
 
 
 def _stub(ch: grpc.Channel, pb: Any, service: str) -> Any:

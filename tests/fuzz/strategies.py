@@ -209,3 +209,30 @@ def _build(cls: type[Message], descriptor: Descriptor, values: dict[str, Any]) -
         else:
             setattr(out, name, value)
     return out
+
+
+def mutations(base: Message, words: Sequence[str] = ()) -> st.SearchStrategy[Message]:
+    """`base` (a valid request) with up to two of its fields replaced by drawn values, or cleared.
+
+    Random messages are mostly refused at their first bad field; these get past the checks a valid
+    request passes and reach the work behind them (training, ingest, generation) with one or two
+    values at their extremes."""
+    descriptor = base.DESCRIPTOR
+    names = [f.name for f in descriptor.fields]
+    drawn = messages(descriptor, words)
+
+    def mutate(pair: tuple[list[str], Message]) -> Message:
+        chosen, donor = pair
+        out = type(base)()
+        out.CopyFrom(base)
+        for name in chosen:
+            out.ClearField(name)
+            field = descriptor.fields_by_name[name]
+            if field.is_repeated or field.message_type is not None:
+                if donor.ListFields() and any(f.name == name for f, _ in donor.ListFields()):
+                    getattr(out, name).MergeFrom(getattr(donor, name))
+            elif donor.HasField(name) if field.has_presence else True:
+                setattr(out, name, getattr(donor, name))
+        return out
+
+    return st.tuples(st.lists(st.sampled_from(names), max_size=2, unique=True), drawn).map(mutate)

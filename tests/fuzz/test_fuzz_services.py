@@ -28,7 +28,7 @@ from llmp.training.v1 import training_pb2
 
 from libs.common.rpc.client import health_status
 from tests.fuzz.conftest import CALLS, Targets
-from tests.fuzz.strategies import messages
+from tests.fuzz.strategies import messages, mutations
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuzz]
 
@@ -94,8 +94,12 @@ def test_random_calls_are_refused_or_served(service: str, method: str, targets: 
     descriptor = SERVICES[service]
     rpc = descriptor.methods_by_name[method]
     one = messages(rpc.input_type, target.words)
+    if method in target.bases:
+        one = st.one_of(one, mutations(target.bases[method], target.words))
     requests = st.lists(one, min_size=1, max_size=3) if rpc.client_streaming else one.map(lambda m: [m])
     channel = grpc.insecure_channel(target.process.address)
+    if target.restore is not None:
+        target.restore(channel)
 
     @settings(
         max_examples=max(1, -(-fuzz_examples // WITH_FIELDS)),  # rounded up: at least fuzz_examples in all

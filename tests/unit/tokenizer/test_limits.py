@@ -127,3 +127,11 @@ def test_overlong_corpus_names_are_invalid_arguments(core: TokenizerCore) -> Non
     with pytest.raises(InvalidArgument) as e:
         next(core.vocab_report(["a" * 300], [], "bpe", [100]))
     assert e.value.field == "corpus[0]"
+
+
+def test_vocabulary_reports_are_bounded_by_the_bytes_they_train_on(tmp_path: Path) -> None:
+    core = TokenizerCore(TokenizerConfig(max_report_bytes=1000), ArtifactStore(tmp_path / "artifacts"))
+    with pytest.raises(InvalidArgument) as e:
+        next(core.vocab_report([], ["some text to train on\n" * 30], "bpe", [100, 200, 300]))
+    assert e.value.field == "vocab_sizes"
+    assert next(core.vocab_report([], ["some text to train on\n" * 30], "bpe", [100])).vocab_size == 100
