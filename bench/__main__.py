@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.tokenizer", "bench.retrieval", "bench.retrieval_eval", "bench.inference", "bench.training"]
+BENCHMARKS = [
+    "bench.tokenizer",
+    "bench.retrieval",
+    "bench.retrieval_eval",
+    "bench.inference",
+    "bench.training",
+    "bench.gateway",
+]
 
 
 def main() -> None:
