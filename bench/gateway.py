@@ -71,6 +71,10 @@ def save_model(root: Path) -> None:
     tokenizer.save(str(root / MODEL / "tokenizer.json"))
 
 
+def running(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
+    return lambda: proc.poll() is None
+
+
 @dataclass
 class Stack:
     home: Path
@@ -97,8 +101,9 @@ def stack(threads: int) -> Iterator[Stack]:
         procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
         for name, port in (("inference", inference_port), ("gateway", gateway_port)):
             argv = [sys.executable, "-m", f"services.{name}", "--port", str(port), "--metrics-port", "-1"]
-            procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log))
-            if not wait_serving(f"127.0.0.1:{port}", 240, is_alive=lambda p=procs[-1]: p.poll() is None):
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log)
+            procs.append(proc)
+            if not wait_serving(f"127.0.0.1:{port}", 240, is_alive=running(proc)):
                 raise RuntimeError(f"{name} did not start; see {home / 'bench.log'}")
         key = (home / "secrets" / "admin.key").read_text().strip()
         with grpc.insecure_channel(f"127.0.0.1:{inference_port}") as ch:
@@ -137,7 +142,7 @@ async def hop(s: Stack, n: int) -> dict[str, list[float]]:
         direct = ipb_grpc.InferenceServiceStub(direct_ch)
         through = ipb_grpc.InferenceServiceStub(gw_ch)
         async with httpx.AsyncClient(base_url=s.http, headers={"authorization": f"Bearer {s.key}"}) as http:
-            out = {}
+            out: dict[str, list[float]] = {}
             for _ in range(2):  # interleave: the machine is shared
                 out.setdefault("direct gRPC", []).extend(
                     await timed(lambda: direct.ListModels(ipb.ListModelsRequest()), n)
