@@ -12,6 +12,7 @@ BENCHMARKS = [
     "bench.inference",
     "bench.training",
     "bench.redis_fsync",
+    "bench.gateway",
 ]
 
 

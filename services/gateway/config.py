@@ -10,7 +10,7 @@ from libs.common.config import ServiceConfig, doc
 @dataclass
 class GatewayConfig(ServiceConfig):
     port: int = doc("gRPC port", 50050)
-    metrics_port: int = doc("Prometheus port of the gRPC side; -1 off (HTTP /metrics is always on)", -1)
+    metrics_port: int = doc("Prometheus port (-1: off); the same metrics are on HTTP /metrics", 51050)
     http_port: int = doc("HTTP port: OpenAI-compatible /v1, platform /api/v1, /health, /metrics", 8000)
     admin_key: str = doc("an admin API key registered at start (e.g. from a Kubernetes Secret)", "")
     max_body_bytes: int = doc("largest HTTP request body read; larger ones get 413", 8 << 20)

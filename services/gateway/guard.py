@@ -1,8 +1,8 @@
 """The ASGI middleware every HTTP request passes first: request id, load shedding, body limit,
 API key, deadline, and cancellation when the client hangs up.
 
-- Request id: the caller's `X-Request-Id` (or a new one) is set in the logging context, sent to
-  every backend and returned in the response's `X-Request-Id`.
+- Request id: the caller's `X-Request-Id` (when plain: letters, digits, `._:-`, up to 64; else a
+  new one) is set in the logging context, sent to every backend and returned in `X-Request-Id`.
 - Load shedding: more than `max_in_flight` requests at once are refused at once with 429 and
   `Retry-After`, never queued.
 - Body limit: a `Content-Length` over `max_body_bytes` is refused before reading; a chunked body
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -39,6 +40,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PUBLIC = ("/health", "/metrics")
+# A caller's request id is passed on only when it is short and plain (it goes into gRPC metadata and logs).
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class PayloadTooLarge(InvalidArgument):
@@ -84,9 +87,20 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = header(scope, b"x-request-id")[:64] or uuid.uuid4().hex[:16]
+        given = header(scope, b"x-request-id")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
         request_id.set(rid)
-        send = _with_request_id(send, rid)
+        status: list[int] = []
+        send = _observed(send, rid, status)
+        start = time.perf_counter()
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            route = getattr(scope.get("route"), "path", "-")  # the matched route's template
+            metrics.LATENCY.labels(route).observe(time.perf_counter() - start)
+            metrics.REQUESTS.labels(route, str(status[0]) if status else "none").inc()
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] in PUBLIC:
             await self.app(scope, receive, send)
             return
@@ -114,9 +128,12 @@ class Guard:
         await _Exchange(self.app, scope, receive, send, self.max_body_bytes).run()
 
 
-def _with_request_id(send: Send, rid: str) -> Send:
+def _observed(send: Send, rid: str, status: list[int]) -> Send:
+    """`send` that adds the request id header and notes the status."""
+
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
+            status.append(message["status"])
             headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
             message["headers"] = [*headers, (b"x-request-id", rid.encode("latin-1"))]
         await send(message)

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ class NewKey:
     record: KeyRecord
 
 
-def check_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def check_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
     if not scopes:
         raise InvalidArgument(f"give at least one of {', '.join(SCOPES)}", field="scopes")
     unknown = [s for s in scopes if s not in SCOPES]
@@ -116,7 +117,7 @@ class KeyStore:
     async def create(
         self,
         name: str,
-        scopes: list[str] | tuple[str, ...],
+        scopes: Sequence[str],
         ttl_seconds: float = 0,
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,

@@ -28,7 +28,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
-    env = {"LLMP_GATEWAY_MAX_BODY_BYTES": "4096", "LLMP_GATEWAY_MAX_IN_FLIGHT": "4"}
+    env = {
+        "LLMP_GATEWAY_MAX_BODY_BYTES": "4096",
+        "LLMP_GATEWAY_MAX_IN_FLIGHT": "4",
+        "LLMP_GATEWAY_MAX_MESSAGE_BYTES": "65536",
+    }
     stack = start_stack(tmp_path_factory.mktemp("llmp"), {}, env)
     yield stack
     stack.close()
@@ -127,6 +131,17 @@ def test_every_grpc_method_needs_a_key(stack: GatewayStack) -> None:
         assert count >= 40
 
 
+def test_grpc_messages_over_the_limit_are_refused(stack: GatewayStack) -> None:
+    from libs.common.clients.gateway import GatewayClient
+
+    client = GatewayClient(stack.gateway.address, key=stack.admin_key)
+    with pytest.raises(grpc.RpcError) as e:
+        client.create_key("x" * 100_000, ["inference"])
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert all(k.name != "x" * 100_000 for k in client.list_keys())
+    client.close()
+
+
 def test_over_quota_is_429_with_retry_after_over_http_and_grpc(stack: GatewayStack) -> None:
     key = create_key(stack, ["admin"], requests_per_minute=2)
     assert call(stack, "GET", "/api/v1/whoami", key)[0] == 200
@@ -207,6 +222,10 @@ def test_request_ids_and_a_down_backend(stack: GatewayStack) -> None:
     assert headers["x-request-id"] == "abc-123" and "inference" in body["error"]["message"]
     status, headers, body = call(stack, "POST", "/api/v1/plan/compute", stack.admin_key, {"flops": 1e21})
     assert status == 200 and len(headers["x-request-id"]) == 16 and body["rows"][0]["parameters"] > 1e9
+    odd = call(stack, "GET", "/api/v1/whoami", stack.admin_key, headers={"x-request-id": "a b\u00e9" + "x" * 80})[1]
+    assert len(odd["x-request-id"]) == 16  # not plain: replaced, never passed on
+    _, _, text = call(stack, "GET", "/metrics")
+    assert 'llmp_gateway_http_requests_total{route="/api/v1/plan/compute",status="200"}' in text
     status, _, body = call(stack, "POST", "/api/v1/plan/memory", stack.admin_key, {"preset": "llama-3-8b"})
     assert status == 200 and body["kv_bytes_per_token"]["bf16"] == 131072
 

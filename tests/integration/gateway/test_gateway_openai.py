@@ -234,3 +234,35 @@ def test_the_request_timeout_is_the_backends_deadline(full_stack: GatewayStack, 
     status, _, reply = call(full_stack, "GET", "/v1/models", full_stack.admin_key, headers={"x-request-timeout": "-1"})
     assert status == 400 and reply["error"]["param"] == "X-Request-Timeout"
     assert ipb.ModelInfo  # the proto module the gateway answers from
+
+
+def test_over_grpc_a_cancelled_stream_and_a_passed_deadline_stop_the_backend(
+    full_stack: GatewayStack, inference: InferenceClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wait_idle(inference, within=30)
+    monkeypatch.setenv("LLMP_API_KEY", create_key(full_stack, ["inference"]))
+    through = InferenceClient(full_stack.gateway.address)
+    stream = through.stub.GenerateStream(
+        ipb.GenerateRequest(model="tiny", text="Once", max_tokens=1000, ignore_eos=True)
+    )
+    next(stream)
+    assert inference.model("tiny").load.requests_in_flight == 1
+    stream.cancel()
+    wait_idle(inference)
+    with pytest.raises(grpc.RpcError) as e:
+        through.stub.Generate(
+            ipb.GenerateRequest(model="tiny", text="Once", max_tokens=1000, ignore_eos=True), timeout=0.3
+        )
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(inference)
+    through.close()
+
+
+def test_a_token_quota_admits_until_spent(full_stack: GatewayStack) -> None:
+    key = create_key(full_stack, ["inference"], tokens_per_minute=30)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 12, "ignore_eos": True}
+    assert call(full_stack, "POST", "/v1/completions", key, body)[0] == 200  # 17 tokens: 13 left
+    assert call(full_stack, "POST", "/v1/completions", key, body)[0] == 200  # 13 - 17: the bucket is 4 in debt
+    status, headers, reply = call(full_stack, "POST", "/v1/completions", key, body)
+    assert status == 429 and "30 tokens per minute" in reply["error"]["message"]
+    assert int(headers["retry-after"]) >= 1
