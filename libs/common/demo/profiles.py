@@ -97,7 +97,7 @@ PROFILES: dict[str, Profile] = {
             new_tokens=16,
             heldout_texts=3,
             heldout_tokens=32,
-            chunk_tokens=40,
+            chunk_tokens=24,  # a cited chunk, the question and the answer fit the model's 128 tokens
             embedder={"type": "static"},  # MiniLM's token table without its layers: embeds in no time
         ),
         Profile(
@@ -136,7 +136,6 @@ PROFILES: dict[str, Profile] = {
             tokens_per_param=20.0,
             micro_batch=16,
             learning_rate=1e-3,
-            chunk_tokens=160,
             align_steps={"sft": 200, "reward": 120, "dpo": 120, "ppo": 100},
             align_records=0,
             align_length=256,
