@@ -27,13 +27,21 @@ TRAINING = ("sweep", "pretrain", "distill", "sft", "reward", "dpo")
 SERVICES = ("tokenizer", "retrieval", "training", "inference", "gateway")
 
 
+def distinct_ports(n: int) -> list[int]:
+    """n free ports, no two alike (the kernel may hand a released port out again)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def stack_env(tmp_path: Path) -> dict[str, str]:
     env = {**os.environ, "LLMP_HOME": str(tmp_path / "home"), "HOME": str(tmp_path / "user"), "COLUMNS": "200"}
-    for service in SERVICES:
-        env[f"LLMP_{service.upper()}_PORT"] = str(free_port())
-        env[f"LLMP_{service.upper()}_METRICS_PORT"] = str(free_port())
-    env |= {"LLMP_GATEWAY_HTTP_PORT": str(free_port()), "LLMP_REDIS_PORT": str(free_port())}
-    env |= {"LLMP_RAY_PORT": str(free_port()), "LLMP_RAY_DASHBOARD_PORT": str(free_port())}
+    names = [f"LLMP_{s.upper()}_{kind}" for s in SERVICES for kind in ("PORT", "METRICS_PORT")]
+    names += ["LLMP_GATEWAY_HTTP_PORT", "LLMP_REDIS_PORT", "LLMP_RAY_PORT", "LLMP_RAY_DASHBOARD_PORT"]
+    env |= {name: str(port) for name, port in zip(names, distinct_ports(len(names)), strict=True)}
     return env
 
 
@@ -75,7 +83,7 @@ def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
 
         llmp(env, "up", "--timeout", "300")
         finished = llmp(env, "demo", "--profile", "tiny").stdout
-        for kept in ("data preparation", "tokenisers", "plan, pretrain, distil", "alignment"):
+        for kept in ("data preparation", "tokenisers", "plan and pretrain", "align, distil a draft"):
             assert f"{kept}: done earlier" in finished, finished
         again = llmp(env, "demo", "--profile", "tiny").stdout
         assert again.count("done earlier") == 6, again

@@ -49,7 +49,7 @@ def prose_topics(ctx: StageContext) -> list[tuple[str, str]]:
     return topics if not n else topics[:: max(1, len(topics) // n)][:n]
 
 
-def _upload(ctx: StageContext, client: TokenizerClient, name: str, documents: list[str]) -> dict[str, Any]:
+def _upload(client: TokenizerClient, name: str, documents: list[str]) -> dict[str, Any]:
     try:
         reply = client.upload(name, documents)
         return {"documents": reply.documents, "bytes": reply.bytes}
@@ -73,7 +73,7 @@ def data_preparation(ctx: StageContext) -> dict[str, Any]:
     uploaded = {}
     for kind, documents in (("code", list(code_documents(ctx))), ("prose", [t for _, t in prose_topics(ctx)])):
         ctx.status(f"uploading {names[kind]}")
-        uploaded[kind] = {"name": names[kind], **_upload(ctx, client, names[kind], documents)}
+        uploaded[kind] = {"name": names[kind], **_upload(client, names[kind], documents)}
         ctx.say(
             f"corpus {names[kind]}: {uploaded[kind]['documents']} documents, {uploaded[kind]['bytes'] / 1e6:.2f} MB"
         )

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from importlib import resources
@@ -52,7 +53,7 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     ctx.total(7)
     training = TrainingClient()
     model = training.model(ctx.results["alignment"]["served_model"])
-    draft = training.model(ctx.results["pretraining"]["distill"]["model"])
+    draft = training.model(ctx.results["alignment"]["distill"]["model"])
     tokenizer = model.lineage.tokenizer
     names = {"fp32": ctx.name("chat-fp32"), "int8": ctx.name("chat-int8"), "served": ctx.name("chat")}
     speculative = json.dumps({"type": "draft_model", "model": draft.path, "num_tokens": DRAFT_TOKENS})
@@ -60,7 +61,8 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     ctx.status("loading three replicas")
     inference.ensure_loaded(names["fp32"], model.path)
     inference.ensure_loaded(names["int8"], model.path, quantization="int8")
-    inference.ensure_loaded(names["served"], model.path, quantization="int8", speculative=speculative)
+    served_engine = {"quantization": "int8", "speculative": speculative}
+    inference.ensure_loaded(names["served"], model.path, **served_engine)
     ctx.say(f"serving {model.ref} as {names['served']}: INT8 weights, speculative decoding drafted by {draft.ref}")
     ctx.advance()
 
@@ -103,6 +105,8 @@ def serving(ctx: StageContext) -> dict[str, Any]:
         "draft": draft.ref,
         "served_name": names["served"],
         "tokenizer": tokenizer,
+        "served_path": model.path,
+        "served_engine": served_engine,
         "parameters": model.parameters,
         "front_door": door.kind,
         "perplexity": ppl,
@@ -169,12 +173,12 @@ def retrieval(ctx: StageContext) -> dict[str, Any]:
     ]
     questions = labelled_questions({d.source for d in documents}, p.recall_questions)
     ctx.total(len(documents) + len(questions) + p.rag_questions)
-    if collection not in {c.name for c in client.list_collections()}:
-        client.create(
-            collection, embedder=p.embedder, sparse=True, chunker={"type": "recursive", "size": p.chunk_tokens}
-        )
+    if collection in {c.name for c in client.list_collections()}:
+        client.delete(collection)  # an earlier run's may have another embedder or chunk size
+    chunker = {"type": "recursive", "size": p.chunk_tokens}
+    client.create(collection, embedder=p.embedder, sparse=True, chunker=chunker)
     chunks = 0
-    for start in range(0, len(documents), 8):  # idempotent: a rerun replaces the same documents
+    for start in range(0, len(documents), 8):
         ctx.status(f"ingesting documents {start + 1}-{min(start + 8, len(documents))} of {len(documents)}")
         chunks += client.ingest(collection, documents[start : start + 8]).chunks
         ctx.advance(len(documents[start : start + 8]))
@@ -191,6 +195,8 @@ def retrieval(ctx: StageContext) -> dict[str, Any]:
     ctx.say(f"recall@{RECALL_K}: {recall:.2f} on {len(questions)} questions (chance about {chance:.2f})")
 
     served = ctx.results["serving"]
+    with contextlib.closing(Inference()) as inference:  # the stack may have restarted since it was served
+        inference.ensure_loaded(served["served_name"], served["served_path"], **served["served_engine"])
     door = open_front_door({served["served_name"]: served["tokenizer"]})
     if "FALLBACK" in door.kind:
         ctx.warn(f"NO GATEWAY INSTALLED: answering through the {door.kind}")
