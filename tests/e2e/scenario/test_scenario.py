@@ -79,7 +79,10 @@ def test_the_life_of_a_model(target: Target, gateway: Gateway, topics: list[tupl
     # registered with its lineage, then served
     registered = gateway.call("GET", f"/models/{MODEL}:latest")
     assert registered["path"] and final["model"].startswith(f"{MODEL}:")
-    gateway.events("POST", "/served", {"model": f"{MODEL}:latest", "name": MODEL, "kv_cache_bytes": 16 << 20})
+    loaded = gateway.call(
+        "POST", "/served", {"model": f"{MODEL}:latest", "name": MODEL, "kv_cache_bytes": 16 << 20}, expect=201
+    )
+    assert loaded["name"] == MODEL
     served = gateway.call("GET", "/served")["models"]
     assert MODEL in {m["name"] for m in served}
 
@@ -94,7 +97,7 @@ def test_the_life_of_a_model(target: Target, gateway: Gateway, topics: list[tupl
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
 
     # documents in, and an answer that cites them
-    gateway.call("POST", "/collections", {"name": COLLECTION})
+    gateway.call("POST", "/collections", {"name": COLLECTION}, expect=201)
     documents = [{"id": name, "text": text, "source": f"pydoc:{name}"} for name, text in topics[:20]]
     gateway.call("POST", f"/collections/{COLLECTION}/documents", {"documents": documents})
     answer: dict[str, Any] = gateway.call(

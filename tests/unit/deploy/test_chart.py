@@ -475,3 +475,16 @@ def test_every_llmp_variable_the_chart_sets_is_declared(rendered: list[Manifest]
     undeclared = {n for n in llmp - set(VARIABLES) if gateway_here or not n.startswith("LLMP_GATEWAY_")}
     assert undeclared == set()
     assert {"LLMP_TRAINING_KUBERAY_IMAGE", "LLMP_TRAINING_KUBERAY_SECRET", "LLMP_QDRANT_URL"} <= llmp
+
+
+def test_images_come_from_the_registry_and_tag_the_values_name() -> None:
+    objects = render({"image": {"registry": "registry.example/ml", "tag": "1.2.3", "pullSecrets": ["regcred"]}})
+    llmp_pods = [(w, t) for w, t in all_pods(objects) if not w.startswith("StatefulSet/")]
+    assert llmp_pods
+    for where, template in llmp_pods:
+        assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}], where
+        for c in template["spec"]["containers"]:
+            assert re.fullmatch(r"registry\.example/ml/llmp-[a-z]+:1\.2\.3", c["image"]), (where, c["image"])
+    (training,) = find(objects, "Deployment", "llmp-training")
+    env = env_of(training["spec"]["template"]["spec"]["containers"][0])
+    assert env["LLMP_TRAINING_KUBERAY_IMAGE"] == "registry.example/ml/llmp-training:1.2.3"

@@ -35,7 +35,7 @@ spec:
       {{- else }}
       automountServiceAccountToken: false
       {{- end }}
-      {{- include "llmp.imagePullSecrets" $root | nindent 6 }}
+      {{- with (include "llmp.imagePullSecrets" $root) }}{{ . | trim | nindent 6 }}{{- end }}
       securityContext:
         {{- include "llmp.podSecurityContext" dict | nindent 8 }}
       terminationGracePeriodSeconds: 45
