@@ -23,7 +23,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from typing import Any
+from urllib.parse import urlsplit
 
+from libs.common import secrets
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env
 from libs.common.stack import free_port, secure_local_ray
@@ -202,8 +204,17 @@ class RayJobsBackend(Backend):
 
 
 def driver_env(context: JobContext) -> dict[str, str]:
-    """What a driver running outside the service needs to reach the platform's shared parts."""
-    shared = {"LLMP_REDIS_URL": context.redis_url, "LLMP_HOME": str(context.artifacts.root.parent)}
+    """What a driver running outside the service needs to reach the platform's shared parts.
+
+    Ray's dashboard shows a job's environment: the local Redis' password is left out (redacted) and
+    read by the driver from the LLMP_HOME it shares (secrets.redis_url); a Redis of another's keeps
+    its URL as given."""
+    home = context.artifacts.root.parent
+    url = context.redis_url
+    local = secrets.read(home, secrets.REDIS_PASSWORD)
+    if local is not None and urlsplit(url).password == local:
+        url = secrets.redact(url)
+    shared = {"LLMP_REDIS_URL": url, "LLMP_HOME": str(home)}
     names = ("LLMP_TOKENIZER_ADDRESS", "RAY_AUTH_MODE")
     return shared | {name: os.environ[name] for name in names if os.environ.get(name)}
 
