@@ -38,7 +38,7 @@ import redis
 from libs.common import local_redis
 from libs.common import secrets as platform_secrets
 from libs.common.config import CommonConfig
-from libs.common.errors import Unavailable
+from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.local_redis import redis_server_binary
 from libs.common.ports import ensure_free, free_port
 from libs.common.rpc.client import address, health_status, wait_serving
@@ -50,6 +50,7 @@ __all__ = [
     "free_port",
     "installed_services",
     "local_ray_env",
+    "make_ray_temp_dir",
     "ray_temp_dir",
     "redis_server_binary",
     "secure_local_ray",
@@ -103,6 +104,16 @@ def ray_temp_dir(home: Path) -> Path:
     return Path("/tmp") / f"llmp-{os.getuid()}-{digest}"
 
 
+def make_ray_temp_dir(home: Path) -> Path:
+    """Create Ray's temp folder (0700); one in /tmp that another user made or can enter is refused."""
+    temp = ray_temp_dir(home)
+    temp.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = temp.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise FailedPrecondition(f"{temp} is not a private folder of this user; remove it and start again")
+    return temp
+
+
 def local_ray_env(home: Path) -> dict[str, str]:
     """What every process of a local Ray runs with, the head and its clients alike: token
     authentication with the token of $LLMP_HOME/secrets (generated if absent), and loopback only."""
@@ -127,9 +138,7 @@ def secure_local_ray(home: Path) -> str:
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
-    temp = ray_temp_dir(home)
-    temp.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return str(temp)
+    return str(make_ray_temp_dir(home))
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -213,8 +222,7 @@ class LocalStack:
             (self.common.ray_dashboard_port, "LLMP_RAY_DASHBOARD_PORT"),
         ):
             ensure_free("127.0.0.1", port, variable)
-        temp = ray_temp_dir(self.home)
-        temp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temp = make_ray_temp_dir(self.home)
         argv = [
             sys.executable,
             "-m",

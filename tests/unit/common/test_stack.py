@@ -5,9 +5,12 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
+
 from libs.common import secrets
 from libs.common.config import CommonConfig
-from libs.common.stack import LocalStack, local_ray_env, ray_temp_dir
+from libs.common.errors import FailedPrecondition
+from libs.common.stack import LocalStack, local_ray_env, make_ray_temp_dir, ray_temp_dir
 
 
 def test_ray_temp_stays_under_llmp_home_unless_its_sockets_would_be_too_long(tmp_path: Path) -> None:
@@ -40,3 +43,12 @@ def test_services_are_given_the_password_in_the_redis_url(tmp_path: Path) -> Non
     env = stack._service_env()
     assert env["LLMP_REDIS_URL"] == f"redis://:{password}@127.0.0.1:6391/0"
     assert env["LLMP_HOME"] == str(tmp_path) and "RAY_ADDRESS" not in env  # no Ray of ours is running
+
+
+def test_a_ray_temp_folder_others_can_enter_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "llmp"
+    temp = make_ray_temp_dir(home)
+    assert stat.S_IMODE(temp.stat().st_mode) == 0o700
+    temp.chmod(0o777)  # as a folder another user planted in /tmp would be
+    with pytest.raises(FailedPrecondition, match="not a private folder"):
+        make_ray_temp_dir(home)
