@@ -53,6 +53,7 @@ __all__ = [
     "make_ray_temp_dir",
     "ray_temp_dir",
     "redis_server_binary",
+    "remove_ray_temp_dir",
     "secure_local_ray",
 ]
 
@@ -94,24 +95,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def ray_temp_dir(home: Path) -> Path:
-    """Ray's temp and session folder: $LLMP_HOME/ray-tmp, or a private folder in /tmp named after
-    LLMP_HOME when that path is too long for Ray's unix sockets."""
-    inside = home / "ray-tmp"
-    if len(str(inside)) <= RAY_TEMP_MAX_CHARS:
+def _ray_root(home: Path) -> Path:
+    """A private (0700) folder for Ray's temp folder: $LLMP_HOME/ray-session, or one in /tmp named
+    after LLMP_HOME when that path is too long for Ray's unix sockets. Ray makes its temp folder
+    world-writable (0777) on every start, so only a private folder around it keeps others out."""
+    inside = home / "ray-session"
+    if len(str(inside)) <= RAY_TEMP_MAX_CHARS - 2:
         return inside
     digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
     return Path("/tmp") / f"llmp-{os.getuid()}-{digest}"
 
 
+def ray_temp_dir(home: Path) -> Path:
+    """Ray's temp and session folder (`ray start --temp-dir`, `ray.init(_temp_dir=...)`)."""
+    return _ray_root(home) / "t"
+
+
 def make_ray_temp_dir(home: Path) -> Path:
-    """Create Ray's temp folder (0700); one in /tmp that another user made or can enter is refused."""
-    temp = ray_temp_dir(home)
-    temp.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = temp.stat()
+    """Create Ray's temp folder inside its private folder; a private folder that another user made
+    or can enter (e.g. planted in /tmp) is refused."""
+    root = _ray_root(home)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise FailedPrecondition(f"{temp} is not a private folder of this user; remove it and start again")
+        raise FailedPrecondition(f"{root} is not a private folder of this user; remove it and start again")
+    temp = ray_temp_dir(home)
+    temp.mkdir(exist_ok=True)
     return temp
+
+
+def remove_ray_temp_dir(home: Path) -> None:
+    """Remove the /tmp stand-in once its Ray has stopped (one under LLMP_HOME is kept, with its logs)."""
+    root = _ray_root(home)
+    if not root.is_relative_to(home):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def local_ray_env(home: Path) -> dict[str, str]:
@@ -291,6 +308,7 @@ class LocalStack:
     # -- services ----------------------------------------------------------------------------
     def up(self, only: list[str] | None = None, timeout: float = 120.0) -> list[Status]:
         """Start what is not running yet and wait until everything is SERVING."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new LLMP_HOME is private
         self._start_redis(timeout)
         specs = [s for s in installed_services() if not only or s.name in only]
         if any(s.needs_ray and not self._running(s.name) for s in specs):
@@ -331,9 +349,8 @@ class LocalStack:
             psutil.wait_procs(left, timeout=10)
             self._pidfile(name).unlink(missing_ok=True)
             stopped.append(name)
-        temp = ray_temp_dir(self.home)
-        if "ray" in stopped and not temp.is_relative_to(self.home):  # the /tmp stand-in is not kept
-            shutil.rmtree(temp, ignore_errors=True)
+        if "ray" in stopped:
+            remove_ray_temp_dir(self.home)
         return stopped
 
     def status(self) -> list[Status]:

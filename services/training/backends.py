@@ -22,13 +22,14 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from libs.common import secrets
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env
-from libs.common.stack import free_port, secure_local_ray
+from libs.common.stack import free_port, remove_ray_temp_dir, secure_local_ray
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
 from services.training.jobstore import CANCEL, FAILED, PREEMPT, JobRecord
@@ -82,6 +83,7 @@ class LocalRayBackend(Backend):
     def __init__(self, config: TrainingConfig, context: JobContext) -> None:
         super().__init__(config, context)
         self._drivers: dict[str, threading.Thread] = {}
+        self._own_ray_home: Path | None = None  # LLMP_HOME of the local Ray this process started
 
     def open(self) -> None:
         """Join Ray before serving any call: Ray forks its processes, which is unsafe under busy gRPC threads."""
@@ -95,7 +97,8 @@ class LocalRayBackend(Backend):
         if not address:
             # its own Ray, as secure as the stack's: token authentication with the token of
             # $LLMP_HOME/secrets (never ~/.ray), loopback only, its session folders under LLMP_HOME
-            local["_temp_dir"] = secure_local_ray(self.context.artifacts.root.parent)
+            self._own_ray_home = self.context.artifacts.root.parent
+            local["_temp_dir"] = secure_local_ray(self._own_ray_home)
         import ray  # after the environment is set: Ray reads part of it at import
 
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
@@ -134,6 +137,8 @@ class LocalRayBackend(Backend):
         for driver in running.values():
             driver.join(max(0.0, end - time.monotonic()))
         ray.shutdown()
+        if self._own_ray_home is not None:
+            remove_ray_temp_dir(self._own_ray_home)
 
 
 class RayJobsBackend(Backend):
