@@ -65,5 +65,8 @@ def test_a_ray_temp_folder_others_can_enter_is_refused(tmp_path: Path) -> None:
     private = make_ray_temp_dir(home).parent
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
     private.chmod(0o777)  # as a folder another user planted in /tmp would be
-    with pytest.raises(FailedPrecondition, match="not a private folder"):
-        make_ray_temp_dir(home)
+    try:
+        with pytest.raises(FailedPrecondition, match="not a private folder"):
+            make_ray_temp_dir(home)
+    finally:
+        remove_ray_temp_dir(home)
