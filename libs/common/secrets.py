@@ -121,21 +121,31 @@ def local_redis_url(home: Path, port: int, password: str | None) -> str:
     return f"redis://{auth}127.0.0.1:{port}/0"
 
 
+REDACTED = "***"
+
+
 def redis_url(common: CommonConfig) -> str:
-    """LLMP_REDIS_URL when it is set; else the local Redis of `llmp up`, with its password from LLMP_HOME."""
+    """LLMP_REDIS_URL when it is set; else the local Redis of `llmp up`, with its password from LLMP_HOME.
+
+    A URL whose password is redacted ('***', see `redact`) gets the password of LLMP_HOME's
+    redis.password: how a process started through Ray learns it without the job showing it."""
     if common.redis_url:
+        if urlsplit(common.redis_url).password == REDACTED:
+            return _with_password(common.redis_url, read(common.home_path, REDIS_PASSWORD) or "")
         return common.redis_url
     return local_redis_url(common.home_path, common.redis_port, read(common.home_path, REDIS_PASSWORD))
 
 
 def redact(url: str) -> str:
     """The URL with its password replaced by '***', for logs and anything a dashboard shows."""
+    return _with_password(url, REDACTED) if urlsplit(url).password else url
+
+
+def _with_password(url: str, password: str) -> str:
     parts = urlsplit(url)
-    if not parts.password:
-        return url
     host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    auth = f"{parts.username or ''}:{quote(password, safe='*')}@" if password else ""
+    return urlunsplit(parts._replace(netloc=f"{auth}{host}"))
 
 
 def ray_env(home: Path) -> dict[str, str]:

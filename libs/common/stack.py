@@ -38,7 +38,7 @@ import redis
 from libs.common import local_redis
 from libs.common import secrets as platform_secrets
 from libs.common.config import CommonConfig
-from libs.common.errors import Unavailable
+from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.local_redis import redis_server_binary
 from libs.common.ports import ensure_free, free_port
 from libs.common.rpc.client import address, health_status, wait_serving
@@ -50,8 +50,10 @@ __all__ = [
     "free_port",
     "installed_services",
     "local_ray_env",
+    "make_ray_temp_dir",
     "ray_temp_dir",
     "redis_server_binary",
+    "remove_ray_temp_dir",
     "secure_local_ray",
 ]
 
@@ -93,14 +95,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def ray_temp_dir(home: Path) -> Path:
-    """Ray's temp and session folder: $LLMP_HOME/ray-tmp, or a private folder in /tmp named after
-    LLMP_HOME when that path is too long for Ray's unix sockets."""
-    inside = home / "ray-tmp"
-    if len(str(inside)) <= RAY_TEMP_MAX_CHARS:
+def _ray_root(home: Path) -> Path:
+    """A private (0700) folder for Ray's temp folder: $LLMP_HOME/ray-session, or one in /tmp named
+    after LLMP_HOME when that path is too long for Ray's unix sockets. Ray makes its temp folder
+    world-writable (0777) on every start, so only a private folder around it keeps others out."""
+    inside = home / "ray-session"
+    if len(str(inside)) <= RAY_TEMP_MAX_CHARS - 2:
         return inside
     digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
     return Path("/tmp") / f"llmp-{os.getuid()}-{digest}"
+
+
+def ray_temp_dir(home: Path) -> Path:
+    """Ray's temp and session folder (`ray start --temp-dir`, `ray.init(_temp_dir=...)`)."""
+    return _ray_root(home) / "t"
+
+
+def make_ray_temp_dir(home: Path) -> Path:
+    """Create Ray's temp folder inside its private folder; a private folder that another user made
+    or can enter (e.g. planted in /tmp) is refused."""
+    root = _ray_root(home)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise FailedPrecondition(f"{root} is not a private folder of this user; remove it and start again")
+    temp = ray_temp_dir(home)
+    temp.mkdir(exist_ok=True)
+    return temp
+
+
+def remove_ray_temp_dir(home: Path) -> None:
+    """Remove the /tmp stand-in once its Ray has stopped (one under LLMP_HOME is kept, with its logs)."""
+    root = _ray_root(home)
+    if not root.is_relative_to(home):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def local_ray_env(home: Path) -> dict[str, str]:
@@ -127,9 +155,7 @@ def secure_local_ray(home: Path) -> str:
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
-    temp = ray_temp_dir(home)
-    temp.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return str(temp)
+    return str(make_ray_temp_dir(home))
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -213,8 +239,7 @@ class LocalStack:
             (self.common.ray_dashboard_port, "LLMP_RAY_DASHBOARD_PORT"),
         ):
             ensure_free("127.0.0.1", port, variable)
-        temp = ray_temp_dir(self.home)
-        temp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temp = make_ray_temp_dir(self.home)
         argv = [
             sys.executable,
             "-m",
@@ -283,6 +308,7 @@ class LocalStack:
     # -- services ----------------------------------------------------------------------------
     def up(self, only: list[str] | None = None, timeout: float = 120.0) -> list[Status]:
         """Start what is not running yet and wait until everything is SERVING."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new LLMP_HOME is private
         self._start_redis(timeout)
         specs = [s for s in installed_services() if not only or s.name in only]
         if any(s.needs_ray and not self._running(s.name) for s in specs):
@@ -323,9 +349,8 @@ class LocalStack:
             psutil.wait_procs(left, timeout=10)
             self._pidfile(name).unlink(missing_ok=True)
             stopped.append(name)
-        temp = ray_temp_dir(self.home)
-        if "ray" in stopped and not temp.is_relative_to(self.home):  # the /tmp stand-in is not kept
-            shutil.rmtree(temp, ignore_errors=True)
+        if "ray" in stopped:
+            remove_ray_temp_dir(self.home)
         return stopped
 
     def status(self) -> list[Status]:

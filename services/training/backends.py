@@ -22,12 +22,14 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from libs.common import secrets
 from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.settings import env as env_value
-from libs.common.stack import free_port, secure_local_ray
+from libs.common.stack import free_port, remove_ray_temp_dir, secure_local_ray
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
 from services.training.jobstore import CANCEL, FAILED, PREEMPT, JobRecord
@@ -81,6 +83,7 @@ class LocalRayBackend(Backend):
     def __init__(self, config: TrainingConfig, context: JobContext) -> None:
         super().__init__(config, context)
         self._drivers: dict[str, threading.Thread] = {}
+        self._own_ray_home: Path | None = None  # LLMP_HOME of the local Ray this process started
 
     def open(self) -> None:
         """Join Ray before serving any call: Ray forks its processes, which is unsafe under busy gRPC threads."""
@@ -94,7 +97,8 @@ class LocalRayBackend(Backend):
         if not address:
             # its own Ray, as secure as the stack's: token authentication with the token of
             # $LLMP_HOME/secrets (never ~/.ray), loopback only, its session folders under LLMP_HOME
-            local["_temp_dir"] = secure_local_ray(self.context.artifacts.root.parent)
+            self._own_ray_home = self.context.artifacts.root.parent
+            local["_temp_dir"] = secure_local_ray(self._own_ray_home)
         import ray  # after the environment is set: Ray reads part of it at import
 
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
@@ -133,6 +137,8 @@ class LocalRayBackend(Backend):
         for driver in running.values():
             driver.join(max(0.0, end - time.monotonic()))
         ray.shutdown()
+        if self._own_ray_home is not None:
+            remove_ray_temp_dir(self._own_ray_home)
 
 
 class RayJobsBackend(Backend):
@@ -203,8 +209,17 @@ class RayJobsBackend(Backend):
 
 
 def driver_env(context: JobContext) -> dict[str, str]:
-    """What a driver running outside the service needs to reach the platform's shared parts."""
-    shared = {"LLMP_REDIS_URL": context.redis_url, "LLMP_HOME": str(context.artifacts.root.parent)}
+    """What a driver running outside the service needs to reach the platform's shared parts.
+
+    Ray's dashboard shows a job's environment: the local Redis' password is left out (redacted) and
+    read by the driver from the LLMP_HOME it shares (secrets.redis_url); a Redis of another's keeps
+    its URL as given."""
+    home = context.artifacts.root.parent
+    url = context.redis_url
+    local = secrets.read(home, secrets.REDIS_PASSWORD)
+    if local is not None and urlsplit(url).password == local:
+        url = secrets.redact(url)
+    shared = {"LLMP_REDIS_URL": url, "LLMP_HOME": str(home)}
     names = ("LLMP_TOKENIZER_ADDRESS", "RAY_AUTH_MODE")
     return shared | {name: os.environ[name] for name in names if os.environ.get(name)}
 

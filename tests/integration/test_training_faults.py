@@ -22,7 +22,7 @@ import pytest
 from llmp.training.v1 import training_pb2 as pb
 
 from libs.common.clients.training import TrainingClient
-from libs.common.stack import local_ray_env, ray_temp_dir
+from libs.common.stack import local_ray_env, make_ray_temp_dir
 from tests.conftest import free_port, start_service
 from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, train_workers
 
@@ -94,9 +94,7 @@ class RayHead:
         self.env = local_ray_env(home)  # token authentication with $LLMP_HOME's token, loopback only
         argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
         argv += ["--node-ip-address=127.0.0.1", f"--port={self.port}", "--num-cpus=2"]
-        temp = ray_temp_dir(home)
-        temp.mkdir(mode=0o700, exist_ok=True)
-        argv += [f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"]
+        argv += [f"--temp-dir={make_ray_temp_dir(home)}", f"--ray-client-server-port={free_port()}"]
         argv += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         # the agent's HTTP port is fixed (52365) by default: taken by any other Ray on this machine,
         # its job server then answers "No available agent"

@@ -90,3 +90,11 @@ def test_config_show_never_prints_the_redis_password(monkeypatch: pytest.MonkeyP
     shown = CliRunner().invoke(cli, ["config", "show"], terminal_width=240)
     assert shown.exit_code == 0, shown.output
     assert "hunter2" not in shown.output and "redis://:***@redis:6379/0" in shown.output
+
+
+def test_a_redacted_url_takes_the_password_kept_in_llmp_home(tmp_path: Path) -> None:
+    password = secrets.ensure(tmp_path, secrets.REDIS_PASSWORD)
+    shown = secrets.redact(f"redis://:{password}@10.0.0.5:6379/0")
+    assert password not in shown
+    resolved = secrets.redis_url(CommonConfig(home=str(tmp_path), redis_url=shown))
+    assert resolved == f"redis://:{password}@10.0.0.5:6379/0"

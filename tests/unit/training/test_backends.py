@@ -1,13 +1,21 @@
-"""The KubeRay backend's RayJob object, validated against KubeRay's CRD schema."""
+"""The KubeRay backend's RayJob object, validated against KubeRay's CRD schema; what a ray_jobs driver is handed."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from services.training.backends import rayjob_manifest
+from libs.common import secrets
+from libs.common.artifacts import ArtifactStore
+from libs.common.config import CommonConfig
+from libs.common.planning import GB
+from services.training.backends import driver_env, rayjob_manifest
 from services.training.config import TrainingConfig
+from services.training.jobs import JobContext
 from services.training.jobstore import JobRecord
 from tests.conftest import ROOT
 
@@ -56,3 +64,28 @@ def test_a_broken_manifest_fails_the_schema(rayjob_v1: jsonschema.Draft7Validato
     del manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
     with pytest.raises(jsonschema.ValidationError, match="groupName"):
         rayjob_v1.validate(manifest)
+
+
+def test_a_ray_jobs_driver_is_not_handed_the_local_redis_password(tmp_path: Path) -> None:
+    """Ray's dashboard shows a job's environment: the driver reads the password from LLMP_HOME instead."""
+    password = secrets.ensure(tmp_path, secrets.REDIS_PASSWORD)
+
+    def env_for(url: str) -> dict[str, str]:
+        context = JobContext(
+            store=None,  # type: ignore[arg-type]
+            registry=None,  # type: ignore[arg-type]
+            artifacts=ArtifactStore(tmp_path / "artifacts"),
+            tokenizer=None,  # type: ignore[arg-type]
+            redis_url=url,
+            worker_memory_bytes=GB,
+            ray_storage=str(tmp_path / "ray"),
+        )
+        return driver_env(context)
+
+    local = env_for(f"redis://:{password}@127.0.0.1:6379/0")
+    assert password not in json.dumps(local)
+    assert local["LLMP_HOME"] == str(tmp_path)
+    driver = CommonConfig(home=local["LLMP_HOME"], redis_url=local["LLMP_REDIS_URL"])
+    assert secrets.redis_url(driver) == f"redis://:{password}@127.0.0.1:6379/0"
+    other = "redis://:theirs@redis.example:6379/0"
+    assert env_for(other)["LLMP_REDIS_URL"] == other  # someone else's Redis: only its URL can say how
