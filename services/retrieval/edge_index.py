@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +42,7 @@ T = TypeVar("T")
 
 SHARD, BUILD, OLD = "shard", "build", "old"
 INDEXED = "indexed"  # marker file: no vector was written since the last completed build
+FLUSH_EVERY_S = 5.0  # segments flushed at most this often by writers, as Qdrant's server does in the background
 
 
 def recover(folder: Path) -> None:
@@ -74,6 +76,7 @@ class LiveShard:
         self._child: subprocess.Popen[bytes] | None = None
         self._closed = self._failed = False
         self.builds = 0  # completed builds, for tests and benchmarks
+        self._flushed = time.monotonic()
         indexed = (folder / INDEXED).exists()
         self.pending_kb = 0.0 if indexed else self.read(lambda s: s.info().points_count) * vector_kb
         self.maybe_build()
@@ -87,6 +90,9 @@ class LiveShard:
         with self.write_lock:
             with self.lock:
                 self.shard.update(operation)
+                if time.monotonic() - self._flushed > FLUSH_EVERY_S:
+                    self.shard.flush()  # so the log is truncated and a restart replays little
+                    self._flushed = time.monotonic()
             if self._oplog is not None:
                 self._oplog.append(operation)
             if points:

@@ -149,3 +149,12 @@ def test_collections_survive_a_reopen(tmp_path: Path) -> None:
     assert second.describe("c").points == 3
     assert second.search(Query("c", "attention keys", top_k=3, mode="hybrid")) == expected
     second.store.close()
+
+
+@pytest.mark.parametrize("mode", ["sparse", "hybrid"])
+def test_qdrant_bm25_collections_search_by_stems(core: RetrievalCore, mode: str) -> None:
+    core.create_collection("q", embedder=STATIC, sparse=True, sparse_embedder={"type": "qdrant_bm25"})
+    core.ingest("q", DOCS)
+    assert core.spec("q")["sparse_embedder"] == {"type": "qdrant_bm25"}
+    hits = core.search(Query("q", "caching", top_k=1, mode=mode))  # "caching" and "cache" stem to one term
+    assert hits[0].document_id == "kv"

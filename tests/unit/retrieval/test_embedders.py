@@ -64,3 +64,13 @@ def test_bm25_weights_saturate_and_hash_stably() -> None:
 def test_unknown_embedder_names_the_field() -> None:
     with pytest.raises(InvalidArgument, match=r"embedder\.type"):
         EMBEDDERS.create({"type": "word2vec"}, field="embedder")
+
+
+def test_qdrant_bm25_stems_drops_stop_words_and_saturates() -> None:
+    bm25 = EMBEDDERS.create({"type": "qdrant_bm25"})
+    assert bm25.query("Running runs") == bm25.query("run")  # one stemmed term, weight 1
+    assert len(bm25.query("the cat and the dog").indices) == 2  # "the", "and" are stop words
+    once, thrice = bm25.document("cache"), bm25.document("cache cache cache")
+    assert once.indices == thrice.indices and once.values[0] < thrice.values[0] < 3 * once.values[0]
+    with pytest.raises(InvalidArgument, match="sparse_embedder"):
+        EMBEDDERS.create({"type": "qdrant_bm25", "language": "klingon"})
