@@ -95,6 +95,8 @@ def resolve(store: ArtifactStore, refs: Iterable[str]) -> list[Path]:
     files: list[Path] = []
     for i, ref in enumerate(refs):
         where = f"corpus[{i}]"
+        if not ref.strip("/"):
+            raise InvalidArgument("an empty reference; name a corpus or a path in the artifact store", field=where)
         corpus_dir = store.path(f"{KIND}/{ref}", field=where)  # refuses overlong and escaping names first
         path = corpus_dir if "/" not in ref and corpus_dir.is_dir() else store.path(ref, field=where)
         if path.is_dir():

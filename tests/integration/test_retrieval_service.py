@@ -39,7 +39,8 @@ def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
 @pytest.fixture(scope="module")
 def tokenizer_service(tmp_path_factory: pytest.TempPathFactory):
     service = start_service("tokenizer", tmp_path_factory.mktemp("tok"))
-    request = tokenizer_pb.ImportRequest(name="minilm", path=str(packaged_minilm() / "tokenizer.json"))
+    data = (packaged_minilm() / "tokenizer.json").read_bytes()  # the service reads no caller's paths
+    request = tokenizer_pb.ImportRequest(name="minilm", data=data, format="tokenizer.json")
     TokenizerClient(service.address).stub.Import(request)
     yield service
     service.stop()

@@ -135,3 +135,10 @@ def test_vocabulary_reports_are_bounded_by_the_bytes_they_train_on(tmp_path: Pat
         next(core.vocab_report([], ["some text to train on\n" * 30], "bpe", [100, 200, 300]))
     assert e.value.field == "vocab_sizes"
     assert next(core.vocab_report([], ["some text to train on\n" * 30], "bpe", [100])).vocab_size == 100
+
+
+@pytest.mark.parametrize("ref", ["", "/", "//"])
+def test_an_empty_corpus_reference_is_not_every_corpus(core: TokenizerCore, ref: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        next(core.vocab_report([ref], [], "bpe", [100]))
+    assert e.value.field == "corpus[0]"
