@@ -7,12 +7,13 @@ own tokenizer, stop words and stemmer; both weighted by the engine's IDF modifie
 packaged all-MiniLM-L6-v2 embedded once per chunker, and reports recall@1/5/10 and MRR for dense,
 sparse and hybrid (RRF, fused by the engine) search. A hit is a chunk overlapping the answer span.
 
-Run: python -m bench retrieval_eval
+Run: python -m bench retrieval_eval [--chunkers=recursive]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,7 +81,8 @@ def main() -> None:
     print(f"retrieval eval: {len(questions)} questions over {len(documents)} documents (Qdrant Edge)")
     with tempfile.TemporaryDirectory() as tmp:
         core = RetrievalCore(RetrievalConfig(), ArtifactStore(Path(tmp) / "artifacts"), EdgeStore(f"{tmp}/qdrant_edge"))
-        for chunking in CHUNKERS:
+        chosen = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--chunkers=")), CHUNKERS)
+        for chunking in chosen:
             start = time.perf_counter()
             chunks = ingest(core, chunking, documents)
             print(f"  {chunking}: {chunks} chunks ingested in {time.perf_counter() - start:.1f}s")

@@ -53,6 +53,7 @@ QUANTIZATION: dict[str, Any] = {
 # Quantised vectors are searched first, then the best `oversampling` x limit rescored exactly.
 OVERSAMPLING = {"": 1.0, "scalar": 1.0, "binary": 3.0}
 HNSW_DEFAULTS = (16, 100)  # Qdrant's m and ef_construct
+RRF_TIE = 1e-5  # relative; RRF scores are ~1/60, float32 resolves ~1e-7 of that
 RECORDS_VECTOR = "none"  # record tables need one vector kind to exist; their points have none
 
 
@@ -238,7 +239,9 @@ class EdgeStore(VectorStore):
             stages.append(qe.Prefetch(fetch, qe.Query.Nearest(_sparse(sparse), using=SPARSE), filter=condition))
         if len(stages) == 2:
             # The engine ranks from 0 (1 / (k + position)); ranking.rrf from 1: k + 1 gives the same scores.
-            stages = [qe.Prefetch(fetch, qe.Fusion.Rrf(k=s.rrf_k + 1), prefetches=stages, filter=condition)]
+            # A dense weight a hair above 1 breaks ties as ranking.rrf does: the dense list's hit first.
+            fusion = qe.Fusion.Rrf(k=s.rrf_k + 1, weights=[1.0 + RRF_TIE, 1.0])
+            stages = [qe.Prefetch(fetch, fusion, prefetches=stages, filter=condition)]
         if s.mmr is not None and s.mmr_vector is not None:
             # The engine's lambda weighs relevance: 1 - diversity.
             final: Any = qe.Mmr(list(s.mmr_vector), 1.0 - s.mmr, fetch, using=DENSE)

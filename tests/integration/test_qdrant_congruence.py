@@ -148,12 +148,8 @@ def hybrid_and_mmr(store: VectorStore, name: str) -> tuple[Any, ...]:
     fused = store.search(name, Search(8, dense=query, sparse=SparseVector([2, 52], [1.0, 1.0])))
     diverse = store.search(name, Search(5, dense=query, mmr=0.6, candidates=20, mmr_vector=query))
     plain = store.search(name, Search(5, dense=query, mmr=0.0, candidates=20, mmr_vector=query))
-    # RRF ties (one list's rank r against the other's) may come in either order: compare scores, and
-    # the ids above the last score.
-    last = round(fused[-1].score, 4)
     return (
-        [round(f.score, 4) for f in fused],
-        {f.id for f in fused if round(f.score, 4) > last},
+        [(f.id, round(f.score, 4)) for f in fused],  # RRF ties (rank r in one list only) go to the dense hit
         [f.id for f in diverse],
         [f.id for f in plain] == [f.id for f in store.dense(name, query, 5, None, exact=True)],
     )
