@@ -56,11 +56,13 @@ if ENGINE is None:
     pytestmark.append(pytest.mark.skip(reason="no container engine (podman or docker) answers on this machine"))
 
 
-def image(service: str) -> str:
-    name = f"{IMAGE_PREFIX}-{service}:{IMAGE_TAG}"
+def image(service: str, variant: str = "cpu") -> str:
+    """The image of a service; the CUDA variant's tag ends in -cuda (make image-<service>-cuda)."""
+    name = f"{IMAGE_PREFIX}-{service}:{IMAGE_TAG}" + ("-cuda" if variant == "cuda" else "")
     assert ENGINE is not None
     if subprocess.run([ENGINE[0], "image", "inspect", name], capture_output=True).returncode != 0:
-        pytest.skip(f"image {name} is not built here (make image-{service})")
+        target = f"{service}-cuda" if variant == "cuda" else service
+        pytest.skip(f"image {name} is not built here (make image-{target})")
     return name
 
 
@@ -79,7 +81,7 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 class Container:
     """A detached container of one service on a free loopback port; removed however the test ends."""
 
-    def __init__(self, service: str, env: dict[str, str]) -> None:
+    def __init__(self, service: str, env: dict[str, str], variant: str = "cpu") -> None:
         assert ENGINE is not None
         self.service, self.port = service, free_port()
         self.name = f"llmp-smoke-{service}-{self.port}"
@@ -106,7 +108,7 @@ class Container:
             "--shm-size",
             "512m",
             *flags,
-            image(service),
+            image(service, variant),
         )
 
     def running(self) -> bool:
@@ -142,12 +144,16 @@ def service_env(service: str, redis: RedisServer) -> dict[str, str]:
     }.get(service, {})
 
 
-@pytest.mark.parametrize("service", ["tokenizer", "retrieval", "training", "inference", "gateway"])
-def test_image_starts_as_non_root_and_answers_the_health_check(service: str, redis: RedisServer) -> None:
+@pytest.mark.parametrize(
+    ("service", "variant"),
+    [(s, "cpu") for s in ("tokenizer", "retrieval", "training", "inference", "gateway")]
+    + [("training", "cuda"), ("inference", "cuda")],
+)
+def test_image_starts_as_non_root_and_answers_the_health_check(service: str, variant: str, redis: RedisServer) -> None:
     env = service_env(service, redis)
-    container = Container(service, env)
+    container = Container(service, env, variant)
     try:
-        config = json.loads(engine("image", "inspect", image(service)).stdout)[0]["Config"]
+        config = json.loads(engine("image", "inspect", image(service, variant)).stdout)[0]["Config"]
         assert config["User"] == "10001:10001"
         serving = wait_serving(f"127.0.0.1:{container.port}", START_SECONDS, is_alive=container.running)
         assert serving, f"{service} did not answer SERVING:\n{container.logs()}"
@@ -160,7 +166,8 @@ def test_image_starts_as_non_root_and_answers_the_health_check(service: str, red
         assert engine("exec", container.name, "python", "-c", probe, *absent).stdout.strip() == "[]"
         if service in ("training", "inference", "retrieval"):
             cuda = engine("exec", container.name, "python", "-c", "import torch; print(torch.version.cuda)")
-            assert cuda.stdout.strip() == "None", "the CPU image carries the CPU build of torch"
+            # the CPU variant carries torch's CPU build, the CUDA one its CUDA build (which runs on CPUs too)
+            assert (cuda.stdout.strip() != "None") == (variant == "cuda"), cuda.stdout
         if service == "gateway":
             url = f"http://127.0.0.1:{env['LLMP_GATEWAY_HTTP_PORT']}/health"
             with urllib.request.urlopen(url, timeout=10) as response:
