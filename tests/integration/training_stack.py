@@ -24,7 +24,7 @@ from libs.common.clients.training import TrainingClient
 from tests.conftest import ServiceProcess, start_service
 from tests.unit.training.redis_server import RedisServer
 
-WATCH_TIMEOUT_S = 400  # a watch that outlives this fails the test instead of hanging it
+WATCH_TIMEOUT_S = 900  # a watch that outlives this fails the test instead of hanging it
 GPU = torch.cuda.is_available()
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

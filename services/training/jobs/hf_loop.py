@@ -32,7 +32,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerControl, TrainerState
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainerControl, TrainerState, set_seed
 from transformers import TrainingArguments as HFArguments
 
 from libs.common.artifacts import ArtifactStore
@@ -223,6 +223,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     output = artifacts.path(f"{checkpoints.job_dir(run_id)}/{HF_CHECKPOINTS}")
+    set_seed(loop.seed)  # new weights (a reward model's head, a LoRA adapter) start the same on every run
     trainer = spec.build(arguments(loop, output), train, heldout)
     callback = JobCallback(store, job_id, artifacts)
     trainer.add_callback(callback)
