@@ -217,9 +217,7 @@ class Runner:
         try:
             check_services(stage)
             return stage.run(ctx)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # every failure becomes one message; the traceback goes to the log
+        except Exception as e:  # every failure becomes one message; the traceback goes to the log
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             with self.log_file.open("a") as out:
                 out.write(f"--- {datetime.now(UTC).isoformat()} stage {stage.key}\n{traceback.format_exc()}\n")

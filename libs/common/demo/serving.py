@@ -23,6 +23,7 @@ from llmp.inference.v1 import inference_pb2_grpc as ipb_grpc
 from libs.common.rpc.client import address, channel
 
 FORCE = 1e4  # logit bias that makes the true next token the greedy choice
+KV_CACHE_BYTES = 64 << 20  # per replica: the demo's models are small and its requests short (default 512 MiB)
 REPLICA_CPUS = 0.25  # three replicas share two cores; Ray must not wait for a whole CPU each
 
 
@@ -36,6 +37,7 @@ class Inference:
 
     def ensure_loaded(self, name: str, path: str, **engine: Any) -> ipb.ModelInfo:
         """Serve `path` as `name` with these engine options, replacing a replica of other options."""
+        engine = {"kv_cache_bytes": KV_CACHE_BYTES, **engine}
         wanted = ipb.EngineOptions(**engine)
         try:
             info = self.stub.GetModelInfo(ipb.GetModelInfoRequest(model=name))
