@@ -73,8 +73,9 @@ class ChatTemplate:
 
         check_messages(messages)
         conversation = [{"role": role, "content": content} for role, content in messages]
+        render: Any = render_jinja_template  # its **kwargs are the template's variables (the special tokens)
         try:
-            rendered, _ = render_jinja_template(
+            rendered, _ = render(
                 conversations=[conversation],
                 chat_template=self.source,
                 add_generation_prompt=True,

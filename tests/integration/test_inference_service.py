@@ -171,6 +171,21 @@ def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "messages",
         ),
+        (
+            pb.GenerateRequest(model="tiny", text="hi", processors=[{"type": "top_k", "k": 1}]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "processors",
+        ),
+        (
+            pb.GenerateRequest(model="tiny", text="hi", processors=[{"type": "no_such_sampler"}]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "processors.type",
+        ),
+        (  # compiled on the replica: this model has no end-of-sequence token to finish a grammar with
+            pb.GenerateRequest(model="tiny", text="hi", processors=[{"type": "structured", "regex": "[0-9]+"}]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "processors",
+        ),
     ],
 )
 def test_bad_input_names_the_field(

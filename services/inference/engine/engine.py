@@ -49,7 +49,7 @@ from libs.common.artifacts import ArtifactStore
 from libs.common.errors import FailedPrecondition, InvalidArgument, LlmpError, NotFound
 from services.inference.engine.batch import StepChunk
 from services.inference.engine.beam import BeamDecoding, BeamSearch, check_beams
-from services.inference.engine.decoding import SAMPLE, CompletionOutput, RequestState
+from services.inference.engine.decoding import SAMPLE, CompletionOutput, Decoding, RequestState
 from services.inference.engine.kv_cache import KVCache, KVCacheConfig
 from services.inference.engine.lora import LoraAdapters, adapter_dir
 from services.inference.engine.model_loader import LoadedModel
@@ -160,7 +160,7 @@ class LLMEngine:
         samplers = [] if beam else [Sampler(params, seed + i, self.sampler_context) for i in range(params.n)]
         seqs = [Sequence(f"{rid}/{i}", rid, list(prompt), len(prompt)) for i in range(1 if beam else params.n)]
         completions = [CompletionOutput(i) for i in range(params.n)]
-        decoding = SAMPLE
+        decoding: Decoding = SAMPLE
         if beam:
             stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
             decoding = BeamDecoding(BeamSearch(seqs[0], params, stop_ids, params.max_tokens))
