@@ -11,6 +11,7 @@ caller's deadline travel on to the backend (the server kit set both).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import PurePosixPath
 from typing import Any
@@ -154,8 +155,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             await self.gw.quotas.charge(key, tokens)
 
     async def PlanMemory(self, request: pb.PlanMemoryRequest, context: Any) -> pb.PlanMemoryResponse:
-        import json
-
         await authorize(self.gw, context, ())
         try:
             config = json.loads(request.config_json) if request.config_json else None

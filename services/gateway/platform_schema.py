@@ -7,7 +7,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-StoreName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")]
+_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+# A relative path in the artifact store: names of at most 128 characters (the store's rule), no '..'.
+StorePath = Annotated[str, Field(max_length=512, pattern=rf"^{_PART}(/{_PART}){{0,7}}$")]
+# A registry reference: "name", "name:latest" or "name:<version>".
+Ref = Annotated[str, Field(max_length=160, pattern=rf"^{_PART}(:[A-Za-z0-9]{{1,20}})?$")]
 
 
 class Body(BaseModel):
@@ -26,7 +30,7 @@ class TrainTokenizer(Body):
     name: Name
     algorithm: str = Field(default="byte_level_bpe", min_length=1)
     vocab_size: Annotated[int, Field(ge=1, le=1 << 22)]
-    corpus: list[StoreName] = []
+    corpus: list[StorePath] = []
     """Corpus names in the store (from POST /api/v1/corpora)."""
     texts: list[str] = []
     special_tokens: list[str] = []
@@ -58,8 +62,8 @@ class SubmitJob(Body):
 class LoadModel(Body):
     """A model from the registry (`model`: "name:version") or a store folder (`path`: "models/x/1")."""
 
-    model: StoreName | None = None
-    path: StoreName | None = None
+    model: Ref | None = None
+    path: StorePath | None = None
     name: str = Field(default="", max_length=128)
     quantization: str = Field(default="", max_length=256)
     """A quantizer name ("int8", "int4", "nf4") or its JSON spec."""
@@ -76,7 +80,7 @@ class LoadModel(Body):
 
 class LoadAdapter(Body):
     name: Name
-    path: StoreName
+    path: StorePath
 
 
 class CreateCollection(Body):
@@ -102,7 +106,7 @@ class Ingest(Body):
 
 
 class IngestCorpus(Body):
-    corpus: StoreName
+    corpus: StorePath
     """A corpus name in the store (uploaded with POST /api/v1/corpora), never a server path."""
     patterns: list[str] = []
     chunker: dict[str, Any] | None = None

@@ -191,7 +191,7 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
     full_stack: GatewayStack, inference: InferenceClient
 ) -> None:
     wait_idle(inference, within=30)
-    body = {"model": "tiny", "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 1000, "n": 4, "ignore_eos": True, "stream": True}
     headers = {"authorization": f"Bearer {full_stack.admin_key}"}
     with (
         httpx.Client(timeout=60) as http,
@@ -209,7 +209,7 @@ def test_a_client_that_hangs_up_before_the_answer_cancels_the_generation(
     full_stack: GatewayStack, inference: InferenceClient
 ) -> None:
     wait_idle(inference, within=30)
-    payload = json.dumps({"model": "tiny", "prompt": "Once", "max_tokens": 1000, "ignore_eos": True}).encode()
+    payload = json.dumps({"model": "tiny", "prompt": "Once", "max_tokens": 1000, "n": 4, "ignore_eos": True}).encode()
     head = (
         f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         f"authorization: Bearer {full_stack.admin_key}\r\ncontent-length: {len(payload)}\r\n\r\n"
@@ -266,3 +266,12 @@ def test_a_token_quota_admits_until_spent(full_stack: GatewayStack) -> None:
     status, headers, reply = call(full_stack, "POST", "/v1/completions", key, body)
     assert status == 429 and "30 tokens per minute" in reply["error"]["message"]
     assert int(headers["retry-after"]) >= 1
+
+
+def test_the_request_id_reaches_the_backend(full_stack: GatewayStack) -> None:
+    body = {"model": "no-such-model", "prompt": "x"}
+    status, headers, _ = call(
+        full_stack, "POST", "/v1/completions", full_stack.admin_key, body, headers={"x-request-id": "trace-me-42"}
+    )
+    assert status == 404 and headers["x-request-id"] == "trace-me-42"
+    assert "[trace-me-42] Generate refused" in full_stack.services["inference"].output()
