@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,10 @@ def during_build(store: EdgeStore, name: str, queries: np.ndarray) -> tuple[floa
     return time.perf_counter() - start, latencies
 
 
+def hnsw(store: VectorStore, name: str, q: np.ndarray, ef: int) -> list[Found]:
+    return store.dense(name, q.tolist(), K, None, hnsw_ef=ef)
+
+
 def edge_run(root: Path, data: np.ndarray, queries: np.ndarray, m: int, ef_construct: int) -> dict[str, float]:
     """One size and HNSW setting through Qdrant Edge; prints its rows, returns the p50 at ef=128."""
     name, keys = f"bench-{m}-{ef_construct}", ids(len(data))
@@ -143,7 +148,7 @@ def edge_run(root: Path, data: np.ndarray, queries: np.ndarray, m: int, ef_const
     print(f"    exact search    p50 {p50_p99(exact_lat)[0]:7.2f} ms  p99 {p50_p99(exact_lat)[1]:7.2f} ms")
     measured = {}
     for ef in EFS:
-        lat, found = timed(lambda q, ef=ef: store.dense(name, q.tolist(), K, None, hnsw_ef=ef), queries)
+        lat, found = timed(partial(hnsw, store, name, ef=ef), queries)
         recall = statistics.mean(len(set(f) & set(t)) / K for f, t in zip(found, truth, strict=True))
         p50, p99 = p50_p99(lat)
         measured[f"ef{ef}"] = p50

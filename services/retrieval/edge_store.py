@@ -27,8 +27,9 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import qdrant_edge as qe
 
@@ -63,6 +64,10 @@ def _filter(raw: dict[str, Any] | None) -> qe.Filter | None:
 
 def _found(points: Sequence[qe.ScoredPoint]) -> list[Found]:
     return [Found(str(p.id), float(p.score), dict(p.payload or {})) for p in points]
+
+
+def _scroll(shard: qe.EdgeShard, request: qe.ScrollRequest) -> tuple[list[qe.Record], Any]:
+    return shard.scroll(request)
 
 
 def _sparse(vector: SparseVector) -> qe.SparseVector:
@@ -188,7 +193,8 @@ class EdgeStore(VectorStore):
 
     def vectors(self, name: str, ids: Sequence[str]) -> dict[str, list[float]]:
         records = self._shard(name).read(lambda s: s.retrieve(list(ids), with_payload=False, with_vector=[DENSE]))
-        return {str(r.id): list(r.vector[DENSE]) for r in records}  # type: ignore[index]
+        # Named vectors come back as {name: vector}; the stubs' union also allows a plain list.
+        return {str(r.id): list(cast(dict[str, list[float]], r.vector)[DENSE]) for r in records}
 
     # -- search ------------------------------------------------------------------------------
     def _params(self, name: str, exact: bool = False, hnsw_ef: int = 0) -> qe.SearchParams:
@@ -240,7 +246,7 @@ class EdgeStore(VectorStore):
         if len(stages) == 2:
             # The engine ranks from 0 (1 / (k + position)); ranking.rrf from 1: k + 1 gives the same scores.
             # A dense weight a hair above 1 breaks ties as ranking.rrf does: the dense list's hit first.
-            fusion = qe.Fusion.Rrf(k=s.rrf_k + 1, weights=[1.0 + RRF_TIE, 1.0])
+            fusion: Any = qe.Fusion.Rrf(k=s.rrf_k + 1, weights=[1.0 + RRF_TIE, 1.0])  # stubs omit the nested class
             stages = [qe.Prefetch(fetch, fusion, prefetches=stages, filter=condition)]
         if s.mmr is not None and s.mmr_vector is not None:
             # The engine's lambda weighs relevance: 1 - diversity.
@@ -275,7 +281,7 @@ class EdgeStore(VectorStore):
         shard, found, offset = self._shard(table), {}, None
         while True:
             request = qe.ScrollRequest(offset=offset, limit=256, with_payload=True)
-            batch, offset = shard.read(lambda s, r=request: s.scroll(r))
+            batch, offset = shard.read(partial(_scroll, request=request))
             found.update({str(r.id): dict(r.payload or {}) for r in batch})
             if offset is None:
                 return found
