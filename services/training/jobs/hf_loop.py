@@ -48,6 +48,8 @@ COMPLETE_MARKER = "trainer_state.json"
 BEFORE = "before.json"
 """The held-out metrics of the untrained model, measured once (a resumed run keeps the first)."""
 PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
+EVAL_SEED_OFFSET = 1_000_003
+"""The held-out metrics are measured with seed + this, before and after training alike (GRPO and RLOO sample)."""
 """Log keys that are not the job type's own figures."""
 
 
@@ -233,12 +235,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             store.log(job_id, f"resumed from {artifacts.relative(resume)}")
     elif not before_file.is_file():  # the same on every rank: the store is shared
+        set_seed(loop.seed + EVAL_SEED_OFFSET)
         before = spec.evaluate(trainer)
         if rank == 0:
             write_json(before_file, before)
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if callback.stopped:
         return
+    set_seed(loop.seed + EVAL_SEED_OFFSET)  # sampled held-out completions drawn as they were before training
     metrics = spec.evaluate(trainer)
     if rank == 0:
         before = json.loads(before_file.read_text()) if before_file.is_file() else {}
