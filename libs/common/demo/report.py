@@ -272,7 +272,7 @@ def summary(state: dict[str, Any]) -> list[str]:
     lines = []
     if "data" in r:
         f = r["data"]["funnel"]
-        lines.append(f"data: {f[0]['docs_in']} documents in, {f[-1]['docs_out']} kept after {len(f)} cleaning stages")
+        lines.append(f"data: {f[0]['docs_in']} documents in, {f[-1]['docs_out']} out, through {len(f)} stages")
     if "pretraining" in r:
         t = r["pretraining"]["target"]
         agreement = r["pretraining"]["distill"]["metrics"]["top1_agreement"]
