@@ -83,7 +83,7 @@ def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
 
         llmp(env, "up", "--timeout", "300")
         finished = llmp(env, "demo", "--profile", "tiny").stdout
-        for kept in ("data preparation", "tokenisers", "plan and pretrain", "align, distil a draft"):
+        for kept in ("data preparation", "tokenisers", "plan, pretrain, distil", "alignment"):
             assert f"{kept}: done earlier" in finished, finished
         again = llmp(env, "demo", "--profile", "tiny").stdout
         assert again.count("done earlier") == 6, again

@@ -6,8 +6,8 @@
     llmp demo --fresh                   # start over (otherwise finished stages are kept)
     llmp demo --open                    # serve the report on 127.0.0.1 when done
 
-Stages (STAGES, in order): data preparation, tokenisers, scaling plan + pretraining, alignment +
-distillation of a draft, serving (INT8, speculative decoding, chat through the gateway), retrieval
+Stages (STAGES, in order): data preparation, tokenisers, scaling plan + pretraining +
+distillation, alignment, serving (INT8, speculative decoding, chat through the gateway), retrieval
 (recall, RAG answers with citations), and the report (HTML with pictures, and the figures as JSON,
 in the artifact store under demo/<profile>/runs/<run id>/).
 """
@@ -31,8 +31,8 @@ FRONT = ("gateway",) if gateway_installed() else ()  # checked before generating
 STAGES: list[Stage] = [
     Stage("data", "data preparation", ("tokenizer", "training"), data_stages.data_preparation),
     Stage("tokenisers", "tokenisers", ("tokenizer",), data_stages.tokenisers),
-    Stage("pretraining", "plan and pretrain", ("tokenizer", "training"), train_stages.pretraining),
-    Stage("alignment", "align, distil a draft", ("training",), train_stages.alignment),
+    Stage("pretraining", "plan, pretrain, distil", ("tokenizer", "training"), train_stages.pretraining),
+    Stage("alignment", "alignment", ("training",), train_stages.alignment),
     Stage("serving", "serving", ("training", "tokenizer", "inference", *FRONT), serve_stages.serving),
     Stage("retrieval", "retrieval and RAG", ("retrieval", "tokenizer", "inference", *FRONT), serve_stages.retrieval),
 ]

@@ -31,14 +31,11 @@ def training_curves(results: dict[str, Any]) -> dict[str, list[list[float]]]:
     """Every training job's (step, loss) curve, by label."""
     curves = {}
     pre = results.get("pretraining", {})
-    for key in ("sweep", "pretrain"):
+    for key in ("sweep", "pretrain", "distill"):
         if key in pre:
             curves[key] = pre[key]["curve"]
-    align = results.get("alignment", {})
-    for key, step in align.get("steps", {}).items():
+    for key, step in results.get("alignment", {}).get("steps", {}).items():
         curves[key] = step["curve"]
-    if "distill" in align:
-        curves["distill"] = align["distill"]["curve"]
     return curves
 
 
@@ -275,18 +272,17 @@ def summary(state: dict[str, Any]) -> list[str]:
     lines = []
     if "data" in r:
         f = r["data"]["funnel"]
-        lines.append(f"data: {f[0]['docs_in']} documents in, {f[-1]['docs_out']} kept after {len(f)} cleaning stages")
+        lines.append(f"data: {f[0]['docs_in']} documents in, {f[-1]['docs_out']} out, through {len(f)} stages")
     if "pretraining" in r:
         t = r["pretraining"]["target"]
+        agreement = r["pretraining"]["distill"]["metrics"]["top1_agreement"]
         lines.append(
-            f"pretraining: held-out loss {t['reached_loss']:.3f} (the sweep's law predicted {t['predicted_loss']:.3f})"
+            f"pretraining: held-out loss {t['reached_loss']:.3f} (the sweep's law predicted "
+            f"{t['predicted_loss']:.3f}); draft agreement {agreement:.2f}"
         )
     for key, step in r.get("alignment", {}).get("steps", {}).items():
         shown = ", ".join(f"{m} {_n(b)} -> {_n(a)}" for m, (b, a) in list(step["before_after"].items())[:2])
         lines.append(f"{key}: {step['model']} ({shown})")
-    if "distill" in r.get("alignment", {}):
-        d = r["alignment"]["distill"]
-        lines.append(f"draft: {d['model']}, top-1 agreement with the served model {d['metrics']['top1_agreement']:.2f}")
     if "serving" in r:
         s = r["serving"]
         lines.append(

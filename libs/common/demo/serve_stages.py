@@ -53,7 +53,7 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     ctx.total(7)
     training = TrainingClient()
     model = training.model(ctx.results["alignment"]["served_model"])
-    draft = training.model(ctx.results["alignment"]["distill"]["model"])
+    draft = training.model(ctx.results["pretraining"]["distill"]["model"])
     tokenizer = model.lineage.tokenizer
     names = {"fp32": ctx.name("chat-fp32"), "int8": ctx.name("chat-int8"), "served": ctx.name("chat")}
     speculative = json.dumps({"type": "draft_model", "model": draft.path, "num_tokens": DRAFT_TOKENS})
