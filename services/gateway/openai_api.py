@@ -318,6 +318,9 @@ async def chat_completions(body: ChatRequest, request: Request, key: KeyRecord =
     generate = generate_request(
         body.model, messages=messages, **sampling(body, body.token_limit(), top if body.logprobs else None)
     )
+    structured = body.structured()
+    if structured is not None:  # response_format: the inference service's grammar-constrained sampling
+        generate.processors.add().update(structured)
     cid = f"chatcmpl-{request_id.get()}"
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)

@@ -131,11 +131,10 @@ class ChatRequest(Sampling):
 
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(
-                f"response_format: {self.response_format.type} needs structured output, "
-                "which the inference service does not offer yet"
-            )
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            schema = (self.response_format.model_extra or {}).get("json_schema")
+            if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+                raise ValueError("response_format.json_schema.schema: a JSON Schema object is required")
         if self.tools:
             raise ValueError("tools: tool calls are not supported")
         if self.top_logprobs is not None and not self.logprobs:
@@ -144,6 +143,15 @@ class ChatRequest(Sampling):
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def structured(self) -> dict[str, Any] | None:
+        """The inference service's structured-output stage for response_format (None: free text)."""
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        if self.response_format.type == "json_object":
+            return {"type": "structured", "json_object": True}
+        json_schema = (self.response_format.model_extra or {})["json_schema"]
+        return {"type": "structured", "json_schema": json_schema["schema"]}
 
 
 class EmbeddingRequest(BaseModel):

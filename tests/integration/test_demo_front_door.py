@@ -55,7 +55,7 @@ def gateway_app(seen: list[dict[str, Any]]) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/api/v1/rag/answer")
+    @app.post("/api/v1/answer")
     async def rag(request: Request, authorization: str | None = Header(None)) -> Any:
         check(authorization)
         body = await request.json()

@@ -2,7 +2,7 @@
 
 - chat completions (whole and streamed) through the OpenAI-compatible API (`/v1`), with the
   official `openai` client;
-- RAG answers through the platform API: `POST /api/v1/rag/answer` with
+- RAG answers through the platform API: `POST /api/v1/answer` with
   {"collection", "question", "model", "top_k", "max_tokens"} -> {"answer", "citations": [{"chunk_id",
   "source", "text", ...}]}, with httpx.
 
@@ -31,7 +31,7 @@ from libs.common.config import CommonConfig
 from libs.common.demo.runner import StageError
 from libs.common.settings import env
 
-RAG_ANSWER = "/api/v1/rag/answer"
+RAG_ANSWER = "/api/v1/answer"
 
 
 @dataclass

@@ -182,9 +182,10 @@ def test_bodies_over_the_limit_and_invalid_json_are_refused(stack: GatewayStack)
     assert_envelope(body, 400, status, "top_p")
     status, _, body = call(
         stack, "POST", "/v1/chat/completions", stack.admin_key,
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+         "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
     )  # fmt: skip
-    assert_envelope(body, 400, status, "response_format")
+    assert_envelope(body, 400, status, "response_format.json_schema.schema")
 
 
 def test_over_the_in_flight_cap_requests_are_shed_not_queued(stack: GatewayStack) -> None:
