@@ -2,11 +2,13 @@
 
 Real Redis, the real tokeniser service, the training service over gRPC and trl trainers (PPO: our
 loop) on Ray Train workers: the session's training stack (tests/integration/training_stack.py). Its
-base, a tiny Llama pretrained on `pydoc_data.topics`, is aligned on the built-in sets made from the
-same text: "pydoc:instructions" (a paragraph's first sentence -> the rest) and "pydoc:preferences"
-(the real rest chosen over a continuation of about the same length from another topic). Every
-metric is measured on the held-out topics (jobs/builtin_data.py), which no job trains on; every
-job is seeded, so the figures asserted are the same on every run of the same code.
+base, a tiny Llama pretrained on `pydoc_data.topics`, is fine-tuned on "pydoc:instructions" (a
+paragraph's first sentence -> the rest); the reward model, DPO and the RL jobs use
+"code:preferences" (a function's real body over one with a single corruption, its docstring over
+another function's). Every metric is measured on the held-out modules and topics
+(jobs/builtin_data.py), which no job trains on, and every job is seeded, so the figures asserted
+are the same on every run of the same code. (The pydoc pairs, whose rejected answer continues
+another topic, are beyond a model this small: its reward model stays at chance on held-out topics.)
 """
 
 from __future__ import annotations
