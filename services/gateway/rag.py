@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llmp.inference.v1 import inference_pb2 as ipb
 from llmp.retrieval.v1 import retrieval_pb2 as rpb
 
+from libs.common import errors
 from libs.common.clients.inference import generate_request
 from libs.common.logs import request_id
 from services.gateway import backends
@@ -69,19 +70,46 @@ def generation(q: Question, context: rpb.BuildContextResponse) -> ipb.GenerateRe
     )
 
 
+MIN_CONTEXT_TOKENS = 16
+"""The smallest context budget tried before a prompt that does not fit the model is refused."""
+
+
+def _too_long(error: errors.InvalidArgument) -> bool:
+    """The inference service's refusal of a prompt longer than the model's context."""
+    return error.field == "prompt" and "do not fit" in str(error)
+
+
 async def answer(b: Backends, q: Question) -> tuple[rpb.BuildContextResponse, ipb.GenerateResponse]:
-    context = await build_context(b, q)
-    reply = await backends.unary("inference", b.inference.Generate, generation(q, context))
-    return context, reply
+    """Retrieve, build the cited context, generate. The context budget is counted by the retrieval
+    service (its own tokenizer), not the model's: when the prompt does not fit the model's context,
+    the budget halves and the context is built again (down to MIN_CONTEXT_TOKENS)."""
+    while True:
+        context = await build_context(b, q)
+        try:
+            reply = await backends.unary("inference", b.inference.Generate, generation(q, context))
+        except errors.InvalidArgument as e:
+            if not _too_long(e) or q.context_tokens <= MIN_CONTEXT_TOKENS:
+                raise
+            q = replace(q, context_tokens=max(MIN_CONTEXT_TOKENS, q.context_tokens // 2))
+            continue
+        return context, reply
 
 
 async def answer_stream(
     b: Backends, q: Question
 ) -> tuple[rpb.BuildContextResponse, AsyncIterator[ipb.GenerateResponse]]:
     """The context now, and the generation's messages as they come (the first already awaited)."""
-    context = await build_context(b, q)
-    messages = backends.stream("inference", b.inference.GenerateStream, generation(q, context))
-    first = await anext(messages)
+    while True:  # the context fitted to the model as in `answer` (the refusal comes before any token)
+        context = await build_context(b, q)
+        messages = backends.stream("inference", b.inference.GenerateStream, generation(q, context))
+        try:
+            first = await anext(messages)
+        except errors.InvalidArgument as e:
+            if not _too_long(e) or q.context_tokens <= MIN_CONTEXT_TOKENS:
+                raise
+            q = replace(q, context_tokens=max(MIN_CONTEXT_TOKENS, q.context_tokens // 2))
+            continue
+        break
 
     async def rest() -> AsyncIterator[ipb.GenerateResponse]:
         yield first

@@ -27,7 +27,7 @@ PRETRAIN = {
     "num_layers": 2,
     "num_heads": 4,
     "num_kv_heads": 2,
-    "seq_len": 64,
+    "seq_len": 256,  # room for a RAG prompt: template, question and a cited context
     "micro_batch_size": 4,
     "max_steps": 20,
     "warmup_steps": 2,
