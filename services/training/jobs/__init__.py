@@ -58,7 +58,7 @@ class JobContext:
 class LoopSettings:
     """The optimisation loop's settings every training job shares.
 
-    Both loops extend it: pretraining's own (`pretrain.LoopConfig`, these defaults) and the `trl`
+    Both loops extend it: pretraining's own (`lm_loop.LoopConfig`, these defaults) and the `trl`
     trainer's for alignment (`hf_loop.HFLoop`, which sets its own defaults).
     """
 

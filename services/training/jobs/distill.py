@@ -34,11 +34,10 @@ from libs.common.errors import InvalidArgument
 from libs.common.planning import training_memory
 from services.training.dataprep.stage import require
 from services.training.jobs import JobContext, check_gpu, parse_config
-from services.training.jobs.lm_loop import Objective, Sums
+from services.training.jobs.lm_loop import LoopConfig, Objective, Sums
 from services.training.jobs.pretrain import (
     DataConfig,
     LlamaShape,
-    LoopConfig,
     causal_data,
     check_data,
     check_memory,

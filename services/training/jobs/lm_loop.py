@@ -33,7 +33,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,33 @@ from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.checkpoints import TrainState
 from services.training.dataprep import load_packed
+from services.training.dataprep.stage import require
 from services.training.jobs import JobContext, LoopSettings, sharding
-from services.training.jobs.pretrain import LoopConfig
 from services.training.jobstore import JobRecord, JobStore
 
 MAX_WORKER_RESTARTS = 2
 Sums = dict[str, tuple[float, float]]
 """Held-out results of one batch: name -> (sum, count); the loop adds them over batches and workers."""
+
+
+@dataclass(kw_only=True)
+class LoopConfig(LoopSettings):
+    """The training loop's settings, shared by every job over `lm_loop` (and the only part its workers see)."""
+
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimiser state over the workers (FSDP) instead of replicating them
+    (DDP); needs GPU workers (use_gpu)."""
+
+    def __post_init__(self) -> None:
+        self.check_loop()
+        require(self.seq_len >= 1, "must be >= 1", "seq_len")
+        require(not self.fsdp or self.use_gpu, "FSDP shards over GPU workers (NCCL): set use_gpu", "fsdp")
+
+    def loop(self) -> LoopConfig:
+        """Only the loop's settings, as the workers get them."""
+        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
 
 
 class Objective(ABC):

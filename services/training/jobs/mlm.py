@@ -1,7 +1,7 @@
 """Masked-LM pretraining from scratch: a BERT encoder on a corpus, with Ray Train across workers.
 
 A job config, as submitted (only `tokenizer`, `corpus` and `model_name` are required; the loop's
-settings are those of pretraining, see pretrain.LoopConfig):
+settings are those of pretraining, see lm_loop.LoopConfig):
 
     {"tokenizer": "wp", "corpus": ["topics"], "model_name": "tiny-bert",
      "hidden_size": 128, "num_layers": 2, "num_heads": 4, "seq_len": 128, "max_steps": 1000}
@@ -29,10 +29,9 @@ from libs.common.artifacts import check_name
 from libs.common.planning import ModelShape, training_memory
 from services.training.dataprep.stage import require
 from services.training.jobs import JobContext, check_gpu, parse_config
-from services.training.jobs.lm_loop import Objective, Sums
+from services.training.jobs.lm_loop import LoopConfig, Objective, Sums
 from services.training.jobs.pretrain import (
     DataConfig,
-    LoopConfig,
     check_data,
     check_memory,
     describe_tokenizer,

@@ -18,9 +18,9 @@ SwiGLU MLP and RMSNorm.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from llmp.tokenizer.v1.tokenizer_pb2 import TokenizerInfo
@@ -33,36 +33,14 @@ from services.training import checkpoints
 from services.training.dataprep import DataPrepConfig, prepare_dataset
 from services.training.dataprep.packing import MANIFEST
 from services.training.dataprep.stage import field_prefix, require
-from services.training.jobs import DONE, JobContext, LoopSettings, check_gpu, parse_config
+from services.training.jobs import DONE, JobContext, check_gpu, lm_loop, parse_config
+from services.training.jobs.lm_loop import LoopConfig
 from services.training.jobstore import JobRecord
 from services.training.registry import Lineage
-
-if TYPE_CHECKING:
-    from services.training.jobs import lm_loop
 
 DATASETS = "datasets"
 SOURCE = "source.json"  # beside a prepared data set's manifest: the tokeniser and corpora it came from
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
-
-
-@dataclass(kw_only=True)
-class LoopConfig(LoopSettings):
-    """The training loop's settings, shared by every job over `lm_loop` (and the only part its workers see)."""
-
-    seq_len: int = 256
-    """Tokens per training sequence."""
-    fsdp: bool = False
-    """Shard parameters, gradients and optimiser state over the workers (FSDP) instead of replicating them
-    (DDP); needs GPU workers (use_gpu)."""
-
-    def __post_init__(self) -> None:
-        self.check_loop()
-        require(self.seq_len >= 1, "must be >= 1", "seq_len")
-        require(not self.fsdp or self.use_gpu, "FSDP shards over GPU workers (NCCL): set use_gpu", "fsdp")
-
-    def loop(self) -> LoopConfig:
-        """Only the loop's settings, as the workers get them."""
-        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
 
 
 @dataclass(kw_only=True)
@@ -315,8 +293,6 @@ def train_and_register(
 
     `cfg` is a job's config: DataConfig and LoopConfig settings and a model_name.
     """
-    from services.training.jobs import lm_loop
-
     stop = context.store.stop_requested(job.job_id)
     if stop:
         return stop
@@ -359,8 +335,6 @@ class PretrainJob:
         return {**config, "tokenizer": info.ref}
 
     def run(self, job: JobRecord, context: JobContext) -> str:
-        from services.training.jobs import lm_loop
-
         cfg = parse_config(PretrainConfig, job.config)
         info, eos_id, dataset = causal_data(job, cfg, context, cfg.seq_len)
         objective = lm_loop.CausalLM(cfg.model_config(info.vocab_size, eos_id))

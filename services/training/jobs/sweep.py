@@ -33,10 +33,10 @@ from libs.common.planning import training_flops, training_memory
 from libs.common.planning.scaling import SweepFit
 from services.training.dataprep.stage import field_prefix, require
 from services.training.jobs import DONE, JobContext, check_gpu, parse_config
+from services.training.jobs.lm_loop import LoopConfig
 from services.training.jobs.pretrain import (
     DataConfig,
     LlamaShape,
-    LoopConfig,
     causal_data,
     check_causal_data,
     check_memory,
