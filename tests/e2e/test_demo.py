@@ -70,9 +70,6 @@ def falls(curve: list[list[float]]) -> bool:
 def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
     env = stack_env(tmp_path)
     (tmp_path / "user").mkdir()
-    # Ray's token authentication: `ray start` turns it on where a token exists in ~/.ray.
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env, check=True,
-                   capture_output=True)  # fmt: skip
     try:
         llmp(env, "up", "--only", "tokenizer", "--only", "training", "--only", "retrieval", "--timeout", "300")
         stopped = llmp(env, "demo", "--profile", "tiny", check=False)
