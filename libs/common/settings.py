@@ -45,7 +45,6 @@ VARIABLES: dict[str, EnvVar] = {
         EnvVar("LLMP_RAY_PORT", "6380", "GCS port of the Ray head that `llmp up` starts (unless RAY_ADDRESS is set)"),
         EnvVar("LLMP_RAY_DASHBOARD_PORT", "8265", "port of Ray's dashboard, on 127.0.0.1"),
         EnvVar("LLMP_QDRANT_URL", "", "Qdrant server to use; empty: embedded Qdrant under LLMP_HOME"),
-        EnvVar("LLMP_API_KEY", "", "gateway API key of the command line (`llmp demo`); empty: the stack's admin key"),
         EnvVar(
             "LLMP_PLUGINS_ALLOW", "", "comma-separated third-party plugins allowed (`kind:name` or `name`); empty: all"
         ),

@@ -89,7 +89,7 @@ def client(gateway: tuple[int, list[dict[str, Any]]], monkeypatch: pytest.Monkey
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin.key").write_text(KEY + "\n")
     monkeypatch.delenv("LLMP_API_KEY", raising=False)
-    return front_door.Gateway()
+    return front_door.Gateway({})
 
 
 def test_chat_whole_and_streamed(client: Any, gateway: tuple[int, list[dict[str, Any]]]) -> None:
@@ -108,7 +108,7 @@ def test_rag_answer_posts_the_contract_and_reads_citations(client: Any, gateway:
     answer = client.rag_answer("docs", "What is RAG?", "demo-chat", 3, 24)
     assert answer.answer == "It retrieves [1]." and answer.citations[0]["chunk_id"] == "seed.md#3"
     assert gateway[1][-1] == {"collection": "docs", "question": "What is RAG?", "model": "demo-chat", "top_k": 3,
-                              "max_tokens": 24}  # fmt: skip
+                              "max_tokens": 24, "mode": "hybrid", "tokenizer": ""}  # fmt: skip
     with pytest.raises(StageError, match="404"):
         client.rag_answer("missing", "What is RAG?", "demo-chat", 3, 24)
 
@@ -116,10 +116,10 @@ def test_rag_answer_posts_the_contract_and_reads_citations(client: Any, gateway:
 def test_a_wrong_key_and_an_absent_gateway_are_one_message(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMP_API_KEY", "wrong")
     with pytest.raises(StageError, match="401"):
-        front_door.Gateway().chat("demo-chat", [{"role": "user", "content": "hi"}], 4, stream=False)
+        front_door.Gateway({}).chat("demo-chat", [{"role": "user", "content": "hi"}], 4, stream=False)
     monkeypatch.setenv("LLMP_GATEWAY_HTTP_PORT", str(free_port()))
     with pytest.raises(StageError, match="does not answer") as error:
-        front_door.Gateway().chat("demo-chat", [{"role": "user", "content": "hi"}], 4, stream=False)
+        front_door.Gateway({}).chat("demo-chat", [{"role": "user", "content": "hi"}], 4, stream=False)
     assert "llmp up" in error.value.hint
 
 

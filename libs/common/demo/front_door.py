@@ -85,10 +85,12 @@ def gateway_url() -> str:
 class Gateway:
     kind = "gateway"
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizers: dict[str, str]) -> None:
         import httpx
         import openai
 
+        self.tokenizers = tokenizers
+        """Served model name -> its tokeniser's reference (the RAG context is counted in its tokens)."""
         self.base = gateway_url()
         key = api_key()
         self.openai = openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, timeout=600, max_retries=0)
@@ -139,6 +141,8 @@ class Gateway:
             "model": model,
             "top_k": top_k,
             "max_tokens": max_tokens,
+            "mode": "hybrid",
+            "tokenizer": self.tokenizers.get(model, ""),
         }
         with self._calling(RAG_ANSWER):
             reply = self.http.post(RAG_ANSWER, json=body)
@@ -234,5 +238,5 @@ class DirectFallback:
 def open_front_door(tokenizers: dict[str, str]) -> FrontDoor:
     """The gateway where it is installed (a stopped one is an error), else the direct fallback."""
     if gateway_installed():
-        return Gateway()
+        return Gateway(tokenizers)
     return DirectFallback(tokenizers)
