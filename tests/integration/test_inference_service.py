@@ -103,6 +103,26 @@ def test_generation_equals_the_in_process_engine(service: ServiceProcess, stub: 
     assert text.usage.prompt_tokens == 5 and len(text.completions[0].token_ids) == 4
 
 
+def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
+    """`llmp serve` against the real service: list, generate whole and streamed, refusals naming the field."""
+    from click.testing import CliRunner
+
+    from libs.common.cli.inference import group
+
+    env = {"LLMP_INFERENCE_ADDRESS": service.address}
+    listed = CliRunner().invoke(group, ["list"], env=env)
+    assert listed.exit_code == 0 and "tiny" in listed.output, listed.output
+    expected = stub.Generate(pb.GenerateRequest(model="tiny", text="hello", max_tokens=6, temperature=0))
+    for stream in ([], ["--stream"]):
+        said = CliRunner().invoke(group, ["generate", "tiny", "hello", "--max-tokens", "6", *stream], env=env)
+        assert said.exit_code == 0, said.output
+        assert said.output.startswith(expected.completions[0].text) and "6 generated tokens" in said.output
+    refused = CliRunner().invoke(group, ["generate", "tiny", "hello", "--temperature", "1e-9"], env=env)
+    assert refused.exit_code != 0 and "temperature" in str(refused.exception)
+    malformed = CliRunner().invoke(group, ["generate", "tiny", "hello", "--json-schema", "{x"], env=env)
+    assert malformed.exit_code == 2 and "not JSON" in malformed.output
+
+
 def test_cancelling_a_stream_frees_the_cache(stub: pb_grpc.InferenceServiceStub) -> None:
     call = stub.GenerateStream(greedy(100))
     next(call)

@@ -9,6 +9,7 @@ the same code, selected by LLMP_QDRANT_URL.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -141,3 +142,31 @@ def test_restart_keeps_collections_and_points(client: RetrievalClient, service: 
         fresh.close()
     finally:
         again.stop()
+
+
+def test_command_line(service: ServiceProcess, tmp_path: Path) -> None:
+    """`llmp retrieval` against the real service: create, ingest local files, search, context, refusals."""
+    from click.testing import CliRunner
+
+    from libs.common.cli.retrieval import group
+
+    env = {"LLMP_RETRIEVAL_ADDRESS": service.address}
+    note = tmp_path / "kv.md"
+    note.write_text("# KV cache\n\nThe paged KV cache keeps each sequence's keys and values in fixed-size blocks.\n")
+
+    def llmp(*args: str) -> Any:
+        return CliRunner().invoke(group, list(args), env=env)
+
+    created = llmp("create", "cli-notes", "--embedder", '{"type": "static"}', "--sparse")
+    assert created.exit_code == 0 and "cli-notes: 0 chunks" in created.output, created.output
+    ingested = llmp("ingest", "cli-notes", str(note))
+    assert ingested.exit_code == 0 and "1 documents" in ingested.output, ingested.output
+    built = llmp("context", "cli-notes", "Where are keys and values kept?", "--mode", "hybrid")
+    assert built.exit_code == 0 and "[1] " + str(note) in built.output, built.output
+    hits = RetrievalClient(service.address).search("cli-notes", "fixed-size blocks", mode="hybrid")
+    assert hits and hits[0].document_id == str(note)
+    bad = llmp("create", "cli-other", "--embedder", "{not json")
+    assert bad.exit_code == 2 and "not JSON" in bad.output
+    assert "cli-other" not in {c.name for c in RetrievalClient(service.address).list_collections()}
+    missing = llmp("search", "no-such-collection", "q")
+    assert missing.exit_code != 0 and "NOT_FOUND" in str(missing.exception)
