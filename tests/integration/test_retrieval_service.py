@@ -128,22 +128,6 @@ def test_token_aware_chunking_through_the_tokenizer_service(client: RetrievalCli
     assert code == grpc.StatusCode.NOT_FOUND and "chunker.tokenizer" in details
 
 
-def test_restart_keeps_collections_and_points(client: RetrievalClient, service: ServiceProcess, home: Path) -> None:
-    before = client.search("seed", "reward model", top_k=3, mode="hybrid")
-    points = client.describe("seed").points
-    assert service.stop() == 0
-    again = start_service("retrieval", home)
-    try:
-        fresh = RetrievalClient(again.address)
-        assert fresh.describe("seed").points == points
-        assert [(h.document_id, h.start) for h in fresh.search("seed", "reward model", top_k=3, mode="hybrid")] == [
-            (h.document_id, h.start) for h in before
-        ]
-        fresh.close()
-    finally:
-        again.stop()
-
-
 def test_command_line(service: ServiceProcess, tmp_path: Path) -> None:
     """`llmp retrieval` against the real service: create, ingest local files, search, context, refusals."""
     from click.testing import CliRunner
@@ -170,3 +154,20 @@ def test_command_line(service: ServiceProcess, tmp_path: Path) -> None:
     assert "cli-other" not in {c.name for c in RetrievalClient(service.address).list_collections()}
     missing = llmp("search", "no-such-collection", "q")
     assert missing.exit_code != 0 and "NOT_FOUND" in str(missing.exception)
+
+
+# Last: it stops the module's service.
+def test_restart_keeps_collections_and_points(client: RetrievalClient, service: ServiceProcess, home: Path) -> None:
+    before = client.search("seed", "reward model", top_k=3, mode="hybrid")
+    points = client.describe("seed").points
+    assert service.stop() == 0
+    again = start_service("retrieval", home)
+    try:
+        fresh = RetrievalClient(again.address)
+        assert fresh.describe("seed").points == points
+        assert [(h.document_id, h.start) for h in fresh.search("seed", "reward model", top_k=3, mode="hybrid")] == [
+            (h.document_id, h.start) for h in before
+        ]
+        fresh.close()
+    finally:
+        again.stop()
