@@ -257,6 +257,9 @@ class LocalStack:
             # server then answers "No available agent"
             f"--dashboard-agent-listen-port={free_port()}",
             f"--ray-client-server-port={free_port()}",
+            # a known port: otherwise the Ray Client server asks the GCS for it, gives up after 30 s
+            # on a loaded machine, and takes the whole head down with it (--block)
+            f"--runtime-env-agent-port={free_port()}",
         ]
         ray_env = {
             **self._ray_env(),
