@@ -1,8 +1,10 @@
 """Configuration as small dataclasses, layered: defaults < YAML file < LLMP_* variables < flags.
 
 A service config subclasses `ServiceConfig` and adds its own fields, each with a default and a
-docstring-like `doc` in its metadata. The YAML file (`--config` or LLMP_CONFIG) has a `common:`
-section and one section per service. Variable names follow the convention in settings.py.
+docstring-like `doc` in its metadata: these fields are the one declaration of every setting, and
+settings.py derives the table of variables from them. The YAML file (`--config` or LLMP_CONFIG) has
+a `common:` section and one section per service; a field `f` of section `s` is the variable
+`LLMP_S_F` (`LLMP_F` for `common`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any, TypeVar
 import yaml
 
 from libs.common.errors import InvalidArgument
-from libs.common.settings import VARIABLES
 
 C = TypeVar("C")
 
@@ -133,15 +134,6 @@ def load(
                 raise InvalidArgument(f"unknown setting {key!r} in section {section!r}", field=key)
             values[key] = _coerce(value, hints[key], f"{section}.{key}")
     return cls(**values)
-
-
-def declared_env_names(cls: type, section: str) -> list[str]:
-    """The variable names `load` reads for this config; all must be declared in settings.py."""
-    return [env_name(section, f.name) for f in dataclasses.fields(cls)]
-
-
-def undeclared(cls: type, section: str) -> list[str]:
-    return [n for n in declared_env_names(cls, section) if n not in VARIABLES]
 
 
 def describe(config: Any) -> list[tuple[str, Any, str]]:

@@ -17,12 +17,10 @@ RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH; nothing is read from ~/.ray.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +36,8 @@ import redis
 from libs.common import local_redis
 from libs.common import secrets as platform_secrets
 from libs.common.config import CommonConfig
-from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.errors import Unavailable
+from libs.common.local_ray import local_ray_env, make_ray_temp_dir, remove_ray_temp_dir
 from libs.common.local_redis import redis_server_binary
 from libs.common.ports import ensure_free, free_port
 from libs.common.rpc.client import address, health_status, wait_serving
@@ -49,17 +48,8 @@ __all__ = [
     "Status",
     "free_port",
     "installed_services",
-    "local_ray_env",
-    "make_ray_temp_dir",
-    "ray_temp_dir",
     "redis_server_binary",
-    "remove_ray_temp_dir",
-    "secure_local_ray",
 ]
-
-#: Ray keeps unix sockets in <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store: 64
-#: characters past the temp folder, within the 107 a socket path may have.
-RAY_TEMP_MAX_CHARS = 40
 
 log = logging.getLogger(__name__)
 
@@ -93,69 +83,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _ray_root(home: Path) -> Path:
-    """A private (0700) folder for Ray's temp folder: $LLMP_HOME/ray-session, or one in /tmp named
-    after LLMP_HOME when that path is too long for Ray's unix sockets. Ray makes its temp folder
-    world-writable (0777) on every start, so only a private folder around it keeps others out."""
-    inside = home / "ray-session"
-    if len(str(inside)) <= RAY_TEMP_MAX_CHARS - 2:
-        return inside
-    digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
-    return Path("/tmp") / f"llmp-{os.getuid()}-{digest}"
-
-
-def ray_temp_dir(home: Path) -> Path:
-    """Ray's temp and session folder (`ray start --temp-dir`, `ray.init(_temp_dir=...)`)."""
-    return _ray_root(home) / "t"
-
-
-def make_ray_temp_dir(home: Path) -> Path:
-    """Create Ray's temp folder inside its private folder; a private folder that another user made
-    or can enter (e.g. planted in /tmp) is refused."""
-    root = _ray_root(home)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = root.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise FailedPrecondition(f"{root} is not a private folder of this user; remove it and start again")
-    temp = ray_temp_dir(home)
-    temp.mkdir(exist_ok=True)
-    return temp
-
-
-def remove_ray_temp_dir(home: Path) -> None:
-    """Remove the /tmp stand-in once its Ray has stopped (one under LLMP_HOME is kept, with its logs)."""
-    root = _ray_root(home)
-    if not root.is_relative_to(home):
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def local_ray_env(home: Path) -> dict[str, str]:
-    """What every process of a local Ray runs with, the head and its clients alike: token
-    authentication with the token of $LLMP_HOME/secrets (generated if absent), and loopback only."""
-    platform_secrets.ensure(home, platform_secrets.RAY_TOKEN)
-    return {
-        **platform_secrets.ray_env(home),
-        # Ray's "local cluster" mode: the node's address stays 127.0.0.1 rather than the machine's
-        # outside address, so the GCS, raylet, agents and client server listen on loopback, and
-        # clients do not turn 127.0.0.1 into that outside address
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
-
-
-def secure_local_ray(home: Path) -> str:
-    """Set up this process to start its own local Ray (`ray.init(address="local", _temp_dir=...)`)
-    as securely as the stack's: token authentication, loopback only. Returns the temp folder to
-    pass as `_temp_dir`. Call it before `import ray` where possible: Ray reads the loopback setting
-    once, at import; the token settings are read again here if Ray is already imported."""
-    os.environ.update(local_ray_env(home))
-    if "ray" in sys.modules:  # as Ray's own token setup does after changing RAY_AUTH_MODE
-        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-    return str(make_ray_temp_dir(home))
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

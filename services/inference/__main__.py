@@ -3,7 +3,7 @@
 The process is the gRPC front (health, reflection, limits, drain) over Ray Serve handles: it
 starts a local Ray with its dashboard on 127.0.0.1:8265 (or attaches to RAY_ADDRESS) and Serve,
 and deploys each model LoadModel names as its own Serve application. `--set backend=local` serves
-models in this process instead, without Ray.
+models in this process instead, without Ray (backends are `llmp.engines` plugins: see backends.py).
 """
 
 from __future__ import annotations
@@ -15,32 +15,14 @@ from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.config import CommonConfig
-from libs.common.errors import InvalidArgument
 from libs.common.rpc.server import Registration, Server
 from libs.common.service import ServiceSpec, configure
+from services.inference.backends import make_backend
 from services.inference.config import InferenceConfig
-from services.inference.core import Backend, InferenceCore, LocalBackend
-from services.inference.engine import SamplingLimits
+from services.inference.core import InferenceCore
 from services.inference.servicer import SERVICE_NAME, InferenceServicer
 
 SPEC = ServiceSpec(name="inference", module="services.inference", default_port=50054, needs_ray=True)
-
-
-def make_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
-    limits = SamplingLimits(max_n=config.max_n, max_tokens=config.max_tokens)
-    if config.backend == "local":
-        return LocalBackend(store, limits)
-    if config.backend == "ray":
-        from services.inference.serve_app import ServeBackend  # Ray is only imported when used
-
-        return ServeBackend(
-            store,
-            limits,
-            ray_num_cpus=config.ray_num_cpus,
-            dashboard=config.dashboard,
-            dashboard_port=config.dashboard_port,
-        )
-    raise InvalidArgument(f"{config.backend!r} is not 'ray' or 'local'", field="inference.backend")
 
 
 def build(common: CommonConfig, config: InferenceConfig) -> tuple[Server, InferenceCore]:

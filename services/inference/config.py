@@ -11,7 +11,9 @@ from libs.common.config import ServiceConfig, doc
 class InferenceConfig(ServiceConfig):
     port: int = doc("gRPC port", 50054)
     metrics_port: int = doc("Prometheus port; -1 turns metrics off", 51054)
-    backend: str = doc("'ray' (a Ray Serve deployment per model) or 'local' (in-process, no Ray)", "ray")
+    backend: str = doc(
+        "'ray' (a Ray Serve deployment per model), 'local' (in-process, no Ray) or an llmp.engines plugin", "ray"
+    )
     ray_num_cpus: int = doc("CPUs of the local Ray this service starts; 0: all (ignored with RAY_ADDRESS)", 0)
     dashboard: bool = doc("start the local Ray with its dashboard on 127.0.0.1", True)
     dashboard_port: int = doc("port of the local Ray dashboard", 8265)

@@ -28,8 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from libs.common import secrets
 from libs.common.errors import FailedPrecondition, Unavailable
+from libs.common.local_ray import remove_ray_temp_dir, secure_local_ray
+from libs.common.ports import free_port
 from libs.common.settings import env as env_value
-from libs.common.stack import free_port, remove_ray_temp_dir, secure_local_ray
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
 from services.training.jobstore import CANCEL, FAILED, PREEMPT, JobRecord

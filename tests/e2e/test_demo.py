@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from libs.common.ports import free_port
+from tests.helpers.services import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

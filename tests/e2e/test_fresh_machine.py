@@ -24,8 +24,10 @@ import pytest
 import redis
 
 from libs.common import secrets
-from libs.common.stack import installed_services, ray_temp_dir
-from tests.conftest import ROOT, free_port
+from libs.common.local_ray import ray_temp_dir
+from libs.common.ports import free_port
+from libs.common.stack import installed_services
+from tests.helpers.services import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from libs.common import secrets
-from tests.conftest import ROOT, free_port
+from libs.common.ports import free_port
+from tests.helpers.services import ROOT
 
 pytestmark = pytest.mark.e2e
 

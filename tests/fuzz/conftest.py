@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.fuzz.services import Companion, Target, inference, retrieval, tokenizer, training
+from tests.fuzz.services import CALLS, Targets
 
 DEFAULT_EXAMPLES = 360
-CALLS: Counter[tuple[str, str]] = Counter()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,34 +34,6 @@ def fuzz_examples(request: pytest.FixtureRequest) -> int:
     # The option is registered only when tests/fuzz is named on the command line (pytest reads
     # pytest_addoption from the conftests it starts with); a run of the whole tree gets the sample.
     return int(request.config.getoption("--fuzz-examples", default=DEFAULT_EXAMPLES))
-
-
-class Targets:
-    """Services started on first use and stopped at the session's end, companions first."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: dict[str, tuple[Target, Companion]] = {}
-
-    def get(self, name: str) -> tuple[Target, Companion]:
-        if name not in self.started:
-            home = self.root / name
-            home.mkdir()
-            if name == "training":
-                target = training(home, self.get("tokenizer")[0])
-            else:
-                target = {"tokenizer": tokenizer, "retrieval": retrieval, "inference": inference}[name](home)
-            companion = Companion(target)
-            companion.start()
-            self.started[name] = (target, companion)
-        return self.started[name]
-
-    def close(self) -> None:
-        for name in ("training", "retrieval", "inference", "tokenizer"):
-            if name in self.started:
-                target, companion = self.started.pop(name)
-                companion.stop()
-                target.stop()
 
 
 @pytest.fixture(scope="session")

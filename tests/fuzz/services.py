@@ -16,6 +16,7 @@ two cores; what is tested is that every such size is capped, and the caps are se
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from libs.common.structs import to_struct
-from tests.conftest import ServiceProcess, start_service
+from tests.helpers.services import ServiceProcess, start_service
 
 REAL_DEADLINE_S = 60.0
 
@@ -187,7 +188,7 @@ def retrieval(home: Path) -> Target:
 def training(home: Path, tokenizer_target: Target) -> Target:
     from llmp.training.v1 import training_pb2 as pb
 
-    from tests.unit.training.redis_server import RedisServer
+    from tests.helpers.redis_server import RedisServer
 
     (home / "redis").mkdir()
     redis = RedisServer(home / "redis").start()
@@ -227,7 +228,7 @@ def training(home: Path, tokenizer_target: Target) -> Target:
 def inference(home: Path) -> Target:
     from llmp.inference.v1 import inference_pb2 as pb
 
-    from tests.unit.inference.test_service_core import TINY, save_tiny_model
+    from tests.helpers.tiny_models import TINY, save_tiny_model
 
     save_tiny_model(home / "artifacts")
     env = {"LLMP_INFERENCE_BACKEND": "local", "LLMP_INFERENCE_MAX_TOKENS": "64", "LLMP_INFERENCE_MAX_N": "4"}
@@ -268,3 +269,35 @@ def _with_expected(target: Target) -> Target:
     with grpc.insecure_channel(target.process.address) as ch:
         target.expected = target.real(ch)
     return target
+
+
+CALLS: Counter[tuple[str, str]] = Counter()
+"""Calls made in the session, per (RPC, status code): the report's figures."""
+
+
+class Targets:
+    """Services started on first use and stopped at the session's end, companions first."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: dict[str, tuple[Target, Companion]] = {}
+
+    def get(self, name: str) -> tuple[Target, Companion]:
+        if name not in self.started:
+            home = self.root / name
+            home.mkdir()
+            if name == "training":
+                target = training(home, self.get("tokenizer")[0])
+            else:
+                target = {"tokenizer": tokenizer, "retrieval": retrieval, "inference": inference}[name](home)
+            companion = Companion(target)
+            companion.start()
+            self.started[name] = (target, companion)
+        return self.started[name]
+
+    def close(self) -> None:
+        for name in ("training", "retrieval", "inference", "tokenizer"):
+            if name in self.started:
+                target, companion = self.started.pop(name)
+                companion.stop()
+                target.stop()

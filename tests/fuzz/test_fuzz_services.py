@@ -27,7 +27,7 @@ from llmp.tokenizer.v1 import tokenizer_pb2
 from llmp.training.v1 import training_pb2
 
 from libs.common.rpc.client import health_status
-from tests.fuzz.conftest import CALLS, Targets
+from tests.fuzz.services import CALLS, Targets
 from tests.fuzz.strategies import messages, mutations
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuzz]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.training_stack import GPU, Stack
+from tests.helpers.training_stack import GPU, Stack
 
 
 @pytest.fixture(scope="session")

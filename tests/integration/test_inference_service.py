@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from libs.common.artifacts import ArtifactStore
 from services.inference.engine import LLMEngine, SamplingParams, load_model
-from tests.conftest import ServiceProcess, start_service
-from tests.unit.inference.test_service_core import TINY, save_tiny_model
+from tests.helpers.services import ServiceProcess, start_service
+from tests.helpers.tiny_models import TINY, save_tiny_model
 
 pytestmark = pytest.mark.integration
 

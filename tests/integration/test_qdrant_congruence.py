@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from libs.common.ports import free_port
 from services.retrieval.edge_store import EdgeStore
 from services.retrieval.embedders import SparseVector
 from services.retrieval.vectorstores import Layout, Point, QdrantStore, Search, VectorStore
-from tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

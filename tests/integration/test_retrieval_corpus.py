@@ -15,7 +15,7 @@ import pytest
 
 from libs.common import corpora
 from libs.common.clients.retrieval import RetrievalClient
-from tests.conftest import ServiceProcess, start_service
+from tests.helpers.services import ServiceProcess, start_service
 
 pytestmark = pytest.mark.integration
 

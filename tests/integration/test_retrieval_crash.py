@@ -15,7 +15,7 @@ import pytest
 from llmp.retrieval.v1 import retrieval_pb2 as pb
 
 from libs.common.clients.retrieval import RetrievalClient
-from tests.conftest import start_service
+from tests.helpers.services import start_service
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from libs.common.clients.tokenizer import TokenizerClient
 from services.retrieval.chunkers import CHUNKERS
 from services.retrieval.embedders import load_tokenizer, packaged_minilm
 from services.retrieval.tokens import LocalTokens
-from tests.conftest import ServiceProcess, start_service
+from tests.helpers.services import ServiceProcess, start_service
 
 pytestmark = pytest.mark.integration
 

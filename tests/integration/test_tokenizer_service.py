@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from libs.common import corpora
 from libs.common.clients.tokenizer import TokenizerClient
-from tests.conftest import ServiceProcess, start_service
+from tests.helpers.services import ServiceProcess, start_service
 
 pytestmark = pytest.mark.integration
 

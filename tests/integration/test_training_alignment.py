@@ -1,7 +1,7 @@
 """SFT (full and LoRA), a reward model, DPO, GRPO, RLOO and PPO through the real training service.
 
 Real Redis, the real tokeniser service, the training service over gRPC and trl trainers (PPO: our
-loop) on Ray Train workers: the session's training stack (tests/integration/training_stack.py). Its
+loop) on Ray Train workers: the session's training stack (tests/helpers/training_stack.py). Its
 base, a tiny Llama pretrained on `pydoc_data.topics`, is fine-tuned on "pydoc:instructions" (a
 paragraph's first sentence -> the rest); the reward model, DPO and the RL jobs use
 "code:preferences" (a function's real body over one with a single corruption, its docstring over
@@ -24,7 +24,7 @@ from llmp.training.v1 import training_pb2 as pb
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from libs.common.artifacts import ArtifactStore
-from tests.integration.training_stack import (
+from tests.helpers.training_stack import (
     GPU,
     WATCH_TIMEOUT_S,
     Stack,

@@ -2,7 +2,7 @@
 
 A Ray Train worker killed and Redis restarted in the middle of one job, and the ray_jobs backend
 submitting a job's driver to a separate Ray head through Ray's job submission API, on the
-session's training stack (tests/integration/training_stack.py). The restart of the control plane
+session's training stack (tests/helpers/training_stack.py). The restart of the control plane
 and cancel are in test_training_service.py.
 """
 
@@ -22,9 +22,10 @@ import pytest
 from llmp.training.v1 import training_pb2 as pb
 
 from libs.common.clients.training import TrainingClient
-from libs.common.stack import local_ray_env, make_ray_temp_dir
-from tests.conftest import free_port, start_service
-from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, train_workers
+from libs.common.local_ray import local_ray_env, make_ray_temp_dir
+from libs.common.ports import free_port
+from tests.helpers.services import start_service
+from tests.helpers.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, train_workers
 
 pytestmark = pytest.mark.integration
 

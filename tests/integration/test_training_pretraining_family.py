@@ -1,7 +1,7 @@
 """Masked-LM pretraining, distillation of a draft model and a scaling sweep, through the real service.
 
 Real Redis, the real tokeniser service, the training service over gRPC and Ray Train workers: the
-session's training stack (tests/integration/training_stack.py). Two tokenisers on
+session's training stack (tests/helpers/training_stack.py). Two tokenisers on
 `pydoc_data.topics`: the byte-level BPE of the causal models and a WordPiece with [CLS]/[SEP]/[MASK]
 for the masked LM. The draft is distilled from the stack's shared base. The models are tiny and
 train for a few dozen steps.
@@ -24,7 +24,7 @@ from libs.common.planning.scaling import SweepFit
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams
 from services.inference.engine.drafters import DraftModelDrafter
 from services.inference.engine.model_loader import load_model
-from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused, run_to_end
+from tests.helpers.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused, run_to_end
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The training service as a real process: real Redis, the real tokeniser service, Ray Train, gRPC.
 
-The session's training stack (tests/integration/training_stack.py): a byte-level BPE tokeniser on
+The session's training stack (tests/helpers/training_stack.py): a byte-level BPE tokeniser on
 `pydoc_data.topics` and tiny Llama models trained on that text by Ray Train workers.
 """
 
@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from libs.common import corpora
 from libs.common.cli import training as cli_training
-from tests.integration.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused
+from tests.helpers.training_stack import TINY, WATCH_TIMEOUT_S, Stack, follow_until, refused
 
 pytestmark = pytest.mark.integration
 

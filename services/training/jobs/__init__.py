@@ -4,7 +4,8 @@ Each job type is a class with two methods: `check(config, context)` refuses bad 
 submission (raising InvalidArgument / NotFound naming the field) and returns the config to store,
 with references pinned (e.g. "tokenizer" -> "tokenizer:3"); `run(job, context)` runs the job to
 its end and returns DONE, or CANCEL / PREEMPT when it stopped early because it was asked to.
-Types are listed in an explicit name -> "module:Class" table.
+Types are plugins of the `objectives` kind (entry-point group `llmp.objectives`): the built-ins in
+an explicit name -> "module:Class" table, a third party's from its installed package.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 from libs.common.artifacts import ArtifactStore
 from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.errors import InvalidArgument
-from libs.common.plugins import import_object
+from libs.common.plugins import Registry
 from services.training.dataprep.stage import field_prefix, require
 from services.training.jobstore import JobRecord, JobStore
 from services.training.registry import ModelRegistry
@@ -25,7 +26,7 @@ from services.training.registry import ModelRegistry
 DONE = "done"
 C = TypeVar("C")
 
-JOB_TYPES: dict[str, str] = {
+BUILTIN_JOB_TYPES: dict[str, str] = {
     "prepare": "services.training.jobs.prepare:PrepareJob",
     "pretrain": "services.training.jobs.pretrain:PretrainJob",
     "mlm": "services.training.jobs.mlm:MaskedLMJob",
@@ -106,23 +107,21 @@ class LoopSettings:
         require(0 < self.eval_fraction < 0.5, "must be in (0, 0.5)", "eval_fraction")
 
 
-def check_gpu(use_gpu: bool, context: JobContext) -> None:
-    """Refuse GPU workers from a service whose workers have none."""
-    if use_gpu and context.worker_gpus < 1:
-        raise InvalidArgument("this service's training workers have no GPU (worker_gpus is 0)", field="config.use_gpu")
-
-
 class JobType(Protocol):
     def check(self, config: dict[str, Any], context: JobContext) -> dict[str, Any]: ...
 
     def run(self, job: JobRecord, context: JobContext) -> str: ...
 
 
+OBJECTIVES: Registry[JobType] = Registry("objectives", BUILTIN_JOB_TYPES)
+
+
 def job_type(name: str) -> JobType:
-    if name not in JOB_TYPES:
-        raise InvalidArgument(f"unknown job type {name!r}; expected one of {sorted(JOB_TYPES)}", field="type")
-    job: JobType = import_object(JOB_TYPES[name])()
-    return job
+    """The job type called `name`, built-in or installed; unknown names are refused naming the field `type`."""
+    known = OBJECTIVES.names()
+    if name not in known:
+        raise InvalidArgument(f"unknown job type {name!r}; expected one of {known}", field="type")
+    return OBJECTIVES.get(name)()
 
 
 def _is_a(value: Any, tp: Any) -> bool:

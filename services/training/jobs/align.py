@@ -46,12 +46,14 @@ from libs.common.artifacts import check_name
 from libs.common.errors import InvalidArgument, NotFound
 from libs.common.planning import ModelShape, TrainingMemory, training_memory
 from services.training.dataprep.stage import require
-from services.training.jobs import DONE, JobContext, check_gpu, parse_config
+from services.training.jobs import JobContext, parse_config
 from services.training.jobs.builtin_data import BUILTIN, HELDOUT, TRAIN, builtin
+from services.training.jobs.data import DATASETS
 from services.training.jobs.hf_loop import HFLoop, TrainerSpec
-from services.training.jobs.pretrain import DATASETS, check_memory
+from services.training.jobs.registration import NewModel, register
+from services.training.jobs.resources import check_gpu, check_memory
 from services.training.jobstore import JobRecord
-from services.training.registry import Lineage, Registered, registered
+from services.training.registry import Registered, registered
 
 ROLES = ("system", "user", "assistant")
 QUANTIZE = ("", "nf4")
@@ -335,36 +337,18 @@ def memory_need(cfg: AlignConfig, shape: ModelShape, sequences: int) -> Training
     return TrainingMemory(int(shape.param_count() * weight_bytes), 0, 0, 0, full.activations)
 
 
-def register(
-    job: JobRecord,
-    context: JobContext,
-    cfg: AlignConfig,
-    base: Registered,
-    dataset: Path,
-    metrics: dict[str, float],
-    extra_parents: tuple[str, ...] = (),
-) -> str:
-    from services.training import checkpoints
-
-    context.store.update(job.job_id, metrics=metrics)
-    lineage = Lineage(
-        job_id=job.job_id,
+def new_model(
+    job: JobRecord, context: JobContext, cfg: AlignConfig, base: Registered, dataset: Path, parents: tuple[str, ...]
+) -> NewModel:
+    """What the trained model is registered as: a child of the base, with its tokeniser."""
+    return NewModel(
+        name=cfg.model_name,
         tokenizer=base.info.lineage.tokenizer,
+        tokenizer_files=base.path,
+        datasets=[*cfg.data, *parents, context.artifacts.relative(dataset)],
+        parameters=base.shape.param_count(),
         parent=base.info.ref,
-        datasets=[*cfg.data, *extra_parents, context.artifacts.relative(dataset)],
-        config=job.config,
     )
-    model = context.registry.register(
-        cfg.model_name,
-        context.artifacts.path(checkpoints.final_dir(job.job_id)),
-        base.path,
-        lineage,
-        metrics,
-        base.shape.param_count(),
-    )
-    context.store.update(job.job_id, model=model.ref)
-    context.store.log(job.job_id, f"registered model {model.ref}")
-    return DONE
 
 
 class AlignJob:
@@ -413,12 +397,7 @@ class AlignJob:
             return stop
         dataset = write_data(job, context, load_records(context, cfg.data, self.data_kind), cfg)
         metrics = self.fit(job, context, cfg, base, dataset)
-        if metrics is None:
-            stop = context.store.stop_requested(job.job_id)
-            if not stop:
-                raise RuntimeError("training ended without writing the final model")
-            return stop
-        return register(job, context, cfg, base, dataset, metrics, self.parents(cfg))
+        return register(job, context, metrics, new_model(job, context, cfg, base, dataset, self.parents(cfg)))
 
     def parents(self, cfg: Any) -> tuple[str, ...]:
         return ()

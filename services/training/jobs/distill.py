@@ -33,18 +33,12 @@ from libs.common.artifacts import check_name
 from libs.common.errors import InvalidArgument
 from libs.common.planning import training_memory
 from services.training.dataprep.stage import require
-from services.training.jobs import JobContext, check_gpu, parse_config
-from services.training.jobs.lm_loop import LoopConfig, Objective, Sums
-from services.training.jobs.pretrain import (
-    DataConfig,
-    LlamaShape,
-    causal_data,
-    check_data,
-    check_memory,
-    describe_tokenizer,
-    end_of_document_token,
-    train_and_register,
-)
+from services.training.jobs import JobContext, parse_config
+from services.training.jobs.data import DataConfig, causal_data, check_data
+from services.training.jobs.llama import LlamaShape
+from services.training.jobs.lm_loop import LoopConfig, Objective, Sums, train_and_register
+from services.training.jobs.resources import check_gpu, check_memory
+from services.training.jobs.tokenizer import describe_tokenizer, end_of_document_token
 from services.training.jobstore import JobRecord
 from services.training.registry import Registered, registered
 

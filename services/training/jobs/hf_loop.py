@@ -13,7 +13,7 @@ schedule) from a `TrainerSpec`, and joins it to the job:
   group (`FailureConfig`) or a resumed job goes on from the newest complete one;
 - the end: held-out metrics from the spec (also measured before the first step, as
   `<name>_before`), then `final/` (a Hugging Face folder: the full model, or the LoRA adapter
-  alone when the job keeps it) and `final.json`, as `lm_loop` writes them.
+  alone when the job keeps it) and `final.json`, as every loop writes them (`workers.WorkerRun.finish`).
 
 The data are JSON-lines files the driver wrote (`train.jsonl`, `eval.jsonl`); each worker reads them.
 """
@@ -38,19 +38,17 @@ from transformers import TrainingArguments as HFArguments
 from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.jobs import JobContext, LoopSettings
-from services.training.jobs.lm_loop import run_on_workers, write_final, write_json
+from services.training.jobs.workers import WorkerRun, run_on_workers
 from services.training.jobstore import JobRecord, JobStore
 
 HF_CHECKPOINTS = "hf"
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "trainer_state.json"
 """The trainer writes this last into a checkpoint folder: a folder without it was cut short."""
-BEFORE = "before.json"
-"""The held-out metrics of the untrained model, measured once (a resumed run keeps the first)."""
 PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
+"""Log keys that are not the job type's own figures."""
 EVAL_SEED_OFFSET = 1_000_003
 """The held-out metrics are measured with seed + this, before and after training alike (GRPO and RLOO sample)."""
-"""Log keys that are not the job type's own figures."""
 
 
 @dataclass(kw_only=True)
@@ -216,42 +214,33 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """The body every Ray Train worker runs (see the module docstring)."""
     loop = HFLoop(**loop_config["loop"])
     spec: TrainerSpec = loop_config["spec"]
-    job_id, run_id = loop_config["job_id"], loop_config["run_id"]
-    store = JobStore.from_env()  # the Redis URL and its password come from the worker's environment
-    artifacts = ArtifactStore(loop_config["artifacts"])
-    rank = ray.train.get_context().get_world_rank()
-    dataset = Path(loop_config["dataset"])
-    train, heldout = read_jsonl(dataset / "train.jsonl"), read_jsonl(dataset / "eval.jsonl")
+    worker = WorkerRun(loop_config)
+    train, heldout = read_jsonl(worker.dataset / "train.jsonl"), read_jsonl(worker.dataset / "eval.jsonl")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    output = artifacts.path(f"{checkpoints.job_dir(run_id)}/{HF_CHECKPOINTS}")
+    output = worker.artifacts.path(f"{checkpoints.job_dir(worker.run_id)}/{HF_CHECKPOINTS}")
     set_seed(loop.seed)  # new weights (a reward model's head, a LoRA adapter) start the same on every run
     trainer = spec.build(arguments(loop, output), train, heldout)
-    callback = JobCallback(store, job_id, artifacts)
+    callback = JobCallback(worker.store, worker.job_id, worker.artifacts)
     trainer.add_callback(callback)
     resume = latest_checkpoint(output)
-    before_file = artifacts.path(f"{checkpoints.job_dir(run_id)}/{BEFORE}")
+
+    def evaluate() -> dict[str, float]:
+        set_seed(loop.seed + EVAL_SEED_OFFSET)  # sampled held-out completions drawn alike before and after training
+        return spec.evaluate(trainer)
+
     if resume is not None:
-        if rank == 0:
-            store.log(job_id, f"resumed from {artifacts.relative(resume)}")
-    elif not before_file.is_file():  # the same on every rank: the store is shared
-        set_seed(loop.seed + EVAL_SEED_OFFSET)
-        before = spec.evaluate(trainer)
-        if rank == 0:
-            write_json(before_file, before)
+        worker.resumed(resume)
+    else:
+        worker.measure_before(evaluate)
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if callback.stopped:
         return
-    set_seed(loop.seed + EVAL_SEED_OFFSET)  # sampled held-out completions drawn as they were before training
-    metrics = spec.evaluate(trainer)
-    if rank == 0:
-        before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+    metrics = evaluate()
+    if worker.rank == 0:
         metrics = {
-            **metrics,
-            **{f"{name}_before": value for name, value in before.items()},
+            **worker.with_before(metrics),
             "steps": trainer.state.global_step,
             "tokens_seen": trainer.state.num_input_tokens_seen,
         }
-        write_final(artifacts, run_id, metrics, lambda folder: spec.save(trainer, folder))
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
-        store.log(job_id, f"finished: {shown}")
+        worker.finish(metrics, lambda folder: spec.save(trainer, folder))

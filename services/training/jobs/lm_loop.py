@@ -21,18 +21,15 @@ position in the stream) depends only on the step, so it carries on exactly.
 
 A run's files live under `checkpoints/<run_id>/` (run_id is the job id, or `<job_id>/<part>` for
 a job that trains several models): step checkpoints, `final/` (the model as a Hugging Face
-folder) and `final.json` (its held-out metrics), which `fit` returns.
+folder) and `final.json` (its held-out metrics), which `fit` returns (see `workers`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -42,20 +39,19 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from llmp.tokenizer.v1.tokenizer_pb2 import TokenizerInfo
 from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
-from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.checkpoints import TrainState
 from services.training.dataprep import load_packed
 from services.training.dataprep.stage import require
 from services.training.jobs import JobContext, LoopSettings, sharding
+from services.training.jobs.registration import NewModel, register
+from services.training.jobs.workers import WorkerRun, run_on_workers
 from services.training.jobstore import JobRecord, JobStore
 
-MAX_WORKER_RESTARTS = 2
 Sums = dict[str, tuple[float, float]]
 """Held-out results of one batch: name -> (sum, count); the loop adds them over batches and workers."""
 
@@ -146,49 +142,33 @@ def fit(
     return run_on_workers(job, context, train_loop, dataset, settings, loop.num_workers, loop.use_gpu, run_id)
 
 
-def run_on_workers(
+def train_and_register(
     job: JobRecord,
     context: JobContext,
-    body: Callable[[dict[str, Any]], None],
     dataset: Path,
-    settings: dict[str, Any],
-    num_workers: int,
-    use_gpu: bool = False,
-    run_id: str = "",
-) -> dict[str, float] | None:
-    """Run `body` on `num_workers` Ray Train workers (restarted on failure); the final metrics, or None.
+    objective: Objective,
+    cfg: Any,
+    info: TokenizerInfo,
+    parameters: int,
+    parent: str = "",
+) -> str:
+    """Run the objective on Ray Train, then register the model under cfg.model_name; DONE or the stop asked for.
 
-    `body` gets `settings` plus the job's ids, the data set and where the store is; it reaches Redis
-    through its own environment (JobStore.from_env), so no password shows in Ray's dashboard.
+    `cfg` is a job's config: DataConfig and LoopConfig settings and a model_name.
     """
-    run_id = run_id or job.job_id
-    attempt = context.store.get(job.job_id).attempts
-    trainer = TorchTrainer(
-        body,
-        train_loop_config={
-            **settings,
-            "job_id": job.job_id,
-            "run_id": run_id,
-            "dataset": str(dataset),
-            "artifacts": str(context.artifacts.root),
-        },
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=f"{run_id.replace('/', '-')}-{attempt}",
-            storage_path=context.ray_storage,
-            failure_config=FailureConfig(max_failures=MAX_WORKER_RESTARTS),
-        ),
+    stop = context.store.stop_requested(job.job_id)
+    if stop:
+        return stop
+    metrics = fit(job, context, dataset, objective, cfg.loop())
+    model = NewModel(
+        name=cfg.model_name,
+        tokenizer=info.ref,
+        tokenizer_files=context.artifacts.path(info.path, field="config.tokenizer"),
+        datasets=[*cfg.corpus, context.artifacts.relative(dataset)],
+        parameters=parameters,
+        parent=parent,
     )
-    trainer.fit()
-    return finished(context.artifacts, run_id)
-
-
-def finished(artifacts: ArtifactStore, run_id: str) -> dict[str, float] | None:
-    """The metrics of a run that wrote its final model, else None."""
-    if not artifacts.path(checkpoints.final_dir(run_id)).is_dir():
-        return None
-    metrics: dict[str, float] = json.loads(artifacts.path(f"{checkpoints.job_dir(run_id)}/final.json").read_text())
-    return metrics
+    return register(job, context, metrics, model)
 
 
 class Batches:
@@ -334,21 +314,6 @@ class Reporter:
         self.started = time.perf_counter()
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write a JSON file in one rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def write_final(artifacts: ArtifactStore, run_id: str, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
-    """Metrics first, then the model folder (`save` fills it) in one rename: a final folder always has its metrics."""
-    write_json(artifacts.path(f"{checkpoints.job_dir(run_id)}/final.json"), metrics)
-    with artifacts.staging(checkpoints.final_dir(run_id), replace=True) as folder:
-        save(folder)
-
-
 def place(model: torch.nn.Module, cfg: LoopConfig) -> torch.nn.Module:
     """The model on this worker's device: sharded (FSDP) or replicated (DDP, when there are several workers)."""
     if cfg.fsdp:
@@ -372,11 +337,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """The body every Ray Train worker runs (see the module docstring)."""
     cfg = LoopConfig(**loop_config["loop"])
     objective: Objective = loop_config["objective"]
-    job_id, run_id = loop_config["job_id"], loop_config["run_id"]
-    store = JobStore.from_env()  # the Redis URL and its password come from the worker's environment
-    artifacts = ArtifactStore(loop_config["artifacts"])
-    rank = ray.train.get_context().get_world_rank()
-    data = Batches(Path(loop_config["dataset"]), cfg.eval_fraction, cfg.seed)
+    worker = WorkerRun(loop_config)
+    job_id, run_id, store, artifacts, rank = worker.job_id, worker.run_id, worker.store, worker.artifacts, worker.rank
+    data = Batches(worker.dataset, cfg.eval_fraction, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     model = place(objective.build(), cfg)
@@ -389,8 +352,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if latest is not None:
         restore = sharding.restore if cfg.fsdp else checkpoints.restore
         state = restore(latest, unwrap(model), optimizer, scheduler)
-        if rank == 0:
-            store.log(job_id, f"resumed from {artifacts.relative(latest)} at step {state.step}")
+        worker.resumed(latest, state.step)
     tokens_per_step = cfg.grad_accum_steps * cfg.micro_batch_size * dist.get_world_size() * cfg.seq_len
     reporter = Reporter(store, job_id, cfg, tokens_per_step, Span(**loop_config["span"]))
 
@@ -417,6 +379,4 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         metrics = {**objective.metrics(heldout), "train_loss": loss, "tokens_seen": state.tokens_seen}
         metrics["steps"] = state.step
-        write_final(artifacts, run_id, metrics, finished_model.save_pretrained)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") or k == "perplexity")
-        store.log(job_id, f"finished{f' {run_id}' if run_id != job_id else ''}: {shown}")
+        worker.finish(metrics, finished_model.save_pretrained)

@@ -28,18 +28,11 @@ from transformers import BertConfig, BertForMaskedLM
 from libs.common.artifacts import check_name
 from libs.common.planning import ModelShape, training_memory
 from services.training.dataprep.stage import require
-from services.training.jobs import JobContext, check_gpu, parse_config
-from services.training.jobs.lm_loop import LoopConfig, Objective, Sums
-from services.training.jobs.pretrain import (
-    DataConfig,
-    check_data,
-    check_memory,
-    describe_tokenizer,
-    prepare_data,
-    special_token,
-    token_id,
-    train_and_register,
-)
+from services.training.jobs import JobContext, parse_config
+from services.training.jobs.data import DataConfig, check_data, prepare_data
+from services.training.jobs.lm_loop import LoopConfig, Objective, Sums, train_and_register
+from services.training.jobs.resources import check_gpu, check_memory
+from services.training.jobs.tokenizer import describe_tokenizer, special_token, token_id
 from services.training.jobstore import JobRecord
 
 MASK_TOKENS = ("[MASK]", "<mask>")

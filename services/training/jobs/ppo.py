@@ -82,7 +82,7 @@ class PPOJob(AlignJob):
         self, job: JobRecord, context: JobContext, cfg: PPOJobConfig, base: Registered, dataset: Path
     ) -> dict[str, float] | None:
         from services.training.jobs import ppo_loop
-        from services.training.jobs.lm_loop import run_on_workers
+        from services.training.jobs.workers import run_on_workers
 
         models = Models(
             policy=str(base.path),

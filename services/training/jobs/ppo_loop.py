@@ -31,7 +31,6 @@ Hugging Face folder.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -51,11 +50,10 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
-from libs.common.artifacts import ArtifactStore
 from services.training import checkpoints
 from services.training.checkpoints import TrainState
 from services.training.jobs.hf_loop import HFLoop, read_jsonl
-from services.training.jobs.lm_loop import build_optimizer, mixed_precision, unwrap, write_final, write_json
+from services.training.jobs.lm_loop import build_optimizer, mixed_precision, unwrap
 from services.training.jobs.ppo_loss import (
     AdaptiveKL,
     gae,
@@ -65,9 +63,9 @@ from services.training.jobs.ppo_loss import (
     value_loss,
     whiten,
 )
+from services.training.jobs.workers import WorkerRun
 from services.training.jobstore import JobStore
 
-BEFORE = "before.json"
 EVAL_SEED_OFFSET = 1_000_003
 """Held-out completions are sampled with seed + this, the same before and after training."""
 
@@ -422,14 +420,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop = HFLoop(**loop_config["loop"])
     params = PPOParams(**loop_config["params"])
     models: Models = loop_config["models"]
-    job_id, run_id = loop_config["job_id"], loop_config["run_id"]
-    store = JobStore.from_url(loop_config["redis_url"])
-    artifacts = ArtifactStore(loop_config["artifacts"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    worker = WorkerRun(loop_config)
+    job_id, run_id, store, artifacts, rank = worker.job_id, worker.run_id, worker.store, worker.artifacts, worker.rank
+    world = ray.train.get_context().get_world_size()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    w = load_worker(models, params, Path(loop_config["dataset"]), loop.seed)
+    w = load_worker(models, params, worker.dataset, loop.seed)
     optimizer = build_optimizer(w.model, loop)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, loop.warmup_steps, loop.max_steps, min_lr_rate=loop.min_lr_ratio
@@ -439,16 +435,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     latest = checkpoints.latest(artifacts, run_id)
     if latest is not None:
         state = checkpoints.restore(latest, inner, optimizer, scheduler)
-        if rank == 0:
-            store.log(job_id, f"resumed from {artifacts.relative(latest)} at step {state.step}")
+        worker.resumed(latest, state.step)
     controller = AdaptiveKL(float(inner.kl_coef), params.kl_target, params.kl_horizon)
     eos, pad = int(w.tokenizer.eos_token_id), int(w.tokenizer.pad_token_id)
     held = (models.max_prompt_length, loop.micro_batch_size, loop.seed)
-    before_file = artifacts.path(f"{checkpoints.job_dir(run_id)}/{BEFORE}")
-    if latest is None and not before_file.is_file():
-        before = evaluate(w.model, w.reference, w.reward, w.tokenizer, w.heldout, params, held)
-        if rank == 0:
-            write_json(before_file, before)
+    if latest is None:
+        worker.measure_before(lambda: evaluate(w.model, w.reference, w.reward, w.tokenizer, w.heldout, params, held))
 
     per_worker = loop.micro_batch_size * loop.grad_accum_steps
     generator = torch.Generator()
@@ -494,17 +486,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             return
     metrics = evaluate(w.model, w.reference, w.reward, w.tokenizer, w.heldout, params, held)
     if rank == 0:
-        before = json.loads(before_file.read_text()) if before_file.is_file() else {}
         metrics = {
-            **metrics,
-            **{f"{name}_before": value for name, value in before.items()},
+            **worker.with_before(metrics),
             "kl_coef": controller.coef,
             "steps": state.step,
             "tokens_seen": state.tokens_seen,
         }
-        write_final(artifacts, run_id, metrics, inner.policy.save_pretrained)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
-        store.log(job_id, f"finished: {shown}")
+        worker.finish(metrics, inner.policy.save_pretrained)
 
 
 class Reporter:
@@ -537,5 +525,5 @@ class Reporter:
 
 
 def settings(loop: HFLoop, params: PPOParams, models: Models) -> dict[str, Any]:
-    """What `train_loop` takes besides the job's ids (lm_loop.run_on_workers adds them)."""
+    """What `train_loop` takes besides the job's ids (workers.run_on_workers adds them)."""
     return {"loop": asdict(loop), "params": asdict(params), "models": models}

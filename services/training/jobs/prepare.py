@@ -21,7 +21,7 @@ from typing import Any
 from services.training.dataprep.packing import MANIFEST
 from services.training.dataprep.stage import require
 from services.training.jobs import DONE, JobContext, parse_config
-from services.training.jobs.pretrain import DataConfig, causal_data, check_causal_data
+from services.training.jobs.data import DataConfig, causal_data, check_causal_data
 from services.training.jobstore import JobRecord
 
 

@@ -32,15 +32,12 @@ from libs.common.errors import InvalidArgument
 from libs.common.planning import training_flops, training_memory
 from libs.common.planning.scaling import SweepFit
 from services.training.dataprep.stage import field_prefix, require
-from services.training.jobs import DONE, JobContext, check_gpu, parse_config
+from services.training.jobs import DONE, JobContext, parse_config
+from services.training.jobs.data import DataConfig, causal_data, check_causal_data
+from services.training.jobs.llama import LlamaShape
 from services.training.jobs.lm_loop import LoopConfig
-from services.training.jobs.pretrain import (
-    DataConfig,
-    LlamaShape,
-    causal_data,
-    check_causal_data,
-    check_memory,
-)
+from services.training.jobs.registration import stopped_early
+from services.training.jobs.resources import check_gpu, check_memory
 from services.training.jobstore import JobRecord
 
 KIND = "sweeps"
@@ -159,7 +156,7 @@ class ScalingSweepJob:
         return {**config, "tokenizer": info.ref}
 
     def run(self, job: JobRecord, context: JobContext) -> str:
-        from services.training.jobs import lm_loop
+        from services.training.jobs import lm_loop, workers
 
         cfg = parse_config(SweepConfig, job.config)
         info, eos_id, dataset = causal_data(job, cfg, context, cfg.seq_len)
@@ -168,7 +165,7 @@ class ScalingSweepJob:
         losses = []
         for i, rung in enumerate(rungs):
             run_id = f"{job.job_id}/model-{i}"
-            metrics = lm_loop.finished(context.artifacts, run_id)
+            metrics = workers.finished(context.artifacts, run_id)
             if metrics is None:
                 stop = context.store.stop_requested(job.job_id)
                 if stop:
@@ -183,10 +180,7 @@ class ScalingSweepJob:
                 objective = lm_loop.CausalLM(rung.shape.model_config(info.vocab_size, eos_id, cfg.seq_len))
                 metrics = lm_loop.fit(job, context, dataset, objective, loop_for(cfg, rung), run_id, span)
                 if metrics is None:
-                    stop = context.store.stop_requested(job.job_id)
-                    if not stop:
-                        raise RuntimeError(f"model {i} ended without writing its final model")
-                    return stop
+                    return stopped_early(job, context, f"model {i}")
             losses.append(metrics["eval_loss"])
         self._store_fit(job, context, rungs, losses)
         return DONE

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -19,8 +20,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import ROOT, free_port
+from libs.common.ports import free_port
+from tests.helpers.services import ROOT
+
+TARGET = os.environ.get("LLMP_E2E_TARGET", "local")
+"""Where the scenario runs: local (the default) or kind."""
 
 KIND_CONTEXT = os.environ.get("LLMP_KIND_CONTEXT", "kind-llmp")
 KIND_NAMESPACE = os.environ.get("LLMP_KIND_NAMESPACE", "llmp")
@@ -132,3 +138,36 @@ def kind() -> Iterator[Target]:
     finally:
         forward.terminate()
         forward.wait(30)
+
+
+class Gateway:
+    """The platform API (/api/v1) over HTTP with a key, and its server-sent event streams."""
+
+    def __init__(self, target: Target) -> None:
+        import httpx
+
+        self.http = httpx.Client(
+            base_url=target.base_url,
+            headers={"Authorization": f"Bearer {target.admin_key}"},
+            timeout=httpx.Timeout(60.0, read=1800.0),
+        )
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, expect: int = 200) -> Any:
+        response = self.http.request(method, f"/api/v1{path}", json=body)
+        assert response.status_code == expect, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response.json()
+
+    def events(self, method: str, path: str, body: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every event of an SSE stream until the server ends it; an error event fails the step."""
+        out: list[dict[str, Any]] = []
+        with self.http.stream(method, f"/api/v1{path}", json=body) as response:
+            assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.read()[:500]!r}"
+            kind = "message"
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line.removeprefix("data:"))
+                    assert kind != "error", f"{path}: {data}"
+                    out.append(data)
+        return out

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from libs.common.corpora import pydoc_topics
-from tests.e2e.scenario.conftest import TARGET, Gateway
-from tests.e2e.scenario.targets import Target
+from tests.e2e.scenario.targets import TARGET, Gateway, Target
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow] + ([pytest.mark.kind] if TARGET == "kind" else [])
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from libs.common.ports import free_port
 from libs.common.rpc.client import wait_serving
-from tests.conftest import free_port
-from tests.unit.training.redis_server import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 

@@ -13,38 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig
-
-from libs.common.stack import free_port
-from tests.conftest import ServiceProcess, start_service
-from tests.unit.training.redis_server import RedisServer
-
-TINY = "models/tiny/1"
-# A ChatML template, as the tokeniser service's "default" one.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from libs.common.ports import free_port
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.services import ServiceProcess, start_service
+from tests.helpers.tiny_models import CHAT_TEMPLATE, TINY
+from tests.helpers.tiny_models import save_tiny_model as save_tiny_model_with
 
 
 def save_tiny_model(root: Path, relative: str = TINY, context: int = 1024) -> Path:
-    """A 2-layer Llama over a byte-level tokenizer (one id per byte) with a chat template."""
-    folder = root / relative
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=256, max_position_embeddings=context, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return folder
+    """The tiny byte-level Llama with a chat template and room for a cited prompt."""
+    return save_tiny_model_with(root, relative, context=context, chat_template=CHAT_TEMPLATE)
 
 
 @dataclass

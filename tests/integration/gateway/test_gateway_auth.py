@@ -20,7 +20,7 @@ from google.protobuf import empty_pb2
 
 from services.gateway import openapi
 from services.gateway.grpc_api import BACKEND_SERVICES
-from tests.conftest import ROOT
+from tests.helpers.services import ROOT
 from tests.integration.gateway.stack import GatewayStack, call, create_key, start_stack
 
 pytestmark = pytest.mark.integration

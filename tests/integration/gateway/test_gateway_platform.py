@@ -23,7 +23,7 @@ from libs.common.clients.gateway import GatewayClient
 from libs.common.clients.inference import InferenceClient
 from libs.common.clients.retrieval import RetrievalClient
 from libs.common.clients.tokenizer import TokenizerClient
-from tests.conftest import ROOT
+from tests.helpers.services import ROOT
 from tests.integration.gateway.stack import TINY, GatewayStack, call, create_key
 
 pytestmark = pytest.mark.integration

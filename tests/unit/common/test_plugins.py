@@ -94,9 +94,9 @@ print(json.dumps(out))
 """
 
 
-def probe(site: Path, **env: str) -> dict:
+def probe(site: Path, code: str = PROBE, **env: str) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", code],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -120,3 +120,41 @@ def test_allow_list_restricts_third_party_plugins(installed_plugin: Path) -> Non
     assert "byte_level_bpe" in out["names"], "built-ins are always available"
     assert "unknown tokenizers plugin 'broken'" in out["broken"]
     assert "char_level" in probe(installed_plugin, LLMP_PLUGINS_ALLOW="tokenizers:char_level")["names"]
+
+
+KINDS_PROBE = """
+import json, tempfile
+from libs.common.artifacts import ArtifactStore
+from services.inference.backends import ENGINES, make_backend
+from services.inference.config import InferenceConfig
+from services.inference.core import LocalBackend
+from services.training.jobs import OBJECTIVES, job_type
+from services.training.jobs.pretrain import PretrainJob
+backend = make_backend(InferenceConfig(backend="in_process"), ArtifactStore(tempfile.mkdtemp()))
+print(json.dumps({
+    "job_types": OBJECTIVES.names(),
+    "checked": job_type("instant").check({"steps": 1}, None),
+    "pretrain_is_builtin": type(job_type("pretrain")) is PretrainJob,
+    "engines": ENGINES.names(),
+    "in_process_is_local": isinstance(backend, LocalBackend),
+}))
+"""
+
+
+def test_installed_job_type_and_engine_are_found(installed_plugin: Path) -> None:
+    out = probe(installed_plugin, KINDS_PROBE)
+    assert {"instant", "pretrain", "sft", "ppo"} <= set(out["job_types"])
+    assert out["checked"] == {"steps": 1, "checked_by": "instant"}
+    assert out["pretrain_is_builtin"], "a third-party job type must never shadow a built-in"
+    assert out["engines"] == ["in_process", "local", "ray"]
+    assert out["in_process_is_local"]
+
+
+def test_unknown_engine_names_the_setting(tmp_path: Path) -> None:
+    from libs.common.artifacts import ArtifactStore
+    from services.inference.backends import make_backend
+    from services.inference.config import InferenceConfig
+
+    with pytest.raises(InvalidArgument, match=r"unknown engines plugin 'tpu'; available: .*local") as refused:
+        make_backend(InferenceConfig(backend="tpu"), ArtifactStore(tmp_path))
+    assert refused.value.field == "inference.backend"

@@ -12,7 +12,8 @@ import pytest
 from libs.common import secrets
 from libs.common.config import CommonConfig
 from libs.common.errors import FailedPrecondition
-from libs.common.stack import LocalStack, local_ray_env, make_ray_temp_dir, ray_temp_dir, remove_ray_temp_dir
+from libs.common.local_ray import local_ray_env, make_ray_temp_dir, ray_temp_dir, remove_ray_temp_dir
+from libs.common.stack import LocalStack
 
 
 def test_ray_temp_stays_under_llmp_home_unless_its_sockets_would_be_too_long(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import redis.asyncio
 from libs.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from services.gateway.keys import KeyStore, digest
 from services.gateway.quota import Quotas
-from tests.unit.training.redis_server import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 T = TypeVar("T")
 

@@ -7,8 +7,7 @@ import torch
 
 from libs.common.artifacts import ArtifactStore
 from services.inference.engine import LoadedModel, load_model
-
-from .tiny import CONFIGS, save_model
+from tests.helpers.tiny_models import CONFIGS, save_model
 
 torch.set_num_threads(2)
 

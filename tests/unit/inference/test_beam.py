@@ -10,8 +10,7 @@ import torch
 from libs.common.errors import InvalidArgument
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams, SchedulerConfig
 from services.inference.engine.kv_cache import KVCache
-
-from .tiny import prompt
+from tests.helpers.tiny_models import prompt
 
 torch.set_num_threads(1)
 

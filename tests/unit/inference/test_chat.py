@@ -16,8 +16,8 @@ from services.inference.core import InferenceCore
 from services.inference.engine import SamplingParams
 from services.inference.schema import GenerateInput, ModelSpec
 from services.inference.servicer import InferenceServicer, model_info_pb
-
-from .test_service_core import TINY, greedy, make_core, reference, run, save_tiny_model
+from tests.helpers.inference_core import greedy, make_core, reference, run
+from tests.helpers.tiny_models import TINY, save_tiny_model
 
 CHAT = "models/chat/1"
 TEMPLATE = (

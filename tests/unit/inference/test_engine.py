@@ -7,8 +7,7 @@ import torch
 
 from libs.common.errors import InvalidArgument, ResourceExhausted
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams, SchedulerConfig
-
-from .tiny import CONFIGS, NEEDS_COMPILER, prompt
+from tests.helpers.tiny_models import CONFIGS, NEEDS_COMPILER, prompt
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 

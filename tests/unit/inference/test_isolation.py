@@ -14,8 +14,7 @@ from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, Sa
 from services.inference.engine.batch import StepChunk
 from services.inference.engine.engine import RequestFailed, RequestOutput
 from services.inference.engine.sampling import SAMPLERS, LogitsProcessor, SamplingContext
-
-from .tiny import prompt
+from tests.helpers.tiny_models import prompt
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, n=2, ignore_eos=True)

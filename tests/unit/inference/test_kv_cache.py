@@ -6,8 +6,7 @@ import torch
 from libs.common.errors import InvalidArgument, ResourceExhausted
 from services.inference.engine import KVCacheConfig
 from services.inference.engine.kv_cache import BlockPool, CacheShape, KVCache
-
-from .tiny import CONFIGS
+from tests.helpers.tiny_models import CONFIGS
 
 
 def cache(num_blocks: int = 8, prefix_caching: bool = True) -> KVCache:

@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams, load_model
-
-from .tiny import prompt
+from tests.helpers.tiny_models import prompt
 
 torch.set_num_threads(1)
 

@@ -11,8 +11,7 @@ import torch
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, NotFound
 from services.inference.engine import load_model
-
-from .tiny import CONFIGS
+from tests.helpers.tiny_models import CONFIGS
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))

@@ -11,8 +11,7 @@ from services.inference.engine import KVCacheConfig, load_model
 from services.inference.engine.batch import StepChunk
 from services.inference.engine.kv_cache import KVCache
 from services.inference.engine.model_runner import ModelRunner
-
-from .tiny import CONFIGS, NEEDS_COMPILER, prompt
+from tests.helpers.tiny_models import CONFIGS, NEEDS_COMPILER, prompt
 
 ATOL = 1e-4
 

@@ -17,8 +17,7 @@ from services.inference.engine import (
     load_model,
 )
 from services.inference.engine.batch import StepChunk
-
-from .tiny import NO_SPECIAL, SMALL, prompt
+from tests.helpers.tiny_models import NO_SPECIAL, SMALL, prompt
 
 torch.set_num_threads(1)
 

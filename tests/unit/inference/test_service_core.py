@@ -4,54 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, LlmpError, NotFound, ResourceExhausted
-from services.inference.config import InferenceConfig
-from services.inference.core import InferenceCore, LocalBackend
-from services.inference.engine import LLMEngine, SamplingLimits, SamplingParams, load_model
+from services.inference.core import InferenceCore
+from services.inference.engine import SamplingParams
 from services.inference.schema import Chunk, EngineOptions, GenerateInput, ModelSpec, ReplicaOptions
 from services.inference.text import TextDeltas
-
-T = TypeVar("T")
-TINY = "models/tiny/1"
-
-
-def save_tiny_model(root: Path, relative: str = TINY) -> Path:
-    """A 2-layer Llama over a byte-level tokenizer (256 ids, one per byte), saved as the store keeps it."""
-    folder = root / relative
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=256,
-        max_position_embeddings=128,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
+from tests.helpers.inference_core import greedy, make_core, reference, run
+from tests.helpers.tiny_models import TINY, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +23,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
     store = ArtifactStore(tmp_path_factory.mktemp("artifacts"))
     save_tiny_model(store.root)
     return store
-
-
-def make_core(store: ArtifactStore) -> InferenceCore:
-    config = InferenceConfig(max_tokens=64, max_n=4, drain_seconds=5)
-    return InferenceCore(config, store, LocalBackend(store, SamplingLimits(max_n=4, max_tokens=64)))
-
-
-def greedy(max_tokens: int = 12) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-
-
-def reference(store: ArtifactStore, prompt: list[int], params: SamplingParams) -> list[int]:
-    engine = LLMEngine(load_model(TINY, store))
-    return engine.generate([prompt], params)[0].outputs[0].token_ids
 
 
 async def collect(chunks: AsyncIterator[Chunk]) -> list[Chunk]:

@@ -18,8 +18,8 @@ from libs.common.errors import AlreadyExists, FailedPrecondition, InvalidArgumen
 from services.inference.core import InferenceCore
 from services.inference.engine import SamplingParams
 from services.inference.schema import EngineOptions, GenerateInput, ModelSpec, ReplicaOptions
-
-from .test_service_core import TINY, make_core, save_tiny_model
+from tests.helpers.inference_core import make_core
+from tests.helpers.tiny_models import TINY, save_tiny_model
 
 PROMPT = [5, 17, 99, 3, 42, 8]
 

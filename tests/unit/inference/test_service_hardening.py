@@ -11,16 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from libs.common import config as cfg
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import AlreadyExists, InvalidArgument, LlmpError, Unavailable
-from libs.common.settings import VARIABLES
 from services.inference.config import InferenceConfig
 from services.inference.core import InferenceCore, LocalBackend, ModelHandle
 from services.inference.engine import SamplingLimits, SamplingParams
 from services.inference.schema import EngineOptions, GenerateInput, ModelSpec, ReplicaOptions
-
-from .test_service_core import TINY, make_core, run, save_tiny_model
+from tests.helpers.inference_core import make_core, run
+from tests.helpers.tiny_models import TINY, save_tiny_model
 
 VOCAB = 256
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -250,8 +248,3 @@ def test_a_deploy_past_its_timeout_is_removed_and_the_name_freed(store: Artifact
     run(scenario())
     assert removed == ["tiny"]
 
-
-def test_every_inference_setting_is_declared_with_its_default() -> None:
-    assert cfg.undeclared(InferenceConfig, "inference") == []
-    declared = {name: VARIABLES[name].default for name in cfg.declared_env_names(InferenceConfig, "inference")}
-    assert cfg.load(InferenceConfig, "inference", environ=declared) == InferenceConfig()

@@ -19,8 +19,7 @@ from services.inference.engine import (
 )
 from services.inference.engine.drafters import DraftModelDrafter, NgramDrafter
 from services.inference.engine.speculative import Drafter, create_drafter, rejection_sample
-
-from .tiny import prompt
+from tests.helpers.tiny_models import prompt
 
 REPETITIVE = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8]
 PROMPTS = [prompt(5, seed=1), prompt(17, seed=2), REPETITIVE, prompt(9, seed=3), prompt(30, seed=4)]

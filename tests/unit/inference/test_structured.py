@@ -18,8 +18,7 @@ from libs.common.errors import InvalidArgument
 from services.inference.core import InferenceCore
 from services.inference.engine import LLMEngine, SamplingParams, load_model
 from services.inference.schema import Chunk, EngineOptions, GenerateInput, ModelSpec
-
-from .test_service_core import make_core, run
+from tests.helpers.inference_core import make_core, run
 
 MODEL = "models/eos-tiny/1"
 EOS = 256

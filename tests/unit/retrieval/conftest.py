@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.artifacts import ArtifactStore
-from services.retrieval.config import RetrievalConfig
 from services.retrieval.core import RetrievalCore
-from services.retrieval.edge_store import EdgeStore
 from services.retrieval.embedders import load_tokenizer, packaged_minilm
 from services.retrieval.tokens import LocalTokens
+from tests.helpers.retrieval_core import make_core
 
 
 @pytest.fixture(scope="session")
 def minilm_tokens() -> LocalTokens:
     return LocalTokens(load_tokenizer(packaged_minilm()))
-
-
-def make_core(root: Path, **config: int) -> RetrievalCore:
-    store = EdgeStore(str(root / "qdrant_edge"))
-    return RetrievalCore(RetrievalConfig(**config), ArtifactStore(root / "artifacts"), store)
 
 
 @pytest.fixture

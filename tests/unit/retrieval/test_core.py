@@ -8,7 +8,7 @@ import pytest
 
 from libs.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.retrieval.core import DocumentInput, Mmr, Query, RetrievalCore
-from tests.unit.retrieval.conftest import make_core
+from tests.helpers.retrieval_core import make_core
 
 STATIC = {"type": "static"}
 DOCS = [

@@ -13,7 +13,7 @@ import pytest
 from libs.common.errors import InvalidArgument
 from services.retrieval import core as core_module
 from services.retrieval.core import DocumentInput, Mmr, Query, RetrievalCore
-from tests.unit.retrieval.conftest import make_core
+from tests.helpers.retrieval_core import make_core
 
 STATIC = {"type": "static"}
 TEXT = " ".join(f"Sentence number {i} says something about topic {i % 7}." for i in range(60))

@@ -9,9 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from libs.common.corpora import pydoc_topics, stdlib_source
 from services.training.dataprep import Document
-from tests.unit.training.redis_server import RedisServer
-
-EOS = "<|endoftext|>"
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.training import EOS
 
 
 @pytest.fixture(scope="session")

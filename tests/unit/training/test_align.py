@@ -14,13 +14,13 @@ from libs.common.planning import GB
 from services.training.jobs import JobContext, builtin_data, job_type, parse_config
 from services.training.jobs.align import SFTJobConfig, check_record, split
 from services.training.registry import Lineage, ModelInfo
-from tests.unit.training.test_family_jobs import Registry as CausalRegistry
+from tests.helpers.training import TargetRegistry
 
 SFT = {"base": "target", "data": ["pydoc:instructions"], "model_name": "sft", "max_length": 128}
 PREF = {"base": "target", "data": ["pydoc:preferences"], "model_name": "m", "max_length": 128}
 
 
-class Registry(CausalRegistry):
+class Registry(TargetRegistry):
     """A causal LM "target:1" and a reward model "rm:1" (LlamaForSequenceClassification), same tokeniser."""
 
     def __init__(self, root: Path) -> None:

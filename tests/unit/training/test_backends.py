@@ -17,7 +17,7 @@ from services.training.backends import driver_env, rayjob_manifest
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
 from services.training.jobstore import JobRecord
-from tests.conftest import ROOT
+from tests.helpers.services import ROOT
 
 CRD = ROOT.parent / "shared" / "k8s" / "crds" / "ray.io_rayjobs.yaml"
 """KubeRay's CRDs sit in the shared/ folder beside the repository (design.md)."""

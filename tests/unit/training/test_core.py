@@ -13,7 +13,7 @@ from services.training.backends import Backend
 from services.training.config import TrainingConfig
 from services.training.core import TrainingCore
 from services.training.jobstore import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, JobRecord
-from tests.unit.training.redis_server import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 
 class RecordingBackend(Backend):

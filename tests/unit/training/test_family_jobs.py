@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ from services.training.jobs import JobContext, job_type
 from services.training.jobs.distill import kl_per_position
 from services.training.jobs.mlm import IGNORE, MaskedLM, MaskedLMConfig
 from services.training.jobs.sweep import SweepConfig, plan_ladder
-from services.training.registry import Lineage, ModelInfo
-from tests.unit.training.test_pretrain_config import _Missing
+from tests.helpers.training import TargetRegistry, TokenizerNotFound
 
 TOKENIZERS = {
     "bpe": tok_pb.TokenizerInfo(
@@ -45,37 +43,8 @@ SWEEP: dict[str, Any] = {
 class Tokenizers:
     def describe(self, ref: str) -> tok_pb.TokenizerInfo:
         if ref.partition(":")[0] not in TOKENIZERS:
-            raise _Missing()
+            raise TokenizerNotFound()
         return TOKENIZERS[ref.partition(":")[0]]
-
-
-class Registry:
-    """Stands in for the model registry: one causal LM, "target:1", trained with bpe:1."""
-
-    def __init__(self, root: Path) -> None:
-        self.folder = root / "models" / "target" / "1"
-        self.folder.mkdir(parents=True)
-        config = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 600,
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 192,
-            "max_position_embeddings": 128,
-        }
-        (self.folder / "config.json").write_text(json.dumps(config))
-
-    def get(self, ref: str) -> ModelInfo:
-        if not ref.startswith("target"):
-            raise NotFound(f"no model named {ref!r}", field="model")
-        lineage = Lineage(job_id="train-1", tokenizer="bpe:1", datasets=["topics", "datasets/train-1"])
-        return ModelInfo("target", 1, "models/target/1", lineage)
-
-    def path(self, ref: str) -> Path:
-        return self.folder
 
 
 @pytest.fixture
@@ -87,7 +56,7 @@ def context(tmp_path: Path) -> JobContext:
     (artifacts.root / "corpora" / "topics" / "part-00000.txt").write_text("some text")
     return JobContext(
         store=None,  # type: ignore[arg-type]
-        registry=Registry(tmp_path),  # type: ignore[arg-type]
+        registry=TargetRegistry(tmp_path),  # type: ignore[arg-type]
         artifacts=artifacts,
         tokenizer=Tokenizers(),  # type: ignore[arg-type]
         redis_url="",

@@ -16,7 +16,7 @@ from services.training.jobstore import (
     SUCCEEDED,
     JobStore,
 )
-from tests.unit.training.redis_server import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 CONFIG = {"tokenizer": "code:1", "corpus": ["stdlib"], "model_name": "tiny", "max_steps": 10}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from llmp.tokenizer.v1 import tokenizer_pb2 as tok_pb
 
@@ -14,13 +13,9 @@ from libs.common.errors import InvalidArgument, NotFound
 from libs.common.planning import GB
 from services.training.jobs import JobContext, job_type
 from services.training.jobs.pretrain import PretrainConfig
+from tests.helpers.training import TokenizerNotFound
 
 VALID = {"tokenizer": "tok", "corpus": ["topics"], "model_name": "tiny", "hidden_size": 64, "num_layers": 2}
-
-
-class _Missing(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.NOT_FOUND
 
 
 class KnownTokenizers:
@@ -28,7 +23,7 @@ class KnownTokenizers:
 
     def describe(self, ref: str) -> tok_pb.TokenizerInfo:
         if ref.partition(":")[0] != "tok":
-            raise _Missing()
+            raise TokenizerNotFound()
         return tok_pb.TokenizerInfo(
             name="tok",
             version=3,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from libs.common.errors import Unavailable
+from libs.common.ports import free_port
 from services.training.backends import BACKENDS, RayJobsBackend
 from services.training.config import TrainingConfig
-from tests.conftest import free_port
 
 
 def test_ray_jobs_is_a_backend_and_refuses_an_address_without_a_job_server() -> None:

@@ -16,7 +16,7 @@ from libs.common.planning import GB
 from services.training import runner
 from services.training.jobs import JobContext
 from services.training.jobstore import FAILED, PENDING, JobStore
-from tests.unit.training.redis_server import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 
 def test_every_call_is_unavailable_while_redis_is_down(redis_server: RedisServer) -> None:

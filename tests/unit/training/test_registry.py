@@ -11,7 +11,7 @@ import redis
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, NotFound
 from services.training.registry import Lineage, ModelRegistry
-from tests.unit.training.redis_server import RedisServer
+from tests.helpers.redis_server import RedisServer
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from services.training.jobs.builtin_data import instruction_pairs
 from services.training.jobs.hf_loop import HFLoop, arguments
 from services.training.jobs.trl_specs import SFTSpec
-from tests.unit.training.conftest import EOS
+from tests.helpers.training import EOS
 
 
 @pytest.fixture(scope="module")

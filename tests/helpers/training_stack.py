@@ -21,8 +21,8 @@ from llmp.training.v1 import training_pb2 as pb
 from libs.common import corpora
 from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.clients.training import TrainingClient
-from tests.conftest import ServiceProcess, start_service
-from tests.unit.training.redis_server import RedisServer
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.services import ServiceProcess, start_service
 
 WATCH_TIMEOUT_S = 900  # a watch that outlives this fails the test instead of hanging it
 GPU = torch.cuda.is_available()

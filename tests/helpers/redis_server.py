@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from libs.common.stack import redis_server_binary
-from tests.conftest import free_port
+from libs.common.local_redis import redis_server_binary
+from libs.common.ports import free_port
 
 
 class RedisServer:

@@ -1,0 +1,52 @@
+"""Where the inference service runs its models: a plugin of the `engines` kind (group `llmp.engines`).
+
+An engine is a function `(config: InferenceConfig, store: ArtifactStore) -> Backend` (see
+`core.Backend`), named by the service's `backend` setting. The built-ins: `ray`, a Ray Serve
+deployment per model (`serve_app.ServeBackend`), and `local`, the models in this process without
+Ray (`core.LocalBackend`). A third party adds one by installing a package with an entry point in
+`llmp.engines`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.plugins import Registry
+from services.inference.config import InferenceConfig
+from services.inference.core import Backend, LocalBackend
+from services.inference.engine import SamplingLimits
+
+BackendBuilder = Callable[[InferenceConfig, ArtifactStore], Backend]
+
+ENGINES: Registry[Any] = Registry(
+    "engines",
+    {"local": "services.inference.backends:local_backend", "ray": "services.inference.backends:ray_serve_backend"},
+)
+
+
+def limits(config: InferenceConfig) -> SamplingLimits:
+    return SamplingLimits(max_n=config.max_n, max_tokens=config.max_tokens)
+
+
+def local_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
+    return LocalBackend(store, limits(config))
+
+
+def ray_serve_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
+    from services.inference.serve_app import ServeBackend  # Ray is only imported when used
+
+    return ServeBackend(
+        store,
+        limits(config),
+        ray_num_cpus=config.ray_num_cpus,
+        dashboard=config.dashboard,
+        dashboard_port=config.dashboard_port,
+    )
+
+
+def make_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
+    """The backend the `backend` setting names; an unknown name is refused naming `inference.backend`."""
+    build: BackendBuilder = ENGINES.get(config.backend, field="inference.backend")
+    return build(config, store)
