@@ -6,7 +6,8 @@
    write into Qdrant Edge) vs embedding the same chunks alone in-process.
 3. Vector search in Qdrant Edge (bench/retrieval_search.py): HNSW latency and recall against the
    engine's exact search, index build, memory, and the former local mode on the same data.
-   Flags: --vectors=100000,1000000 (default 100000), --hnsw=16:128,8:64, --no-local.
+   Flags: --million (adds 1M vectors: 1.5 GB of float32, a build of tens of minutes on two cores),
+   --vectors=100000,1000000 (default 100000), --hnsw=16:128,8:64, --no-local.
 
 Run: python -m bench retrieval [flags]; python -m bench retrieval_search [flags] runs 3 alone.
 """

@@ -1,14 +1,19 @@
 """Vector search in Qdrant Edge (the local default store) on data shaped like sentence embeddings.
 
-For each size (100k by default; `--vectors=100000,1000000` adds 1M) and each HNSW setting
-(`--hnsw=16:128,8:64`, m:ef_construct), in one run:
+For each size (100k by default; `--million` adds 1M, `--vectors=1000000` runs 1M alone) and each
+HNSW setting (`--hnsw=16:128,8:64`, m:ef_construct; above 100k only the first), in one run:
 
 - ingest: upserts of 2000 points; each point is searchable when its upsert returns (from the
   engine's plain segment, exactly); then the time until the child-process index builds are done
-  (fully indexed), and search latency while they run (searches never wait for a build);
+  (fully indexed), and search latency while they run (searches wait only while a finished build
+  is swapped in: the longest such pause is shown);
 - search: p50/p99 latency of 200 top-10 queries and recall@10 against the engine's exact search
   on the same shard, for several search-time ef; target at 100k: recall@10 >= 0.95 with
   p99 <= 5 ms;
+- the tail: the engine's own query() against our wrapper (EdgeStore.dense) on the same queries,
+  and for the slowest 1% of each, the CPU this process spent against the time its threads were
+  runnable but not running (Linux schedstat, summed over the threads: the engine's search pool
+  included): a slow search that spent little CPU and much time unrun was slowed by other load;
 - memory: the serving process's resident-set growth, the build process's peak, bytes on disk;
 - reference: qdrant-client's local mode (the former default) on the same 100k vectors, same
   queries: p50 ratio (target >= 50x lower with Qdrant Edge). `--no-local` skips it.
@@ -35,12 +40,14 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import qdrant_edge as qe
 
 from services.retrieval.edge_store import EdgeStore
-from services.retrieval.vectorstores import Found, Layout, Point, QdrantStore, VectorStore
+from services.retrieval.vectorstores import DENSE, Found, Layout, Point, QdrantStore, VectorStore
 
 DIM, QUERIES, K, BATCH = 384, 200, 10, 2000
 EFS = (16, 32, 64, 128)
+TAIL_PASSES = 5
 LOCAL_QUERIES = 30
 
 
@@ -98,6 +105,47 @@ def folder_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def sched_ms() -> tuple[float, float]:
+    """This process's CPU time and run-queue wait so far (ms), summed over its threads (Linux schedstat):
+    a search that was slow while waiting for a CPU was slowed by other load, not by its own work."""
+    on_cpu = queued = 0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            ran, waited, _ = (task / "schedstat").read_text().split()
+            on_cpu, queued = on_cpu + int(ran), queued + int(waited)
+    return on_cpu / 1e6, queued / 1e6
+
+
+def tail(store: EdgeStore, name: str, queries: np.ndarray, ef: int) -> None:
+    """Where the p99 comes from: the engine's own query() against EdgeStore.dense (filter and request
+    building, the shard lock, results to Found) on the same queries, interleaved; for the slowest 1%
+    of each, the CPU this process spent and the time its threads waited for a CPU."""
+    shard = store._shard(name)
+    params = qe.SearchParams(hnsw_ef=ef)
+    calls: dict[str, Callable[[np.ndarray], object]] = {
+        "engine query()": lambda q: shard.shard.query(
+            qe.QueryRequest(K, query=qe.Query.Nearest(q.tolist(), using=DENSE), params=params, with_payload=True)
+        ),
+        "EdgeStore.dense": partial(hnsw, store, name, ef=ef),
+    }
+    rows: dict[str, list[tuple[float, float, float]]] = {label: [] for label in calls}
+    for _ in range(TAIL_PASSES):
+        for q in queries:
+            for label, call in calls.items():
+                cpu0, wait0 = sched_ms()
+                start = time.perf_counter()
+                call(q)
+                wall = (time.perf_counter() - start) * 1000
+                cpu1, wait1 = sched_ms()
+                rows[label].append((wall, cpu1 - cpu0, wait1 - wait0))
+    print(f"    the tail at ef={ef}, {TAIL_PASSES} x {len(queries)} queries each, interleaved:")
+    for label, measured in rows.items():
+        walls = np.array([m[0] for m in measured])
+        wall, cpu, waited = np.mean(sorted(measured, reverse=True)[: max(1, len(measured) // 100)], axis=0)
+        print(f"      {label:16s} p50 {np.median(walls):6.2f} ms  p99 {np.percentile(walls, 99):6.2f} ms; "
+              f"slowest 1%: {wall:6.2f} ms, CPU {cpu:5.2f} ms, runnable unrun {waited:5.2f} ms")  # fmt: skip
+
+
 def unnice(child: subprocess.Popen[bytes] | None) -> None:
     """Run the build's threads at normal priority (where allowed: root). The engine starts its optimizer
     threads niced, which on a machine shared by many busy processes starves the build the bench times."""
@@ -144,7 +192,9 @@ def edge_run(root: Path, data: np.ndarray, queries: np.ndarray, m: int, ef_const
           f"{info.indexed_vectors_count} of {info.points_count} indexed, {info.segments_count} segments)")  # fmt: skip
     if busy:
         p50, p99 = p50_p99(busy)
-        print(f"    searches during the builds: {len(busy)}, p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
+        pauses = store._shard(name).swap_pauses_ms
+        print(f"    searches during the builds: {len(busy)}, p50 {p50:6.2f} ms  p99 {p99:6.2f} ms; the swaps kept "
+              f"searches waiting {max(pauses, default=0):.0f} ms at most ({len(pauses)} swaps)")  # fmt: skip
     print(f"    exact search    p50 {p50_p99(exact_lat)[0]:7.2f} ms  p99 {p50_p99(exact_lat)[1]:7.2f} ms")
     measured = {}
     for ef in EFS:
@@ -154,6 +204,7 @@ def edge_run(root: Path, data: np.ndarray, queries: np.ndarray, m: int, ef_const
         measured[f"ef{ef}"] = p50
         print(f"    HNSW ef={ef:<4d}    p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  recall@{K} {recall:.3f}  "
               f"{p50_p99(exact_lat)[0] / p50:6.1f}x exact")  # fmt: skip
+    tail(store, name, queries, 64)
     build_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"    memory: serving process +{rss_mib() - base_rss:.0f} MiB, build process peak {build_peak:.0f} MiB, "
           f"disk {folder_mib(root / name):.0f} MiB")  # fmt: skip
@@ -176,7 +227,7 @@ def local_mode_p50(root: Path, data: np.ndarray, queries: np.ndarray) -> float:
 
 
 def main() -> None:
-    sizes = [int(s) for s in flag("vectors", "100000").split(",")]
+    sizes = [int(s) for s in flag("vectors", "100000,1000000" if "--million" in sys.argv else "100000").split(",")]
     settings = [tuple(int(x) for x in s.split(":")) for s in flag("hnsw", "16:128,8:64").split(",")]
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1000, DIM))
@@ -187,7 +238,8 @@ def main() -> None:
         data = embeddings_like(n, rng, centres, basis)
         print(f"vector search in Qdrant Edge, {n} clustered vectors of dim {DIM}, {QUERIES} top-{K} queries:")
         with tempfile.TemporaryDirectory(prefix="llmp-bench-") as tmp:
-            results = [edge_run(Path(tmp), data, queries, m, efc) for m, efc in settings]
+            grid = settings if n <= 100_000 else settings[:1]  # above 100k, one build (minutes each)
+            results = [edge_run(Path(tmp), data, queries, m, efc) for m, efc in grid]
             if n == 100_000 and "--no-local" not in sys.argv:
                 local = local_mode_p50(Path(tmp), data, queries)
                 best = results[0]["ef128"]

@@ -39,7 +39,16 @@ from services.retrieval.config import RetrievalConfig
 from services.retrieval.embedders import EMBEDDERS, DenseEmbedder, Encoder, SparseEncoder
 from services.retrieval.ranking import RRF_K
 from services.retrieval.tokens import LocalTokens, ServiceTokens, TokenCounter
-from services.retrieval.vectorstores import DISTANCES, Found, Layout, Point, Search, VectorStore, parse_filter
+from services.retrieval.vectorstores import (
+    DISTANCES,
+    QUANTIZERS,
+    Found,
+    Layout,
+    Point,
+    Search,
+    VectorStore,
+    parse_filter,
+)
 
 MODES = ("dense", "sparse", "hybrid")
 DEFAULT_EMBEDDER = {"type": "sentence_transformers"}
@@ -406,8 +415,12 @@ class RetrievalCore(Preparer):
         sparse_embedder: dict[str, Any] | None = None,
         chunker: dict[str, Any] | None = None,
         dim: int = 0,
+        quantizer: str = "",
     ) -> CollectionInfo:
+        """`quantizer`: "scalar" or "binary"; empty: "scalar" when `quantization` is set, else none."""
         check_name(name)
+        if quantizer and quantizer not in QUANTIZERS:
+            raise InvalidArgument(f"must be one of {', '.join(QUANTIZERS)} (or empty)", field="quantizer")
         if hnsw_m > MAX_HNSW_M:
             raise InvalidArgument(f"at most {MAX_HNSW_M}", field="hnsw.m")
         if ef_construct > MAX_EF_CONSTRUCT:
@@ -426,13 +439,13 @@ class RetrievalCore(Preparer):
         self.chunker(chunker)
         if self.store.exists(name):
             raise AlreadyExists(f"collection {name!r} already exists", field="name")
-        layout = Layout(built.dim, distance, hnsw_m, ef_construct, quantization, sparse)
+        layout = Layout(built.dim, distance, hnsw_m, ef_construct, quantizer or quantization, sparse)
         spec = {
             "embedder": embedder,
             "dim": built.dim,
             "distance": distance,
             "hnsw": {"m": hnsw_m, "ef_construct": ef_construct},
-            "quantization": quantization,
+            "quantization": layout.quantizer or False,
             "sparse": sparse,
             "sparse_embedder": sparse_spec,
             "chunker": chunker,

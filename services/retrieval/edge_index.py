@@ -76,6 +76,7 @@ class LiveShard:
         self._child: subprocess.Popen[bytes] | None = None
         self._closed = self._failed = False
         self.builds = 0  # completed builds, for tests and benchmarks
+        self.swap_pauses_ms: list[float] = []  # how long each swap kept searches waiting, for benchmarks
         self._flushed = time.monotonic()
         indexed = (folder / INDEXED).exists()
         self.pending_kb = 0.0 if indexed else self.read(lambda s: s.info().points_count) * vector_kb
@@ -154,10 +155,12 @@ class LiveShard:
         fresh.flush()
         fresh.close()
         with self.lock:
+            paused = time.perf_counter()
             self.shard.close()
             os.rename(self.folder / SHARD, self.folder / OLD)
             os.rename(self.folder / BUILD, self.folder / SHARD)
             self.shard = qe.EdgeShard.load(str(self.folder / SHARD))
+            self.swap_pauses_ms.append((time.perf_counter() - paused) * 1000)
         shutil.rmtree(self.folder / OLD, ignore_errors=True)
         if self.pending_kb == 0:
             (self.folder / INDEXED).touch()

@@ -74,6 +74,7 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
             hnsw_m=request.hnsw.m,
             ef_construct=request.hnsw.ef_construct,
             quantization=request.quantization,
+            quantizer=request.quantizer,
             sparse=request.sparse,
             sparse_embedder=struct_field(request, "sparse_embedder"),
             chunker=struct_field(request, "chunker"),

@@ -56,6 +56,10 @@ class Found:
     payload: dict[str, Any]
 
 
+#: Quantised copies a collection can keep beside its float32 vectors.
+QUANTIZERS = ("scalar", "binary")
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a collection is stored."""

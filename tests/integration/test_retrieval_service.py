@@ -113,6 +113,10 @@ def test_errors_are_status_codes_naming_the_field(client: RetrievalClient) -> No
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "documents[1]" in details
     code, details = code_of(client.create, "x", dim=17)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "dim" in details
+    code, details = code_of(client.create, "x", quantizer="pq")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "quantizer" in details
+    assert client.create("binary", embedder={"type": "static"}, quantizer="binary").spec["quantization"] == "binary"
+    assert client.delete("binary")
     assert client.describe("seed").points == points
 
 

@@ -61,9 +61,14 @@ def group() -> None:
 @click.option("--distance", default="", help="cosine (default), dot, euclid or manhattan")
 @click.option("--sparse", is_flag=True, help="keep a BM25 vector per chunk too (sparse and hybrid search)")
 @click.option("--quantization", is_flag=True, help="int8 scalar-quantised vectors, rescored exactly")
+@click.option(
+    "--quantizer", type=click.Choice(["scalar", "binary"]), default=None,
+    help="the quantised copy: scalar (int8) or binary (one bit per dimension, oversampled and rescored)",
+)  # fmt: skip
 def create(
-    name: str, embedder: str | None, chunker: str | None, distance: str, sparse: bool, quantization: bool
-) -> None:
+    name: str, embedder: str | None, chunker: str | None, distance: str, sparse: bool, quantization: bool,
+    quantizer: str | None,
+) -> None:  # fmt: skip
     """Create a collection."""
     with remote(SERVICE):
         info = RetrievalClient().create(
@@ -73,6 +78,7 @@ def create(
             distance=distance,
             sparse=sparse,
             quantization=quantization,
+            quantizer=quantizer or "",
         )
     console.print(info_line(info))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,18 @@ def test_create_describe_list_delete(core: RetrievalCore) -> None:
     assert core.delete_collection("c")
     with pytest.raises(NotFound, match="collection"):
         core.describe("c")
+
+
+def test_the_quantizer_comes_from_the_collection_spec(core: RetrievalCore, tmp_path: Path) -> None:
+    assert core.create_collection("b", embedder=STATIC, quantizer="binary").spec["quantization"] == "binary"
+    assert core.create_collection("s", embedder=STATIC, quantization=True).spec["quantization"] == "scalar"
+    assert core.create_collection("n", embedder=STATIC).spec["quantization"] is False
+    engine = {n: json.loads((tmp_path / "qdrant_edge" / n / "shard" / "edge_config.json").read_text()) for n in "bsn"}
+    assert "binary" in engine["b"]["quantization_config"] and "scalar" in engine["s"]["quantization_config"]
+    assert engine["n"].get("quantization_config") is None
+    with pytest.raises(InvalidArgument, match="scalar, binary") as refused:
+        core.create_collection("x", embedder=STATIC, quantizer="pq")
+    assert refused.value.field == "quantizer"
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
