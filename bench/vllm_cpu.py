@@ -156,7 +156,7 @@ def workload(shape: Shape, seed: int = 0) -> dict:
 def ours(model: PreTrainedModel, work: dict) -> tuple[dict[str, float], float, float]:
     """(best seconds per batch, seconds for the mixed arrivals, the arrival window) on our compiled engine."""
     engine = engine_for(model, kv_mb=1024, budget=2048, compile=True)
-    engine.warm_up()
+    print(f"  {model.dtype}: our engine compiled its decode steps in {engine.warm_up():.0f} s", flush=True)
     batches = {}
     for batch in work["batches"]:
         prompts, params = batch["prompts"], greedy(batch["max_tokens"])
@@ -177,10 +177,14 @@ def ours(model: PreTrainedModel, work: dict) -> tuple[dict[str, float], float, f
     return batches, time.perf_counter() - start, window
 
 
+def vllm_log(dtype: str) -> Path:
+    return CACHE / f"vllm-{dtype}.log"
+
+
 def theirs(python: Path, folder: Path, dtype: str, work: dict, threads: int) -> dict | str:
     """vLLM's timings, or why it failed (the tail of its log, which is kept in CACHE)."""
     request = {"model": str(folder), "dtype": dtype, "max_model_len": MAX_MODEL_LEN, **work}
-    log = CACHE / f"vllm-{dtype}.log"
+    log = vllm_log(dtype)
     with tempfile.TemporaryDirectory() as tmp, log.open("w") as out:
         result = Path(tmp) / "result.json"
         done = subprocess.run(
@@ -204,6 +208,7 @@ def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, thre
     copied = copy.deepcopy(model)
     torch.nn.Module.to(copied, torch_dtype)  # in place
     our_batches, our_mixed, window = ours(copied, work)
+    print(f"  {dtype}: our engine timed; vLLM's turn (its log: {vllm_log(dtype)})", flush=True)
     vllm = theirs(python, folder, dtype, work, threads)
     if isinstance(vllm, str):
         print(f"  vs vLLM CPU {dtype}: skipped: {vllm}", flush=True)
