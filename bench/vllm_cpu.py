@@ -1,9 +1,9 @@
 """Our engine against vLLM's CPU build, on the same model, prompts and machine, in one run.
 
-The model is the inference bench's random ~134M Llama (speed does not depend on the weights'
-values), saved as a Hugging Face folder that both engines load. Prompts are token ids, decoding is
-greedy with the end token ignored, so both produce exactly the requested number of tokens. Rows,
-each in float32 and bfloat16 (target: ours >= 1.0x vLLM at the same dtype):
+The model is the inference bench's random ~134M Llama (head_dim 64; speed does not depend on the
+weights' values), saved as a Hugging Face folder that both engines load. Prompts are token ids,
+decoding is greedy with the end token ignored, so both produce exactly the requested number of
+tokens. Rows, each in float32 and bfloat16 (target: ours >= 1.0x vLLM at the same dtype):
 
 1. 64 requests, 32 prompt + 64 generated tokens, submitted at once;
 2. 16 requests, the same shape;
@@ -11,17 +11,22 @@ each in float32 and bfloat16 (target: ours >= 1.0x vLLM at the same dtype):
 4. mixed arrivals: 24 requests (prompts 16-512, outputs 16-256) arriving over half the time our
    engine takes to serve them all at once (timed first), the same schedule for both.
 
+`--quick` keeps the rows but shortens them (16 generated tokens a request, 32 at batch 1, 8 mixed
+requests, one timing each), a few minutes in all; the figures to quote come from the full run.
+
 vLLM runs in a virtual environment of its own (it pins another transformers): `make vllm-env`
 makes `.venv-vllm`, or LLMP_BENCH_VLLM_PYTHON names another interpreter. It is given its
-documented best CPU set-up: tcmalloc and Intel OpenMP preloaded, OpenMP threads bound to the
-cores we use. Without that environment the section is skipped, saying why.
+documented best CPU set-up: tcmalloc and Intel OpenMP preloaded (where found), OpenMP threads
+bound to the cores we use, no core reserved for its front end. Where that environment is missing
+or vLLM fails to start, the section is skipped, saying why.
 
-Run: python -m bench vllm_cpu [--dtype=float32|bfloat16] [--threads=N]
+Run: python -m bench vllm_cpu [--quick] [--dtype=float32|bfloat16] [--threads=N]
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes.util
 import json
 import os
 import random
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,13 +45,40 @@ from bench.inference_models import big_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "llmp-bench" / "vllm"
-TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 MAX_MODEL_LEN = 1024
-BATCHES = [
-    ("64 requests, 32+64 tok", 64, 32, 64),
-    ("16 requests, 32+64 tok", 16, 32, 64),
-    ("batch 1, 32+128 tok", 1, 32, 128),
-]
+
+
+@dataclass(frozen=True)
+class Shape:
+    batches: list[tuple[str, int, int, int]]  # (row name, requests, prompt tokens, generated tokens)
+    mixed_requests: int
+    mixed_prompt: int  # prompt lengths 16..mixed_prompt
+    mixed_output: int  # output lengths 16..mixed_output
+    repeats: int  # timings per batch; the best is kept
+
+
+FULL = Shape(
+    batches=[
+        ("64 requests, 32+64 tok", 64, 32, 64),
+        ("16 requests, 32+64 tok", 16, 32, 64),
+        ("batch 1, 32+128 tok", 1, 32, 128),
+    ],
+    mixed_requests=24,
+    mixed_prompt=512,
+    mixed_output=256,
+    repeats=2,
+)
+QUICK = Shape(
+    batches=[
+        ("64 requests, 32+16 tok", 64, 32, 16),
+        ("16 requests, 32+16 tok", 16, 32, 16),
+        ("batch 1, 32+32 tok", 1, 32, 32),
+    ],
+    mixed_requests=8,
+    mixed_prompt=128,
+    mixed_output=64,
+    repeats=1,
+)
 
 
 def vllm_python() -> Path | None:
@@ -54,17 +87,43 @@ def vllm_python() -> Path | None:
     return path if path.exists() else None
 
 
-def vllm_env(python: Path, threads: int) -> dict[str, str]:
-    """vLLM's documented CPU set-up: tcmalloc and Intel OpenMP preloaded, threads bound to our cores."""
+def unusable(python: Path) -> str | None:
+    """Why vLLM cannot run from `python`, or None where it imports."""
+    probe = subprocess.run(
+        [str(python), "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=tempfile.gettempdir(),
+    )
+    if probe.returncode:
+        return (probe.stderr.strip().splitlines() or ["no output"])[-1]
+    return None
+
+
+def clean_env() -> dict[str, str]:
     env = dict(os.environ)
-    preload = [str(TCMALLOC)] if TCMALLOC.exists() else []
+    env.pop("PYTHONPATH", None)  # our checkout must not shadow vLLM's transformers
+    return env
+
+
+def preloads(python: Path) -> list[str]:
+    """tcmalloc (Debian's libtcmalloc-minimal4) and Intel OpenMP (PyPI's intel-openmp, in vLLM's venv)."""
+    found = [ctypes.util.find_library(name) for name in ("tcmalloc_minimal", "tcmalloc")]
+    libs = [lib for lib in found if lib][:1]
     iomp = python.parent.parent / "lib" / "libiomp5.so"
     if iomp.exists():
-        preload.append(str(iomp))
-    env["LD_PRELOAD"] = ":".join(preload)
+        libs.append(str(iomp))
+    return libs
+
+
+def vllm_env(python: Path, threads: int) -> dict[str, str]:
+    """vLLM's documented CPU set-up: tcmalloc and Intel OpenMP preloaded, threads bound to our cores."""
+    env = clean_env()
+    env["LD_PRELOAD"] = ":".join(preloads(python))
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     env["VLLM_CPU_KVCACHE_SPACE"] = "4"  # GiB
-    env.pop("PYTHONPATH", None)
     return env
 
 
@@ -76,29 +135,32 @@ def saved_model() -> tuple[PreTrainedModel, Path]:
     return model, folder
 
 
-def workload(seed: int = 0) -> dict:
+def workload(shape: Shape, seed: int = 0) -> dict:
     rng = random.Random(seed)
 
     def ids(n: int) -> list[int]:
         return [rng.randrange(3, 32000) for _ in range(n)]
 
     batches = [
-        {"name": name, "prompts": [ids(p) for _ in range(count)], "max_tokens": out} for name, count, p, out in BATCHES
+        {"name": name, "prompts": [ids(p) for _ in range(count)], "max_tokens": out}
+        for name, count, p, out in shape.batches
     ]
-    lengths = [(rng.randint(16, 512), rng.randint(16, 256)) for _ in range(24)]
+    lengths = [
+        (rng.randint(16, shape.mixed_prompt), rng.randint(16, shape.mixed_output)) for _ in range(shape.mixed_requests)
+    ]
     fractions = sorted(rng.random() for _ in lengths)
     mixed = {"prompts": [ids(p) for p, _ in lengths], "max_tokens": [o for _, o in lengths], "fractions": fractions}
-    return {"batches": batches, "mixed": mixed}
+    return {"batches": batches, "mixed": mixed, "repeats": shape.repeats}
 
 
 def ours(model: PreTrainedModel, work: dict) -> tuple[dict[str, float], float, float]:
     """(best seconds per batch, seconds for the mixed arrivals, the arrival window) on our compiled engine."""
     engine = engine_for(model, kv_mb=1024, budget=2048, compile=True)
-    engine.warm_up()
+    print(f"  {model.dtype}: our engine compiled its decode steps in {engine.warm_up():.0f} s", flush=True)
     batches = {}
     for batch in work["batches"]:
         prompts, params = batch["prompts"], greedy(batch["max_tokens"])
-        batches[batch["name"]] = min(timed(engine.generate, prompts, params) for _ in range(2))
+        batches[batch["name"]] = min(timed(engine.generate, prompts, params) for _ in range(work["repeats"]))
     mixed = work["mixed"]
     window = timed(engine.generate, mixed["prompts"], greedy(max(mixed["max_tokens"]))) / 2
     mixed["arrivals"] = [f * window for f in mixed["fractions"]]
@@ -115,35 +177,50 @@ def ours(model: PreTrainedModel, work: dict) -> tuple[dict[str, float], float, f
     return batches, time.perf_counter() - start, window
 
 
-def theirs(python: Path, folder: Path, dtype: str, work: dict, threads: int) -> dict:
+def vllm_log(dtype: str) -> Path:
+    return CACHE / f"vllm-{dtype}.log"
+
+
+def theirs(python: Path, folder: Path, dtype: str, work: dict, threads: int) -> dict | str:
+    """vLLM's timings, or why it failed (the tail of its log, which is kept in CACHE)."""
     request = {"model": str(folder), "dtype": dtype, "max_model_len": MAX_MODEL_LEN, **work}
-    with tempfile.TemporaryDirectory() as tmp:
+    log = vllm_log(dtype)
+    with tempfile.TemporaryDirectory() as tmp, log.open("w") as out:
         result = Path(tmp) / "result.json"
-        subprocess.run(
+        done = subprocess.run(
             [str(python), str(ROOT / "bench" / "vllm_worker.py"), str(result)],
             input=json.dumps(request),
             text=True,
-            check=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env=vllm_env(python, threads),
             cwd=tmp,
         )
+        if done.returncode or not result.exists():
+            tail = log.read_text().strip().splitlines()[-5:]
+            return f"vLLM exited with {done.returncode} (log {log}):\n    " + "\n    ".join(tail)
         return json.loads(result.read_text())
 
 
-def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, threads: int) -> None:
-    work = workload()
+def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, threads: int, shape: Shape) -> None:
+    work = workload(shape)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     copied = copy.deepcopy(model)
     torch.nn.Module.to(copied, torch_dtype)  # in place
     our_batches, our_mixed, window = ours(copied, work)
+    print(f"  {dtype}: our engine timed; vLLM's turn (its log: {vllm_log(dtype)})", flush=True)
     vllm = theirs(python, folder, dtype, work, threads)
-    for name, count, _, out in BATCHES:
+    if isinstance(vllm, str):
+        print(f"  vs vLLM CPU {dtype}: skipped: {vllm}", flush=True)
+        return
+    for name, count, _, out in shape.batches:
         tokens = count * out
         rates = tokens / our_batches[name], tokens / vllm["batches"][name]
         record(Row(f"vs vLLM CPU {dtype}: {name}", *rates, "tok/s", 1.0))
     useful = sum(work["mixed"]["max_tokens"])
     seconds = f"{our_mixed:.1f} s vs {vllm['mixed']:.1f} s"
-    note = f"(24 requests over {window:.1f} s; {seconds}; vLLM start {vllm['startup']:.0f} s)"
+    requests = len(work["mixed"]["prompts"])
+    note = f"({requests} requests over {window:.1f} s; {seconds}; vLLM start {vllm['startup']:.0f} s)"
     rates = useful / our_mixed, useful / vllm["mixed"]
     record(Row(f"vs vLLM CPU {dtype}: mixed arrivals", *rates, "tok/s", 1.0, note=note))
 
@@ -152,15 +229,25 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[2:] if argv is None else argv
     threads = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--threads=")), 2)
     dtypes = [a.split("=", 1)[1] for a in args if a.startswith("--dtype=")] or ["float32", "bfloat16"]
+    shape = QUICK if "--quick" in args else FULL
     python = vllm_python()
     if python is None:
         print("vLLM CPU comparison skipped: no vLLM environment (run `make vllm-env`, or set LLMP_BENCH_VLLM_PYTHON)")
         return
+    reason = unusable(python)
+    if reason is not None:
+        print(f"vLLM CPU comparison skipped: vLLM does not import from {python}: {reason}")
+        return
     torch.set_num_threads(threads)
-    print(f"ours vs vLLM's CPU build ({python}), torch threads {threads}, load {load_average()}", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    print(
+        f"ours vs vLLM's CPU build ({python}), torch threads {threads}, vLLM preloads {preloads(python) or 'none'}, "
+        f"load {load_average()}",
+        flush=True,
+    )
     model, folder = saved_model()
     for dtype in dtypes:
-        compare(model, folder, python, dtype, threads)
+        compare(model, folder, python, dtype, threads, shape)
     print_table()
 
 

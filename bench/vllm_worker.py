@@ -6,10 +6,10 @@ argument (vLLM's own output goes to the terminal):
 
     {"model": DIR, "dtype": "float32", "max_model_len": 1024,
      "batches": [{"name": ..., "prompts": [[ids]], "max_tokens": N}],
-     "mixed": {"prompts": [[ids]], "max_tokens": [N], "arrivals": [s]}}
+     "mixed": {"prompts": [[ids]], "max_tokens": [N], "arrivals": [s]}, "repeats": 2}
     -> {"batches": {name: seconds}, "mixed": seconds, "startup": seconds}
 
-Each batch is run twice and the best time kept, after a warm-up; mixed requests are added to the
+Each batch is run `repeats` times and the best time kept, after a warm-up; mixed requests are added to the
 engine as their arrival times pass, with the engine stepped in between, as bench.vllm_cpu does
 with ours.
 """
@@ -46,7 +46,7 @@ def main() -> None:
     batches: dict[str, float] = {}
     for batch in work["batches"]:
         best = float("inf")
-        for _ in range(2):
+        for _ in range(work["repeats"]):
             t0 = time.perf_counter()
             outputs = llm.generate(prompts(batch["prompts"]), params(batch["max_tokens"]), use_tqdm=False)
             best = min(best, time.perf_counter() - t0)
