@@ -130,7 +130,7 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar(
                     "LLMP_TRAINING_KUBERAY_SECRET",
                     "",
-                    "Secret the RayJob pods read the Redis password (redis-password) and Ray's token (ray-token) from",
+                    "Secret the RayJob pods read the Redis password (redis-password) and Ray's token (auth_token) from",
                 ),
                 EnvVar(
                     "LLMP_TRAINING_RAY_JOBS_ADDRESS",
@@ -168,6 +168,11 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar("LLMP_INFERENCE_MAX_DRAFT_TOKENS", "16", "cap on a drafter's tokens per step (num_tokens)"),
                 EnvVar(
                     "LLMP_INFERENCE_DEPLOY_TIMEOUT_SECONDS", "900.0", "LoadModel gives up (and removes it) after this"
+                ),
+                EnvVar(
+                    "LLMP_INFERENCE_MANAGED_MODELS",
+                    "",
+                    "JSON list of models the cluster's Serve config deploys (build_app args); never loaded here",
                 ),
             ],
         ),
