@@ -209,21 +209,33 @@ class ServeModel:
 
 
 class ServeBackend:
-    """A Ray Serve application per model, on a local Ray or the cluster at RAY_ADDRESS."""
+    """A Ray Serve application per model, on a local Ray or the cluster at RAY_ADDRESS.
+
+    `cluster_serve`: Serve belongs to the cluster's Serve config (KubeRay starts it with the
+    RayService's proxy and HTTP options), so this process does not start it with its own."""
 
     name = "ray-serve"
 
     def __init__(
-        self, store: ArtifactStore, limits: SamplingLimits, *, ray_num_cpus: int, dashboard: bool, dashboard_port: int
+        self,
+        store: ArtifactStore,
+        limits: SamplingLimits,
+        *,
+        ray_num_cpus: int,
+        dashboard: bool,
+        dashboard_port: int,
+        cluster_serve: bool = False,
     ) -> None:
         self.store, self.limits = store, limits
         self.ray_num_cpus, self.dashboard, self.dashboard_port = ray_num_cpus, dashboard, dashboard_port
+        self.cluster_serve = cluster_serve
         self.dashboard_url = ""
         self.started_ray = False
 
     async def start(self) -> None:
         await asyncio.to_thread(self._connect)
-        await asyncio.to_thread(serve.start, proxy_location="Disabled")
+        if not self.cluster_serve:
+            await asyncio.to_thread(serve.start, proxy_location="Disabled")
 
     def _connect(self) -> None:
         if os.environ.get("RAY_ADDRESS"):
