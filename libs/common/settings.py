@@ -172,7 +172,7 @@ VARIABLES: dict[str, EnvVar] = {
                 EnvVar(
                     "LLMP_INFERENCE_MANAGED_MODELS",
                     "",
-                    "JSON list of models the cluster's Serve config deploys (build_app args); never loaded here",
+                    "models the cluster's Serve config deploys (JSON, build_app args); set: Serve is the cluster's",
                 ),
             ],
         ),

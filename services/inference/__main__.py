@@ -19,7 +19,7 @@ from libs.common.errors import InvalidArgument
 from libs.common.rpc.server import Registration, Server
 from libs.common.service import ServiceSpec, configure
 from services.inference.config import InferenceConfig
-from services.inference.core import Backend, InferenceCore, LocalBackend, managed_specs
+from services.inference.core import Backend, InferenceCore, LocalBackend
 from services.inference.engine import SamplingLimits
 from services.inference.servicer import SERVICE_NAME, InferenceServicer
 
@@ -39,7 +39,7 @@ def make_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
             ray_num_cpus=config.ray_num_cpus,
             dashboard=config.dashboard,
             dashboard_port=config.dashboard_port,
-            cluster_serve=bool(managed_specs(config.managed_models)),
+            cluster_serve=bool(config.managed_models.strip()),
         )
     raise InvalidArgument(f"{config.backend!r} is not 'ray' or 'local'", field="inference.backend")
 

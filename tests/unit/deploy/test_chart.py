@@ -88,6 +88,7 @@ def test_the_schema_rejects_a_misspelt_key() -> None:
         ({"gateway": {"replica": 2}}, "replica"),
         ({"gatway": {}}, "gatway"),
         ({"inference": {"serve": {"maxOngoingRequest": 4}}}, "maxOngoingRequest"),
+        ({"inference": {"models": [{"name": "a", "path": "models/a/1", "numCPUs": 1}]}}, "numCPUs"),
     ]:
         with pytest.raises(helm.HelmError, match=key):
             render(typo)
@@ -373,6 +374,8 @@ def test_without_models_the_serve_config_is_empty_and_the_front_manages_none(def
     (rayservice,) = find(default, "RayService")
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"] == []
     front = next(c for c in rayservice_pod(rayservice)["containers"] if c["name"] == "inference")
+    # set, even empty: Serve is the cluster's (KubeRay starts it with the config's proxy), not the front's
+    assert env_of(front)["LLMP_INFERENCE_MANAGED_MODELS"] == "[]"
     assert managed_specs(env_of(front)["LLMP_INFERENCE_MANAGED_MODELS"]) == {}
 
 
@@ -401,6 +404,29 @@ def test_ray_runs_with_the_token_of_the_secret_everywhere(rendered: list[Manifes
     existing = render({"auth": {"existingSecret": "mine"}})
     (rayservice,) = find(existing, "RayService")
     assert rayservice["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "mine"
+
+
+def test_every_workload_has_a_disruption_budget(rendered: list[Manifest]) -> None:
+    """A PodDisruptionBudget selects the pods of each Deployment and of the Ray head and workers."""
+    budgets = find(rendered, "PodDisruptionBudget")
+    for where, template in all_pods(rendered):
+        if where.startswith("Pod/") or where.startswith("StatefulSet/"):
+            continue  # the helm test pod; Redis and Qdrant run one replica each, with their volume
+        labels = template.get("metadata", {}).get("labels", {})
+        assert any(selects(b["spec"]["selector"], labels) for b in budgets), where
+
+
+def test_the_helm_test_calls_the_gateway_with_the_admin_key(default: list[Manifest]) -> None:
+    (pod,) = find(default, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    env = env_of(container)
+    assert env["LLMP_GATEWAY_ADMIN_KEY"] == {"secretKeyRef": {"name": "llmp-secrets", "key": "admin-key"}}
+    host, port = env["GATEWAY_URL"].removeprefix("http://").rsplit(":", 1)
+    _, gateway = target_container(default, host, int(port))
+    assert gateway["name"] == "gateway" and env_of(gateway)["LLMP_GATEWAY_HTTP_PORT"] == port
+    script = container["args"][0]
+    assert 'get("/v1/models", os.environ["LLMP_GATEWAY_ADMIN_KEY"])' in script and "== 401" in script
 
 
 def test_default_values_are_cpu_only(default: list[Manifest]) -> None:
