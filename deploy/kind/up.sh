@@ -13,7 +13,7 @@ RELEASE=${LLMP_KIND_RELEASE:-llmp}
 ENGINE=${ENGINE:-docker}
 TAG=${IMAGE_TAG:-dev}
 CALICO_VERSION=${CALICO_VERSION:-v3.29.2}
-KUBERAY_VERSION=${KUBERAY_VERSION:-1.5.1}
+KUBERAY_VERSION=${KUBERAY_VERSION:-1.6.2}
 SERVICES=(tokenizer gateway retrieval training inference)
 CONTEXT=kind-$CLUSTER
 k() { kubectl --context "$CONTEXT" "$@"; }

@@ -78,9 +78,15 @@ def secure_local_ray(home: Path) -> str:
     pass as `_temp_dir`. Call it before `import ray` where possible: Ray reads the loopback setting
     once, at import; the token settings are read again here if Ray is already imported."""
     os.environ.update(local_ray_env(home))
-    if "ray" in sys.modules:  # as Ray's own token setup does after changing RAY_AUTH_MODE
+    reload_ray_auth()
+    return str(make_ray_temp_dir(home))
+
+
+def reload_ray_auth() -> None:
+    """Make an imported Ray read RAY_AUTH_MODE and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) again
+    after they changed, as Ray's own token setup does; nothing to do before `import ray`."""
+    if "ray" in sys.modules:
         from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
-    return str(make_ray_temp_dir(home))

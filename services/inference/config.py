@@ -29,3 +29,9 @@ class InferenceConfig(ServiceConfig):
     max_num_batched_tokens: int = doc("cap on a replica's engine.max_num_batched_tokens", 16384)
     max_draft_tokens: int = doc("cap on the tokens a drafter proposes per step (engine.speculative num_tokens)", 16)
     deploy_timeout_seconds: float = doc("LoadModel gives up (and removes the deployment) after this long", 900.0)
+    managed_models: str = doc(
+        "JSON list of models deployed by the cluster's Serve config (the chart's RayService), each as its "
+        "build_app args {name, path, replicas, engine}: served under their names, never loaded or unloaded "
+        "here; set (even to []), Serve is the cluster's and this service does not start it; empty: its own",
+        "",
+    )

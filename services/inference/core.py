@@ -14,12 +14,20 @@ running requests.
 LoadModel is bounded by the operator's caps (InferenceConfig: replicas, CPUs, GPUs, memory, KV
 cache, batch sizes, drafter settings; LLMP_INFERENCE_MAX_*) and a deploy timeout, and reserves
 the model's name before its first await, so two loads of one name cannot both deploy.
+
+Managed models (`managed_models`, set by the chart): in a cluster, KubeRay owns the Serve config
+and deploys the models the RayService declares. The core attaches to them at start (the backend
+finds each by its name, without waiting: the Ray head, and this process beside it, must be ready
+before KubeRay deploys anything) and refuses LoadModel and UnloadModel for them with
+FAILED_PRECONDITION, so the API never redeploys over the cluster's config.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
 import math
 import time
 import uuid
@@ -34,6 +42,7 @@ from libs.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    LlmpError,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -56,8 +65,10 @@ from services.inference.schema import (
     ModelSpec,
     ModelStatus,
     ReplicaStats,
+    model_spec_of,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 KV_BLOCK_TOKENS = KVCacheConfig().block_size
 MAX_NGRAM = 64
@@ -83,6 +94,10 @@ class Backend(Protocol):
     async def start(self) -> None: ...
 
     async def deploy(self, spec: ModelSpec) -> ModelHandle: ...
+
+    async def attach(self, spec: ModelSpec) -> ModelHandle:
+        """A model deployed by someone else (the cluster's Serve config), found by its name; returns at once."""
+        ...
 
     async def remove(self, name: str) -> None: ...
 
@@ -117,6 +132,10 @@ class LocalBackend:
     async def deploy(self, spec: ModelSpec) -> ModelHandle:
         return LocalModel(await asyncio.to_thread(ModelServer, spec, self.store, self.limits))
 
+    async def attach(self, spec: ModelSpec) -> ModelHandle:
+        """No one else serves models into this process: a managed model is loaded here, at start."""
+        return await self.deploy(spec)
+
     async def remove(self, name: str) -> None:
         return None
 
@@ -149,6 +168,8 @@ class InferenceCore:
         self.store = store
         self.backend = backend
         self.limits = SamplingLimits(max_n=config.max_n, max_tokens=config.max_tokens)
+        self.managed = managed_specs(config.managed_models)
+        """Models the cluster's Serve config deploys, by name: attached at start, never loaded or unloaded here."""
         self._models: dict[str, _Served] = {}
         self._aborts: dict[str, asyncio.Event] = {}
         self._adapter_of: dict[str, str] = {}  # running request id -> its adapter
@@ -163,6 +184,7 @@ class InferenceCore:
         load of it meanwhile is refused with ALREADY_EXISTS instead of deploying twice.
         """
         check_name(spec.name, "name")
+        self._check_unmanaged(spec.name, "load", "name")
         if spec.name in self._models:
             raise AlreadyExists(f"model {spec.name!r} is loaded or loading; unload it first", field="name")
         check_options(spec, self.config)
@@ -176,6 +198,21 @@ class InferenceCore:
             raise
         return await self.model_info(spec.name)
 
+    async def _attach(self, spec: ModelSpec) -> None:
+        """Register a managed model: its folder read here, its replicas wherever the cluster runs them."""
+        check_name(spec.name, "name")
+        check_options(spec, self.config)
+        facts = await asyncio.to_thread(describe_model, self.store, spec.path, spec.engine)
+        self._models[spec.name] = _Served(spec, facts, await self.backend.attach(spec))
+
+    def _check_unmanaged(self, name: str, action: str, field: str) -> None:
+        if name in self.managed:
+            raise FailedPrecondition(
+                f"model {name!r} is deployed by the cluster's Serve config (the RayService; the chart's "
+                f"inference.models) and cannot be {action}ed through this API; change it there",
+                field=field,
+            )
+
     async def _deploy(self, spec: ModelSpec) -> ModelHandle:
         """The backend's deploy within deploy_timeout_seconds; past it, what was started is removed."""
         timeout = self.config.deploy_timeout_seconds
@@ -186,6 +223,7 @@ class InferenceCore:
             raise Unavailable(f"model {spec.name!r} did not deploy within {timeout:g} s") from None
 
     async def unload_model(self, name: str) -> None:
+        self._check_unmanaged(name, "unload", "model")
         self._served(name)
         await self.backend.remove(name)
         del self._models[name]
@@ -314,7 +352,13 @@ class InferenceCore:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the backend and attach the managed models; one that cannot be served is logged and left out."""
         await self.backend.start()
+        for spec in self.managed.values():
+            try:
+                await self._attach(spec)
+            except LlmpError as e:
+                log.error("managed model %s is not served: %s", spec.name, e)
 
     async def drain(self) -> None:
         """Let running requests finish within drain_seconds, then release the backend."""
@@ -334,6 +378,24 @@ class _Pending:
 
     async def stats(self) -> list[ReplicaStats]:
         return []
+
+
+def managed_specs(setting: str) -> dict[str, ModelSpec]:
+    """The models of `managed_models` (a JSON list of build_app args) by name; bad data names the field."""
+    where = "inference.managed_models"
+    if not setting.strip():
+        return {}
+    try:
+        items = json.loads(setting)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"is not JSON: {e}", field=where) from None
+    if not isinstance(items, list):
+        raise InvalidArgument("must be a JSON list of models", field=where)
+    specs = [model_spec_of(item, f"{where}[{i}]") for i, item in enumerate(items)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"names a model twice: {names}", field=where)
+    return {s.name: s for s in specs}
 
 
 PENDING_FACTS = ModelFacts(model_type="", vocab_size=0, context_length=0, has_tokenizer=False)

@@ -6,8 +6,12 @@ the gRPC servicer maps them to and from `llmp.inference.v1` messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+from libs.common.errors import InvalidArgument
 from services.inference.engine import SamplingParams, TokenLogprob
 
 
@@ -56,6 +60,52 @@ class ModelSpec:
     path: str
     replicas: ReplicaOptions = field(default_factory=ReplicaOptions)
     engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+def model_spec_of(data: Any, where: str = "model") -> ModelSpec:
+    """A ModelSpec from plain data, as a Serve config's application args or a setting give it:
+    {"name", "path", "replicas": {ReplicaOptions' fields}, "engine": {EngineOptions' fields}}.
+    A missing name or path, an unknown key or a value of the wrong type is refused, naming the field."""
+    data = _mapping(data, where)
+    _known(data, {"name", "path", "replicas", "engine"}, where)
+    name, path = (data.get(key) for key in ("name", "path"))
+    for key, value in (("name", name), ("path", path)):
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument("must be a non-empty string", field=f"{where}.{key}")
+    replicas = _options(ReplicaOptions, data.get("replicas", {}), f"{where}.replicas")
+    engine = _options(EngineOptions, data.get("engine", {}), f"{where}.engine")
+    return ModelSpec(str(name), str(path), replicas, engine)
+
+
+def _mapping(data: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(f"must be a mapping, not {type(data).__name__}", field=where)
+    return data
+
+
+def _known(data: Mapping[str, Any], keys: set[str], where: str) -> None:
+    for key in data:
+        if key not in keys:
+            raise InvalidArgument(f"unknown key {key!r} (known: {', '.join(sorted(keys))})", field=f"{where}.{key}")
+
+
+_T = typing.TypeVar("_T", ReplicaOptions, EngineOptions)
+
+
+def _options(cls: type[_T], data: Any, where: str) -> _T:
+    """`cls` from a mapping of its fields: ints as ints, floats as numbers, strings and booleans as such."""
+    data = _mapping(data, where)
+    hints = typing.get_type_hints(cls)
+    _known(data, {f.name for f in fields(cls)}, where)
+    for key, value in data.items():
+        tp = hints[key]
+        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+        if tp is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            raise InvalidArgument(f"must be {tp.__name__}, not {value!r}", field=f"{where}.{key}")
+    values: dict[str, Any] = {k: float(v) if hints[k] is float else v for k, v in data.items()}
+    return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,16 @@ which aborts the request in the engine.
 Replicas report their load (running/waiting sequences, KV-cache usage) a few times a second to the
 model's `StatsBoard`, a small named actor that the front process reads for GetModelInfo and the
 metrics: a handle call cannot reach every replica, and would queue behind busy ones.
+
+In a cluster the same application comes from a Serve config (the chart's RayService, which KubeRay
+applies): `build_app` is its builder, named `services.inference.serve_app:build_app` with args
+{name, path, replicas, engine}, and it builds exactly what `ServeBackend.deploy` does. The front
+then `attach`es to that application by its name instead of deploying it:
+
+    applications:
+      - name: llmp-inference-tiny            # app_name("tiny")
+        import_path: services.inference.serve_app:build_app
+        args: {name: tiny, path: models/tiny/1, replicas: {max_replicas: 2}, engine: {quantization: int8}}
 """
 
 from __future__ import annotations
@@ -32,13 +42,17 @@ from typing import Any
 import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
-from libs.common.artifacts import ArtifactStore
+from libs.common.artifacts import ArtifactStore, check_name
+from libs.common.config import CommonConfig, load
 from libs.common.errors import LlmpError, ResourceExhausted, Unavailable
+from services.inference.config import InferenceConfig
+from services.inference.core import check_options
 from services.inference.engine import SamplingLimits
 from services.inference.model_server import ModelServer
-from services.inference.schema import Chunk, GenerateInput, ModelSpec, ReplicaStats
+from services.inference.schema import Chunk, GenerateInput, ModelSpec, ReplicaStats, model_spec_of
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +88,13 @@ class StatsBoard:
         return [stats for _, stats in self.reports.values()]
 
 
+def stats_board(model: str) -> Any:
+    """The model's board, made by whichever comes first: the front or a replica (of a Serve config's app)."""
+    return StatsBoard.options(  # type: ignore[attr-defined]
+        name=board_name(model), namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
+
+
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
 class ModelDeployment:
     """One replica: a ModelServer, and a thread that reports its load to the model's board."""
@@ -81,7 +102,7 @@ class ModelDeployment:
     def __init__(self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits) -> None:
         replica = serve.get_replica_context().replica_id.unique_id
         self.server = ModelServer(spec, ArtifactStore(artifacts_root), limits, replica)
-        self.board = ray.get_actor(board_name(spec.name), namespace=NAMESPACE)
+        self.board = stats_board(spec.name)
         self._stop = threading.Event()
         threading.Thread(target=self._report, name="llmp-stats", daemon=True).start()
         log.info("replica %s of %s loaded in %.2fs", replica, spec.name, self.server.load_seconds)
@@ -123,6 +144,23 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def model_app(spec: ModelSpec, artifacts_root: str, limits: SamplingLimits) -> Application:
+    """The model's Serve application: one ModelDeployment with the spec's deployment_options."""
+    deployment = ModelDeployment.options(**deployment_options(spec))  # type: ignore[attr-defined]
+    return deployment.bind(spec, artifacts_root, limits)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder for a Serve config: args are a ModelSpec as data (model_spec_of),
+    checked as LoadModel checks them (the LLMP_INFERENCE_* caps); the store is LLMP_HOME's."""
+    spec = model_spec_of(args, "args")
+    check_name(spec.name, "args.name")
+    config = load(InferenceConfig, "inference")
+    check_options(spec, config)
+    limits = SamplingLimits(max_n=config.max_n, max_tokens=config.max_tokens)
+    return model_app(spec, str(load(CommonConfig, "common").artifacts_path), limits)
+
+
 def domain_error(error: BaseException) -> BaseException:
     """A Ray or Serve failure as the llmp error a caller should see (others unchanged)."""
     cause = error.cause if isinstance(error, RayTaskError) else error
@@ -136,13 +174,25 @@ def domain_error(error: BaseException) -> BaseException:
 
 
 class ServeModel:
-    """A model served by its Ray Serve application, through a deployment handle."""
+    """A model served by its Ray Serve application, through a deployment handle (None: found on first use)."""
 
     def __init__(self, name: str, handle: Any, board: Any) -> None:
         self.name, self.handle, self.board = name, handle, board
 
+    async def _handle(self) -> Any:
+        if self.handle is None:
+            try:
+                self.handle = await asyncio.to_thread(serve.get_app_handle, app_name(self.name))
+            except RayServeException:
+                raise Unavailable(
+                    f"model {self.name!r} is not deployed yet: the cluster's Serve config has no running "
+                    f"application {app_name(self.name)!r}"
+                ) from None
+        return self.handle
+
     async def stream(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
-        response = self.handle.options(stream=True).generate.remote(request)
+        handle = await self._handle()
+        response = handle.options(stream=True).generate.remote(request)
         finished = False
         try:
             async for chunk in response:
@@ -159,21 +209,33 @@ class ServeModel:
 
 
 class ServeBackend:
-    """A Ray Serve application per model, on a local Ray or the cluster at RAY_ADDRESS."""
+    """A Ray Serve application per model, on a local Ray or the cluster at RAY_ADDRESS.
+
+    `cluster_serve`: Serve belongs to the cluster's Serve config (KubeRay starts it with the
+    RayService's proxy and HTTP options), so this process does not start it with its own."""
 
     name = "ray-serve"
 
     def __init__(
-        self, store: ArtifactStore, limits: SamplingLimits, *, ray_num_cpus: int, dashboard: bool, dashboard_port: int
+        self,
+        store: ArtifactStore,
+        limits: SamplingLimits,
+        *,
+        ray_num_cpus: int,
+        dashboard: bool,
+        dashboard_port: int,
+        cluster_serve: bool = False,
     ) -> None:
         self.store, self.limits = store, limits
         self.ray_num_cpus, self.dashboard, self.dashboard_port = ray_num_cpus, dashboard, dashboard_port
+        self.cluster_serve = cluster_serve
         self.dashboard_url = ""
         self.started_ray = False
 
     async def start(self) -> None:
         await asyncio.to_thread(self._connect)
-        await asyncio.to_thread(serve.start, proxy_location="Disabled")
+        if not self.cluster_serve:
+            await asyncio.to_thread(serve.start, proxy_location="Disabled")
 
     def _connect(self) -> None:
         if os.environ.get("RAY_ADDRESS"):
@@ -193,11 +255,8 @@ class ServeBackend:
         log.info("started a local Ray%s", f"; dashboard on {self.dashboard_url}" if self.dashboard_url else "")
 
     async def deploy(self, spec: ModelSpec) -> ServeModel:
-        board = StatsBoard.options(  # type: ignore[attr-defined]
-            name=board_name(spec.name), get_if_exists=True, lifetime="detached"
-        ).remote()
-        deployment = ModelDeployment.options(**deployment_options(spec))  # type: ignore[attr-defined]
-        app = deployment.bind(spec, str(self.store.root), self.limits)
+        board = stats_board(spec.name)
+        app = model_app(spec, str(self.store.root), self.limits)
         try:
             handle = await asyncio.to_thread(serve.run, app, name=app_name(spec.name), route_prefix=None)
         except Exception:
@@ -205,6 +264,11 @@ class ServeBackend:
             await self.remove(spec.name)
             raise Unavailable(f"model {spec.name!r} failed to deploy; see the service and Ray Serve logs") from None
         return ServeModel(spec.name, handle, board)
+
+    async def attach(self, spec: ModelSpec) -> ServeModel:
+        """The application `app_name(spec.name)` that the cluster's Serve config deploys; its handle is
+        taken on first use, so this process never waits for (nor deploys over) KubeRay's work."""
+        return ServeModel(spec.name, None, stats_board(spec.name))
 
     async def remove(self, name: str) -> None:
         await asyncio.to_thread(serve.delete, app_name(name))

@@ -275,6 +275,8 @@ HOME = "/var/lib/llmp"
 """Where the RayJob pods mount the artifact claim (LLMP_HOME; the store is artifacts/ below it)."""
 JOB_POD_LABELS = {"app.kubernetes.io/part-of": "llmp", "app.kubernetes.io/component": "training-job"}
 """Labels of every RayJob pod: the chart's NetworkPolicies select them by these."""
+RAY_TOKEN_KEY = "auth_token"
+"""The key of Ray's token in the Secret: KubeRay's own (authOptions.secretName reads it there too)."""
 RESTRICTED_POD = {
     "runAsNonRoot": True,
     "runAsUser": 10001,
@@ -315,7 +317,7 @@ def job_env(config: TrainingConfig, redis_url: str) -> list[dict[str, Any]]:
         secret("LLMP_REDIS_PASSWORD", "redis-password"),
         {"name": "LLMP_REDIS_URL", "value": redis_url},
         {"name": "RAY_AUTH_MODE", "value": "token"},
-        secret("RAY_AUTH_TOKEN", "ray-token"),
+        secret("RAY_AUTH_TOKEN", RAY_TOKEN_KEY),
     ]
 
 
@@ -361,6 +363,8 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
     # like the rest, and without the artifact claim it does not need
     submitter = pod("ray-job-submitter", "100m", "256Mi", mounts=False)
     submitter["spec"]["restartPolicy"] = "Never"
+    # with the Secret, KubeRay itself authenticates to the job's Ray (status, logs) with its token
+    auth = {"authOptions": {"mode": "token", "secretName": config.kuberay_secret}} if config.kuberay_secret else {}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -376,6 +380,7 @@ def rayjob_manifest(job: JobRecord, config: TrainingConfig, redis_url: str) -> d
             "backoffLimit": 0,
             "submitterPodTemplate": submitter,
             "rayClusterSpec": {
+                **auth,
                 # the submitter pod reaches the head's job API on the pod network (NetworkPolicy: job pods only)
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},

@@ -23,7 +23,7 @@ class TrainingConfig(ServiceConfig):
     kuberay_image: str = doc("container image of the RayJob pods", "llmp:latest")
     kuberay_artifacts_claim: str = doc("PersistentVolumeClaim holding the artifact store", "llmp-artifacts")
     kuberay_secret: str = doc(
-        "Secret with the Redis password (redis-password) and Ray's token (ray-token) for the RayJob pods; empty: none",
+        "Secret with the Redis password (redis-password) and Ray's token (auth_token) for the RayJob pods; empty: none",
         "",
     )
     ray_jobs_address: str = doc(

@@ -168,6 +168,9 @@ def test_image_starts_as_non_root_and_answers_the_health_check(service: str, var
             cuda = engine("exec", container.name, "python", "-c", "import torch; print(torch.version.cuda)")
             # the CPU variant carries torch's CPU build, the CUDA one its CUDA build (which runs on CPUs too)
             assert (cuda.stdout.strip() != "None") == (variant == "cuda"), cuda.stdout
+        if service == "inference":  # the builder the chart's Serve config names: Ray in this image imports it
+            builder = "from services.inference.serve_app import build_app; print(build_app.__name__)"
+            assert engine("exec", container.name, "python", "-c", builder).stdout.strip() == "build_app"
         if service == "gateway":
             url = f"http://127.0.0.1:{env['LLMP_GATEWAY_HTTP_PORT']}/health"
             with urllib.request.urlopen(url, timeout=10) as response:

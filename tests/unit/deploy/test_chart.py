@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from libs.common import secrets
+from services.inference.core import managed_specs
+from services.inference.schema import model_spec_of
 from tests.unit.deploy.chart import (
     CHART,
     CRDS,
@@ -32,6 +35,9 @@ from tests.unit.deploy.chart import (
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the dev extra) is not installed")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 KUBE_VERSION = kubernetes_validate.latest_version()
+serve_app = pytest.importorskip("services.inference.serve_app", reason="Ray Serve (the inference extra) is missing")
+app_name, deployment_options = serve_app.app_name, serve_app.deployment_options
+ServeDeploySchema = pytest.importorskip("ray.serve.schema").ServeDeploySchema
 SERVICES = ("tokenizer", "retrieval", "training", "inference")
 """The services behind the gateway, each reached through LLMP_<NAME>_ADDRESS."""
 
@@ -82,6 +88,7 @@ def test_the_schema_rejects_a_misspelt_key() -> None:
         ({"gateway": {"replica": 2}}, "replica"),
         ({"gatway": {}}, "gatway"),
         ({"inference": {"serve": {"maxOngoingRequest": 4}}}, "maxOngoingRequest"),
+        ({"inference": {"models": [{"name": "a", "path": "models/a/1", "numCPUs": 1}]}}, "numCPUs"),
     ]:
         with pytest.raises(helm.HelmError, match=key):
             render(typo)
@@ -200,7 +207,7 @@ def test_the_gateway_can_be_exposed_with_an_ingress_and_a_load_balancer() -> Non
 def test_secrets_are_generated_unless_given_and_read_by_reference(default: list[Manifest]) -> None:
     (secret,) = find(default, "Secret")
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert set(data) == {"admin-key", "redis-password", "ray-token"}
+    assert set(data) == {"admin-key", "redis-password", "auth_token"}
     assert all(re.fullmatch(r"[A-Za-z0-9]{48}", v) for v in data.values()), "generated: 48 letters and digits"
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     given = render({"auth": {"adminKey": "k-given"}})
@@ -336,23 +343,90 @@ def test_the_rayservice_serve_config_carries_the_model_settings() -> None:
     values["inference"]["models"] = models
     (rayservice,) = find(render(values), "RayService")
     config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)  # Ray Serve's own schema of a Serve config
     apps = {a["name"]: a for a in config["applications"]}
-    assert set(apps) == {"llmp-inference-tiny", "llmp-inference-draft"}
-    tiny, draft = apps["llmp-inference-tiny"], apps["llmp-inference-draft"]
-    (deployment,) = tiny["deployments"]
-    assert deployment["max_queued_requests"] == 7 and deployment["max_ongoing_requests"] == 128
-    assert deployment["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
-    assert tiny["args"]["engine"]["quantization"] == "int8" and tiny["args"]["path"] == "models/tiny/1"
-    assert draft["args"]["engine"]["speculative"] == "ngram"
-    assert draft["deployments"][0]["autoscaling_config"] == {
-        "min_replicas": 1,
-        "max_replicas": 3,
-        "target_ongoing_requests": 64,
-    }
+    assert set(apps) == {app_name("tiny"), app_name("draft")}
+    assert {a["import_path"] for a in apps.values()} == {"services.inference.serve_app:build_app"}
+    # the builder's deployment, from the args alone (the config overrides none of its options)
+    tiny, draft = (deployment_options(model_spec_of(apps[app_name(n)]["args"])) for n in ("tiny", "draft"))
+    assert not any("deployments" in a for a in apps.values())
+    assert tiny["max_queued_requests"] == 7 and tiny["max_ongoing_requests"] == 128
+    assert tiny["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert draft["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64}
+    tiny_args, draft_args = apps[app_name("tiny")]["args"], apps[app_name("draft")]["args"]
+    assert tiny_args["engine"]["quantization"] == "int8" and tiny_args["path"] == "models/tiny/1"
+    assert draft_args["engine"]["speculative"] == "ngram" and draft_args["engine"]["dtype"] == "bfloat16"
+    # the front attaches to exactly these applications and never loads them itself
+    front = next(c for c in rayservice_pod(rayservice)["containers"] if c["name"] == "inference")
+    managed = managed_specs(env_of(front)["LLMP_INFERENCE_MANAGED_MODELS"])
+    assert managed == {a["args"]["name"]: model_spec_of(a["args"]) for a in apps.values()}
     (workers,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (worker,) = workers["template"]["spec"]["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and workers["rayStartParams"] == {"num-gpus": "1"}
     assert worker["image"].endswith("-cuda")
+
+
+def rayservice_pod(rayservice: Manifest) -> Manifest:
+    return rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+
+
+def test_without_models_the_serve_config_is_empty_and_the_front_manages_none(default: list[Manifest]) -> None:
+    (rayservice,) = find(default, "RayService")
+    assert yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"] == []
+    front = next(c for c in rayservice_pod(rayservice)["containers"] if c["name"] == "inference")
+    # set, even empty: Serve is the cluster's (KubeRay starts it with the config's proxy), not the front's
+    assert env_of(front)["LLMP_INFERENCE_MANAGED_MODELS"] == "[]"
+    assert managed_specs(env_of(front)["LLMP_INFERENCE_MANAGED_MODELS"]) == {}
+
+
+def test_ray_runs_with_the_token_of_the_secret_everywhere(rendered: list[Manifest]) -> None:
+    """KubeRay's authOptions (this CRD version has it) names the chart's Secret, whose key auth_token is
+    KubeRay's own: the operator then signs its dashboard calls (Serve config, job status) with that
+    token and gives it to the containers it adds (the autoscaler). Every container of a Ray pod, the
+    inference front included, runs with RAY_AUTH_MODE=token and that Secret's token, as the services
+    expect (libs/common/secrets.py: the same variables the local stack sets)."""
+    schema = crd_validator("RayService").schema["properties"]["spec"]["properties"]["rayClusterConfig"]
+    assert schema["properties"]["authOptions"]["properties"]["mode"]["enum"] == ["disabled", "token"]
+    secret_name = "llmp-secrets"
+    secret = find(rendered, "Secret", secret_name)
+    if secret:
+        assert "auth_token" in secret[0]["data"]
+    (rayservice,) = find(rendered, "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token", "secretName": secret_name}
+    token = {"secretKeyRef": {"name": secret_name, "key": "auth_token"}}
+    ray_pods = [(w, t) for w, t in all_pods(rendered) if w.startswith("RayService/")]
+    assert len(ray_pods) == 2
+    for where, template in ray_pods:
+        for c in containers(template):
+            env = env_of(c)
+            assert env.get(secrets.RAY_AUTH_MODE) == "token" and env.get("RAY_AUTH_TOKEN") == token, (where, c["name"])
+            assert secrets.RAY_AUTH_TOKEN_PATH not in env, "the token comes from the Secret, not a file"
+    existing = render({"auth": {"existingSecret": "mine"}})
+    (rayservice,) = find(existing, "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "mine"
+
+
+def test_every_workload_has_a_disruption_budget(rendered: list[Manifest]) -> None:
+    """A PodDisruptionBudget selects the pods of each Deployment and of the Ray head and workers."""
+    budgets = find(rendered, "PodDisruptionBudget")
+    for where, template in all_pods(rendered):
+        if where.startswith("Pod/") or where.startswith("StatefulSet/"):
+            continue  # the helm test pod; Redis and Qdrant run one replica each, with their volume
+        labels = template.get("metadata", {}).get("labels", {})
+        assert any(selects(b["spec"]["selector"], labels) for b in budgets), where
+
+
+def test_the_helm_test_calls_the_gateway_with_the_admin_key(default: list[Manifest]) -> None:
+    (pod,) = find(default, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    env = env_of(container)
+    assert env["LLMP_GATEWAY_ADMIN_KEY"] == {"secretKeyRef": {"name": "llmp-secrets", "key": "admin-key"}}
+    host, port = env["GATEWAY_URL"].removeprefix("http://").rsplit(":", 1)
+    _, gateway = target_container(default, host, int(port))
+    assert gateway["name"] == "gateway" and env_of(gateway)["LLMP_GATEWAY_HTTP_PORT"] == port
+    script = container["args"][0]
+    assert 'get("/v1/models", os.environ["LLMP_GATEWAY_ADMIN_KEY"])' in script and "== 401" in script
 
 
 def test_default_values_are_cpu_only(default: list[Manifest]) -> None:

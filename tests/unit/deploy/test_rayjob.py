@@ -41,6 +41,7 @@ def test_the_rayjob_of_a_chart_deployment_is_valid(values_file: str, monkeypatch
 
     crd_validator("RayJob").validate(rayjob)
     assert rayjob["metadata"]["namespace"] == "llmp"
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "llmp-secrets"}
     assert PASSWORD not in str(rayjob), "the Redis password stays in the Secret"
     templates = dict(pod_templates(rayjob))
     assert set(templates) == {"head", "workers workers", "submitter"}
@@ -62,7 +63,7 @@ def test_the_rayjob_of_a_chart_deployment_is_valid(values_file: str, monkeypatch
                 "name": "llmp-secrets",
                 "key": "redis-password",
             }
-            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "ray-token"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth_token"
             names = list(env)
             assert names.index("LLMP_REDIS_PASSWORD") < names.index("LLMP_REDIS_URL")
     worker = templates["workers workers"]["spec"]["containers"][0]
@@ -80,3 +81,4 @@ def test_without_a_secret_the_redis_url_is_passed_as_given() -> None:
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in head["env"]}
     assert env["LLMP_REDIS_URL"] == "redis://redis:6379/0" and "RAY_AUTH_TOKEN" not in env
+    assert "authOptions" not in rayjob["spec"]["rayClusterSpec"]

@@ -53,9 +53,11 @@ def test_rayjob_manifest_validates_against_the_crd(rayjob_v1: jsonschema.Draft7V
     # the password and Ray's token stay in the Secret: the RayJob only names them
     assert env["LLMP_REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "ml-secrets", "key": "redis-password"}}
     assert env["LLMP_REDIS_URL"]["value"] == "redis://:$(LLMP_REDIS_PASSWORD)@redis:6379/0"
-    assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "ml-secrets", "key": "ray-token"}}
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "ml-secrets", "key": "auth_token"}}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert "s3cret" not in str(manifest)
+    # KubeRay reads the same Secret's token for its own calls to the job's Ray
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "ml-secrets"}
 
 
 def test_a_broken_manifest_fails_the_schema(rayjob_v1: jsonschema.Draft7Validator) -> None:

@@ -113,7 +113,7 @@ seccompProfile:
   valueFrom:
     secretKeyRef:
       name: {{ include "llmp.secretName" . }}
-      key: ray-token
+      key: auth_token
 {{- end }}
 
 {{- define "llmp.redisHostPort" -}}
