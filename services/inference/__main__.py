@@ -39,6 +39,7 @@ def make_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
             ray_num_cpus=config.ray_num_cpus,
             dashboard=config.dashboard,
             dashboard_port=config.dashboard_port,
+            messages_per_second=config.stream_messages_per_second,
         )
     raise InvalidArgument(f"{config.backend!r} is not 'ray' or 'local'", field="inference.backend")
 

@@ -1,6 +1,6 @@
 """Models as Ray Serve applications: one deployment per model, one engine per replica.
 
-    backend = ServeBackend(store, limits, ray_num_cpus=0, dashboard=True, dashboard_port=8265)
+    backend = ServeBackend(store, limits, ray_num_cpus=0, dashboard=True, dashboard_port=8265, messages_per_second=200)
     await backend.start()                      # ray.init() locally, or attach to RAY_ADDRESS
     handle = await backend.deploy(ModelSpec("tiny", "models/tiny/1"))
     async for chunk in handle.stream(request): ...
@@ -12,6 +12,12 @@ between min and max replicas (0 allowed: the first request then waits for a cold
 `check_health` and replaces a replica whose engine failed. A replica hosts one `ModelServer`; the
 engine's stream drives its step loop. Cancelling a handle call cancels the replica's generator,
 which aborts the request in the engine.
+
+Every streamed chunk is a Ray object: serialised, sent and read back in the front, a few hundred
+microseconds of CPU on each side, which at a token per message costs more than the engine's step
+for small models. A replica's streams therefore send at most `messages_per_second` chunks together
+(the service's `stream_messages_per_second`), each carrying what the engine produced since the last
+(ModelServer.generate); a stream's first and last chunks go at once.
 
 Replicas report their load (running/waiting sequences, KV-cache usage) a few times a second to the
 model's `StatsBoard`, a small named actor that the front process reads for GetModelInfo and the
@@ -78,9 +84,12 @@ class StatsBoard:
 class ModelDeployment:
     """One replica: a ModelServer, and a thread that reports its load to the model's board."""
 
-    def __init__(self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits) -> None:
+    def __init__(
+        self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float
+    ) -> None:
         replica = serve.get_replica_context().replica_id.unique_id
-        self.server = ModelServer(spec, ArtifactStore(artifacts_root), limits, replica)
+        store = ArtifactStore(artifacts_root)
+        self.server = ModelServer(spec, store, limits, replica, messages_per_second=messages_per_second)
         self.board = ray.get_actor(board_name(spec.name), namespace=NAMESPACE)
         self._stop = threading.Event()
         threading.Thread(target=self._report, name="llmp-stats", daemon=True).start()
@@ -164,9 +173,16 @@ class ServeBackend:
     name = "ray-serve"
 
     def __init__(
-        self, store: ArtifactStore, limits: SamplingLimits, *, ray_num_cpus: int, dashboard: bool, dashboard_port: int
+        self,
+        store: ArtifactStore,
+        limits: SamplingLimits,
+        *,
+        ray_num_cpus: int,
+        dashboard: bool,
+        dashboard_port: int,
+        messages_per_second: float,
     ) -> None:
-        self.store, self.limits = store, limits
+        self.store, self.limits, self.messages_per_second = store, limits, messages_per_second
         self.ray_num_cpus, self.dashboard, self.dashboard_port = ray_num_cpus, dashboard, dashboard_port
         self.dashboard_url = ""
         self.started_ray = False
@@ -197,7 +213,7 @@ class ServeBackend:
             name=board_name(spec.name), get_if_exists=True, lifetime="detached"
         ).remote()
         deployment = ModelDeployment.options(**deployment_options(spec))  # type: ignore[attr-defined]
-        app = deployment.bind(spec, str(self.store.root), self.limits)
+        app = deployment.bind(spec, str(self.store.root), self.limits, self.messages_per_second)
         try:
             handle = await asyncio.to_thread(serve.run, app, name=app_name(spec.name), route_prefix=None)
         except Exception:

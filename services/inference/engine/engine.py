@@ -97,6 +97,13 @@ class RequestOutput:
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
 
+    def after(self, earlier: RequestOutput) -> RequestOutput:
+        """This output as the one progress report since `earlier`'s reader last read: it holds whole
+        completions, so only the new tokens of both need keeping (in place; returns self)."""
+        for old, new in zip(earlier.outputs, self.outputs, strict=True):
+            new.new_token_ids = old.new_token_ids + new.new_token_ids
+        return self
+
 
 class LLMEngine:
     """Continuous-batching generation over one model on one device; the `DecodingHost` of its requests' strategies."""
@@ -537,8 +544,7 @@ class _Outbox:
         if isinstance(earlier, BaseException):
             return  # an error ends the stream; nothing after it matters
         if earlier is not None and isinstance(out, RequestOutput):
-            for old, new in zip(earlier.outputs, out.outputs, strict=True):
-                new.new_token_ids = old.new_token_ids + new.new_token_ids
+            out.after(earlier)
         self._pending = out
         self._ready.set()
 
