@@ -133,6 +133,7 @@ def engine_config(options: EngineOptions, limits: SamplingLimits) -> EngineConfi
         limits=limits,
         max_model_len=options.max_model_len or None,
         compile=options.compile,
+        sliding_window=options.sliding_window,
     )
 
 
