@@ -212,6 +212,7 @@ class ServeBackend:
         board = StatsBoard.options(  # type: ignore[attr-defined]
             name=board_name(spec.name), get_if_exists=True, lifetime="detached"
         ).remote()
+        await board.current.remote()  # registered before any replica looks it up by name
         deployment = ModelDeployment.options(**deployment_options(spec))  # type: ignore[attr-defined]
         app = deployment.bind(spec, str(self.store.root), self.limits, self.messages_per_second)
         try:
