@@ -10,6 +10,7 @@ BENCHMARKS = [
     "bench.retrieval",
     "bench.retrieval_eval",
     "bench.inference",
+    "bench.inference_serving",
     "bench.vllm_cpu",
     "bench.training",
     "bench.redis_fsync",

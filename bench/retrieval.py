@@ -24,7 +24,7 @@ from libs.common.clients.retrieval import RetrievalClient
 from services.retrieval.chunkers import CHUNKERS
 from services.retrieval.embedders import load_tokenizer, packaged_minilm
 from services.retrieval.tokens import LocalTokens
-from tests.conftest import start_service
+from tests.helpers.services import start_service
 
 BATCH = 64
 TEXTS = 256

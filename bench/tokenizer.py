@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from libs.common import corpora
 from libs.common.clients.tokenizer import TokenizerClient
-from tests.conftest import start_service
+from tests.helpers.services import start_service
 
 VOCAB = 32000
 REPEATS = 5

@@ -43,6 +43,7 @@ def ray_serve_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
         ray_num_cpus=config.ray_num_cpus,
         dashboard=config.dashboard,
         dashboard_port=config.dashboard_port,
+        messages_per_second=config.stream_messages_per_second,
         cluster_serve=bool(config.managed_models.strip()),
     )
 

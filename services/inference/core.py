@@ -450,6 +450,8 @@ def check_options(spec: ModelSpec, config: InferenceConfig) -> None:
             f"must be in [1, {config.max_num_batched_tokens}]",
         ),
     ]
+    if e.sliding_window is not None and e.sliding_window < 1:
+        raise InvalidArgument("must be >= 1 token (or unset: the model's own window)", field="engine.sliding_window")
     for ok, name, message in checks:
         if not ok:
             raise InvalidArgument(message, field=name)

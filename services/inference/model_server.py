@@ -133,14 +133,26 @@ def engine_config(options: EngineOptions, limits: SamplingLimits) -> EngineConfi
         limits=limits,
         max_model_len=options.max_model_len or None,
         compile=options.compile,
+        sliding_window=options.sliding_window,
     )
 
 
 class ModelServer:
     """A loaded model with its engine; `generate` streams one request through it."""
 
-    def __init__(self, spec: ModelSpec, store: ArtifactStore, limits: SamplingLimits, replica_id: str = "") -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        store: ArtifactStore,
+        limits: SamplingLimits,
+        replica_id: str = "",
+        *,
+        messages_per_second: float = 0.0,
+    ) -> None:
+        """`messages_per_second`: what this server's streams send at most, together (`generate`); 0: no bound."""
         start = time.perf_counter()
+        self.messages_per_second = messages_per_second
+        self.streams = 0
         self.spec = spec
         self.replica_id = replica_id or spec.name
         quantization = plugin_spec(spec.engine.quantization, "engine.quantization")
@@ -204,7 +216,13 @@ class ModelServer:
         return self.engine.max_model_len
 
     async def generate(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
-        """Stream the request's progress (or only its end when request.stream is False)."""
+        """Stream the request's progress (or only its end when request.stream is False).
+
+        The first chunk (the first token) and the last go out at once; in between, a stream sends at
+        most one chunk per `streams / messages_per_second` seconds and the engine's progress meanwhile
+        is merged into it, so a replica serving many streams sends several tokens a message instead
+        of a message per token per engine step (each costs serialisation and a hop on both sides).
+        """
         queue_seconds: float | None = max(0.0, time.time() - request.submitted_at) if request.submitted_at else None
         # Rendering a chat template is the one prompt step that may take a while: off the event loop.
         prompt = await asyncio.to_thread(self._prompt, request) if request.messages else self._prompt(request)
@@ -213,16 +231,28 @@ class ModelServer:
             await asyncio.to_thread(self._use_adapter, request.adapter_path)
             params = dataclasses.replace(params, adapter=request.adapter_path)
         deltas = [TextDeltas(params.stop) for _ in range(params.n)]
+        held: RequestOutput | None = None  # progress not sent yet
+        due = 0.0  # when the next chunk may go
+        self.streams += 1
         try:
             async for out in self.engine.stream(prompt, params, request_id=request.request_id):
-                if request.stream or out.finished:
-                    yield chunk_of(out, deltas, whole=not request.stream, queue_seconds=queue_seconds)
-                    queue_seconds = None
+                if not request.stream:  # whole completions, once
+                    if out.finished:
+                        yield chunk_of(out, deltas, whole=True, queue_seconds=queue_seconds)
+                    continue
+                held = out if held is None else out.after(held)
+                if out.finished or time.monotonic() >= due:
+                    yield chunk_of(held, deltas, whole=False, queue_seconds=queue_seconds)
+                    held, queue_seconds = None, None
+                    if self.messages_per_second:
+                        due = time.monotonic() + self.streams / self.messages_per_second
         except LlmpError:
             raise
         except Exception as e:  # a failed step: the replica reports unhealthy and gets replaced
             self.failure = e
             raise
+        finally:
+            self.streams -= 1
 
     def stats(self) -> ReplicaStats:
         scheduler, cache = self.engine.scheduler, self.engine.cache

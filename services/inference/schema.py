@@ -50,6 +50,8 @@ class EngineOptions:
     """JSON {"rope_type": "linear" | "dynamic" | "yarn", "factor": f, ...}; empty: as trained."""
     compile: bool = False
     """Decode steps as one compiled graph (engine/model_runner.py)."""
+    sliding_window: int | None = None
+    """Attend to the last this many tokens only, freeing KV blocks older than that; None: the model's."""
 
 
 @dataclass(frozen=True)

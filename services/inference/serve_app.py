@@ -1,6 +1,6 @@
 """Models as Ray Serve applications: one deployment per model, one engine per replica.
 
-    backend = ServeBackend(store, limits, ray_num_cpus=0, dashboard=True, dashboard_port=8265)
+    backend = ServeBackend(store, limits, ray_num_cpus=0, dashboard=True, dashboard_port=8265, messages_per_second=200)
     await backend.start()                      # ray.init() locally, or attach to RAY_ADDRESS
     handle = await backend.deploy(ModelSpec("tiny", "models/tiny/1"))
     async for chunk in handle.stream(request): ...
@@ -12,6 +12,12 @@ between min and max replicas (0 allowed: the first request then waits for a cold
 `check_health` and replaces a replica whose engine failed. A replica hosts one `ModelServer`; the
 engine's stream drives its step loop. Cancelling a handle call cancels the replica's generator,
 which aborts the request in the engine.
+
+Every streamed chunk is a Ray object: serialised, sent and read back in the front, a few hundred
+microseconds of CPU on each side, which at a token per message costs more than the engine's step
+for small models. A replica's streams therefore send at most `messages_per_second` chunks together
+(the service's `stream_messages_per_second`), each carrying what the engine produced since the last
+(ModelServer.generate); a stream's first and last chunks go at once.
 
 Replicas report their load (running/waiting sequences, KV-cache usage) a few times a second to the
 model's `StatsBoard`, a small named actor that the front process reads for GetModelInfo and the
@@ -99,9 +105,13 @@ def stats_board(model: str) -> Any:
 class ModelDeployment:
     """One replica: a ModelServer, and a thread that reports its load to the model's board."""
 
-    def __init__(self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits) -> None:
+    def __init__(
+        self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float
+    ) -> None:
         replica = serve.get_replica_context().replica_id.unique_id
-        self.server = ModelServer(spec, ArtifactStore(artifacts_root), limits, replica)
+        self.server = ModelServer(
+            spec, ArtifactStore(artifacts_root), limits, replica, messages_per_second=messages_per_second
+        )
         self.board = stats_board(spec.name)
         self._stop = threading.Event()
         threading.Thread(target=self._report, name="llmp-stats", daemon=True).start()
@@ -144,10 +154,12 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def model_app(spec: ModelSpec, artifacts_root: str, limits: SamplingLimits) -> Application:
+def model_app(
+    spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float
+) -> Application:
     """The model's Serve application: one ModelDeployment with the spec's deployment_options."""
     deployment = ModelDeployment.options(**deployment_options(spec))  # type: ignore[attr-defined]
-    return deployment.bind(spec, artifacts_root, limits)
+    return deployment.bind(spec, artifacts_root, limits, messages_per_second)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -158,7 +170,8 @@ def build_app(args: dict[str, Any]) -> Application:
     config = load(InferenceConfig, "inference")
     check_options(spec, config)
     limits = SamplingLimits(max_n=config.max_n, max_tokens=config.max_tokens)
-    return model_app(spec, str(load(CommonConfig, "common").artifacts_path), limits)
+    artifacts = str(load(CommonConfig, "common").artifacts_path)
+    return model_app(spec, artifacts, limits, config.stream_messages_per_second)
 
 
 def domain_error(error: BaseException) -> BaseException:
@@ -224,9 +237,10 @@ class ServeBackend:
         ray_num_cpus: int,
         dashboard: bool,
         dashboard_port: int,
+        messages_per_second: float,
         cluster_serve: bool = False,
     ) -> None:
-        self.store, self.limits = store, limits
+        self.store, self.limits, self.messages_per_second = store, limits, messages_per_second
         self.ray_num_cpus, self.dashboard, self.dashboard_port = ray_num_cpus, dashboard, dashboard_port
         self.cluster_serve = cluster_serve
         self.dashboard_url = ""
@@ -256,7 +270,7 @@ class ServeBackend:
 
     async def deploy(self, spec: ModelSpec) -> ServeModel:
         board = stats_board(spec.name)
-        app = model_app(spec, str(self.store.root), self.limits)
+        app = model_app(spec, str(self.store.root), self.limits, self.messages_per_second)
         try:
             handle = await asyncio.to_thread(serve.run, app, name=app_name(spec.name), route_prefix=None)
         except Exception:

@@ -81,6 +81,10 @@ class EngineConfig:
     compile: bool = False
     """Run decode steps of Llama-style models as one compiled graph (model_runner.py); the first
     decode step compiles it, which takes about a minute on a small CPU."""
+    sliding_window: int | None = None
+    """Each token attends to the last this many tokens only (itself included), and the KV cache frees
+    a sequence's blocks once they are wholly older than that. None: the model config's
+    `sliding_window` if it has one, which is masked but frees nothing."""
 
 
 @dataclass
@@ -96,6 +100,13 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
+
+    def after(self, earlier: RequestOutput) -> RequestOutput:
+        """This output as the one progress report since `earlier`'s reader last read: it holds whole
+        completions, so only the new tokens of both need keeping (in place; returns self)."""
+        for old, new in zip(earlier.outputs, self.outputs, strict=True):
+            new.new_token_ids = old.new_token_ids + new.new_token_ids
+        return self
 
 
 class LLMEngine:
@@ -117,8 +128,11 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model_config = module.config
         param = next(module.parameters())
-        self.cache = KVCache(module.config, self.config.kv_cache, dtype=param.dtype, device=param.device)
-        self.runner = ModelRunner(module, self.cache, compile=self.config.compile)
+        window = self.config.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise InvalidArgument("must be an integer >= 1", field="sliding_window")
+        self.cache = KVCache(module.config, self.config.kv_cache, dtype=param.dtype, device=param.device, window=window)
+        self.runner = ModelRunner(module, self.cache, compile=self.config.compile, sliding_window=window)
         self.store = store
         self.adapters = LoraAdapters(module)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
@@ -537,8 +551,7 @@ class _Outbox:
         if isinstance(earlier, BaseException):
             return  # an error ends the stream; nothing after it matters
         if earlier is not None and isinstance(out, RequestOutput):
-            for old, new in zip(earlier.outputs, out.outputs, strict=True):
-                new.new_token_ids = old.new_token_ids + new.new_token_ids
+            out.after(earlier)
         self._pending = out
         self._ready.set()
 

@@ -11,6 +11,11 @@ new sequence whose prompt starts with registered blocks shares them (reference c
 of recomputing them. Freed registered blocks stay reusable until the pool needs them back, oldest
 first (LRU). A salt starts the chain where equal tokens give different keys and values (a LoRA
 adapter), so such sequences never share blocks.
+
+Sliding window (`window`): a query attends to the last `window` tokens only, so once a block lies
+wholly before the window of the next token to compute, no query can read it again: `slide` releases
+it (into the prefix cache when registered) and its table entry becomes block 0, which attention
+reads but masks. A long sequence then holds about window / block_size + 1 blocks, however long.
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ class BlockTable:
 
     blocks: list[int]
     hashes: list[bytes]
+    freed: int = 0
+    """Leading blocks released because they fell out of the sliding window (their entries read block 0)."""
 
 
 class KVCache:
@@ -136,8 +143,11 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        window: int | None = None,
     ) -> None:
+        """`window`: the sliding window of the model's attention in tokens, whose older blocks `slide` frees."""
         self.config = config
+        self.window = window
         self.block_size = config.block_size
         self.shape = CacheShape.of(model_config)
         per_block = self.shape.bytes_per_token(dtype) * self.block_size
@@ -231,9 +241,9 @@ class KVCache:
         if partial and self.pool.num_available == 0:
             return False
         shared = table.blocks[:full]
-        for block in shared:
+        for block in shared[table.freed :]:
             self.pool.retain(block)
-        forked = self._tables[child] = BlockTable(list(shared), table.hashes[:full])
+        forked = self._tables[child] = BlockTable(list(shared), table.hashes[:full], min(table.freed, full))
         if partial:
             copy = self.pool.allocate()
             offsets = torch.arange(partial)
@@ -246,8 +256,23 @@ class KVCache:
     def free(self, seq_id: str) -> None:
         table = self._tables.pop(seq_id, None)
         if table is not None:
-            for block in reversed(table.blocks):  # the tail is evicted before the prefix it extends
+            for block in reversed(table.blocks[table.freed :]):  # the tail is evicted before the prefix it extends
                 self.pool.release(block)
+
+    def slide(self, seq_id: str, num_computed: int) -> None:
+        """Release the sequence's blocks that the sliding window has left behind for good.
+
+        The next token to compute sits at position `num_computed` and reads keys from
+        `num_computed - window + 1` on; later tokens read less. Full blocks ending before that go.
+        """
+        table = self._tables.get(seq_id)
+        if self.window is None or table is None:
+            return
+        gone = min(max(0, num_computed - self.window + 1) // self.block_size, len(table.blocks))
+        for i in range(table.freed, gone):
+            self.pool.release(table.blocks[i])
+            table.blocks[i] = 0
+        table.freed = max(table.freed, gone)
 
     def slot_ids(self, seq_id: str, start: int, stop: int) -> list[int]:
         """Cache slots of positions [start, stop) of a sequence (plain ints: a step gathers many at once)."""

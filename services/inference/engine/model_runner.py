@@ -167,12 +167,15 @@ class ModelRunner:
     the model (without step metadata) keep computing what SDPA attention computes.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: KVCache, *, compile: bool = False) -> None:
+    def __init__(
+        self, model: PreTrainedModel, cache: KVCache, *, compile: bool = False, sliding_window: int | None = None
+    ) -> None:
+        """`sliding_window`: keys older than this many tokens are masked; None: the model config's window."""
         model.set_attn_implementation(ATTENTION)
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
-        self.sliding_window: int | None = getattr(model.config, "sliding_window", None)
+        self.sliding_window: int | None = sliding_window or getattr(model.config, "sliding_window", None)
         self.buffers = GatherBuffers()
         self.gqa = model.config.num_attention_heads != cache.shape.num_kv_heads
         self.decoder = LlamaDecoder(model) if LlamaDecoder.supports(model) else None
@@ -258,7 +261,8 @@ class ModelRunner:
         return StepMetadata(self.cache, slots, groups, self.buffers, self.gqa)
 
     def group(self, chunks: list[StepChunk], offsets: list[int], masked: bool = False) -> AttentionGroup:
-        """Chunks of equal length q attending to their contexts, padded to the longest context."""
+        """Chunks of equal length q attending to their contexts, padded to the longest context (blocks a
+        sliding window freed are read as block 0, which the window's mask hides)."""
         q = len(chunks[0].token_ids)
         size = self.cache.block_size
         ends = [c.start + q for c in chunks]  # context of each row after this step

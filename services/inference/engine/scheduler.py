@@ -145,11 +145,13 @@ class Scheduler:
         for chunk, seq in zip(step.chunks, step.sequences, strict=True):
             seq.num_computed += len(chunk.token_ids)
             self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed, seq.cache_salt)
+            self.cache.slide(seq.seq_id, seq.num_computed)
 
     def accept(self, seq: Sequence, num_tokens: int) -> None:
         """Count verified draft tokens as computed: the step that verified them wrote their KV."""
         seq.num_computed += num_tokens
         self.cache.commit(seq.seq_id, seq.token_ids, seq.num_computed, seq.cache_salt)
+        self.cache.slide(seq.seq_id, seq.num_computed)
 
     def _batch_size(self) -> int:
         """Running sequences that take part in steps: a waiting beam must not hold a place its sibling needs."""

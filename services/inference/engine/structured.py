@@ -13,8 +13,10 @@ Once the grammar is complete only the end-of-sequence token is allowed, so the m
 one.
 
 Masks are computed for the whole batch at once: before sampling a step, the engine hands every
-stage of this kind to `prepare_batch`, which fills all their masks in one parallel call; a stage
-called outside a step (a draft's verification) computes its own.
+stage of this kind to `prepare_batch`, which fills all their masks in one parallel call and unpacks
+them into one boolean tensor; a stage called outside a step (a draft's verification) computes its
+own. A grammar is compiled once: requests with the same constraint start from a copy of its
+matcher (the most recent MAX_CACHED_GRAMMARS are kept).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from __future__ import annotations
 import json
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.inference.engine.sampling import LogitsProcessor, SamplingContext
@@ -32,21 +37,36 @@ from services.inference.engine.sampling import LogitsProcessor, SamplingContext
 MAX_GRAMMAR_CHARS = 64 << 10
 """Largest schema, regex or list of choices (as JSON text)."""
 FORMS = ("json_schema", "json_object", "regex", "choice")
+MAX_CACHED_GRAMMARS = 64
+"""Compiled constraints kept for the next request that asks for the same one."""
+PARALLEL_FROM = 16
+"""Sequences from which a step's masks are computed on llguidance's threads; fewer are computed in turn,
+which costs less than handing them to the threads."""
 
-_tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+@dataclass
+class _Compiled:
+    """What is built once per tokenizer: llguidance's view of it, and the constraints compiled against it."""
+
+    tokenizer: Any  # llguidance.LLTokenizer
+    matchers: OrderedDict[tuple[str, str], Any] = field(default_factory=OrderedDict)
+    """(form, value as JSON) -> a matcher at the start of that constraint, most recently used last."""
+
+
+_tokenizers: weakref.WeakKeyDictionary[Any, _Compiled] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 _executor: Any = None
 
 
-def _ll_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> Any:
+def _compiled(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> _Compiled:
     """llguidance's view of a `tokenizers.Tokenizer` (about a second to build, so one per tokenizer)."""
     import llguidance
 
     with _lock:
         cached = _tokenizers.get(tokenizer)
         if cached is None:
-            cached = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
-            _tokenizers[tokenizer] = cached
+            ll = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
+            cached = _tokenizers[tokenizer] = _Compiled(ll)
         return cached
 
 
@@ -75,6 +95,33 @@ def _grammar(form: str, value: Any) -> str:
     return str(llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value)))
 
 
+def _matcher(compiled: _Compiled, form: str, value: Any) -> Any:
+    """A matcher at the start of the constraint: a copy of the one compiled for it before, else a new one."""
+    import llguidance
+
+    key = (form, json.dumps(value, sort_keys=True))
+    with _lock:
+        start = compiled.matchers.get(key)
+        if start is not None:
+            compiled.matchers.move_to_end(key)
+            return start.deep_copy()
+    matcher = llguidance.LLMatcher(compiled.tokenizer, _grammar(form, value), log_level=0)
+    if matcher.is_error():
+        raise ValueError(f"{form} cannot be compiled: {matcher.get_error()}")
+    with _lock:
+        compiled.matchers[key] = matcher.deep_copy()
+        while len(compiled.matchers) > MAX_CACHED_GRAMMARS:
+            compiled.matchers.popitem(last=False)
+    return matcher
+
+
+def unpack(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """llguidance's bitmasks [rows, words] int32 (bit j of word w: token 32w + j) -> which tokens are
+    refused, [rows, vocab_size] bool; one numpy call, as the words' bytes are in order (little-endian)."""
+    bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(bits) == 0
+
+
 class Structured(LogitsProcessor):
     """Masks the logits [vocab] to the tokens the grammar allows next (see the module docstring)."""
 
@@ -89,24 +136,19 @@ class Structured(LogitsProcessor):
         vocab_size: int = 0,
         eos_token_ids: Sequence[int] = (),
     ) -> None:
-        import llguidance
-
         given = {k: v for k, v in zip(FORMS, (json_schema, json_object, regex, choice), strict=True) if v is not None}
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(FORMS)}")
         if tokenizer is None or not eos_token_ids:
             raise ValueError("structured output needs a model served with its tokenizer and an end-of-sequence token")
         ((form, value),) = given.items()
-        grammar = _grammar(form, value)
         self.vocab_size = vocab_size
-        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab_size, eos_token_ids), grammar, log_level=0)
-        if self.matcher.is_error():
-            raise ValueError(f"{form} cannot be compiled: {self.matcher.get_error()}")
+        self.matcher = _matcher(_compiled(tokenizer, vocab_size, eos_token_ids), form, value)
         self.consumed: list[int] = []
         self.outside = False
         """The last context synced left the grammar: no token can follow it."""
-        self._mask: torch.Tensor | None = None  # [words] int32, for `self.consumed` as it was prepared
-        self._mask_at = -1
+        self._refused: torch.Tensor | None = None  # [vocab] bool, for `self.consumed` as it was prepared
+        self._refused_at = -1
 
     # -- keeping the matcher in step with the sequence ------------------------------------------------
     def sync(self, output_ids: list[int]) -> None:
@@ -115,11 +157,10 @@ class Structured(LogitsProcessor):
         Tokens the grammar refuses (a speculative draft's, which rejection sampling is about to turn
         down) are not consumed: the stage then allows nothing (`outside`), and the matcher stays usable.
         """
-        common = 0
-        for a, b in zip(self.consumed, output_ids, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = len(self.consumed)
+        if output_ids[:common] != self.consumed:  # rolled back (rejected drafts): find where they part
+            pairs = enumerate(zip(self.consumed, output_ids, strict=False))
+            common = next((i for i, (a, b) in pairs if a != b), min(common, len(output_ids)))
         if common < len(self.consumed):
             self.matcher.rollback(len(self.consumed) - common)
             del self.consumed[common:]
@@ -144,19 +185,26 @@ class Structured(LogitsProcessor):
         items = [(stage, ctx) for stage, ctx in items if not stage.outside]
         if not items:
             return
-        words = (items[0][0].vocab_size + 31) // 32
-        masks = torch.full((len(items), words), -1, dtype=torch.int32)
-        llt.fill_next_token_bitmask_par(_executor, [(stage.matcher, i) for i, (stage, _) in enumerate(items)], masks)
+        vocab = items[0][0].vocab_size
+        masks = torch.full((len(items), (vocab + 31) // 32), -1, dtype=torch.int32)
+        if len(items) >= PARALLEL_FROM:
+            llt.fill_next_token_bitmask_par(
+                _executor, [(stage.matcher, i) for i, (stage, _) in enumerate(items)], masks
+            )
+        else:
+            for i, (stage, _) in enumerate(items):
+                llt.fill_next_token_bitmask(stage.matcher, masks, i)
+        refused = unpack(masks, vocab)  # one unpacking for the batch
         for i, (stage, _) in enumerate(items):
-            stage._mask, stage._mask_at = masks[i], len(stage.consumed)
+            stage._refused, stage._refused_at = refused[i], len(stage.consumed)
 
     def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
         self.sync(ctx.output_ids)
         if self.outside:
             return torch.full_like(logits, float("-inf"))
-        mask = self._mask if self._mask_at == len(self.consumed) else None
-        if mask is None:
+        refused = self._refused if self._refused_at == len(self.consumed) else None
+        if refused is None:
             mask = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        self._mask_at = -1  # a mask serves one call
-        allowed = ((mask[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[: logits.numel()].bool()
-        return logits.masked_fill(~allowed, float("-inf"))
+            refused = unpack(mask[None], self.vocab_size)[0]
+        self._refused_at = -1  # a mask serves one call
+        return logits.masked_fill(refused[: logits.numel()], float("-inf"))

@@ -11,7 +11,8 @@ import pytest
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import InvalidArgument, LlmpError, NotFound, ResourceExhausted
 from services.inference.core import InferenceCore
-from services.inference.engine import SamplingParams
+from services.inference.engine import SamplingLimits, SamplingParams
+from services.inference.model_server import ModelServer
 from services.inference.schema import Chunk, EngineOptions, GenerateInput, ModelSpec, ReplicaOptions
 from services.inference.text import TextDeltas
 from tests.helpers.inference_core import greedy, make_core, reference, run
@@ -48,6 +49,30 @@ def test_unary_and_streamed_generation_equal_the_engine(store: ArtifactStore) ->
     assert "".join(c.completions[0].text for c in streamed) == unary.completions[0].text
     assert streamed[-1].finished and streamed[-1].completion_tokens == len(expected)
     assert text.prompt_tokens == 5 and text.completions[0].finish_reason == "length"
+
+
+def test_a_bounded_message_rate_merges_tokens_into_fewer_chunks(store: ArtifactStore) -> None:
+    """Each stream may send one chunk per 1000 s here: the first token, then the rest in the last chunk."""
+    prompt = [5, 17, 99, 3, 42]
+    params = dataclasses.replace(greedy(), n=2, logprobs=1)
+
+    async def scenario() -> tuple[list[Chunk], list[Chunk]]:
+        streams = []
+        for rate in (0.0, 1e-3):
+            server = ModelServer(ModelSpec("tiny", TINY), store, SamplingLimits(), messages_per_second=rate)
+            streams.append(await collect(server.generate(GenerateInput("r", params, token_ids=tuple(prompt)))))
+        return streams[0], streams[1]
+
+    every_step, merged = run(scenario())
+    assert len(every_step) == 12 and len(merged) == 2
+    assert [len(c.token_ids) for c in merged[0].completions] == [1, 1]
+    assert merged[-1].finished and not merged[0].finished
+    for i in range(2):
+        for field in ("token_ids", "logprobs"):
+            whole = [x for c in every_step for x in getattr(c.completions[i], field)]
+            assert [x for c in merged for x in getattr(c.completions[i], field)] == whole
+        assert "".join(c.completions[i].text for c in merged) == "".join(c.completions[i].text for c in every_step)
+    assert merged[-1].completion_tokens == every_step[-1].completion_tokens == 24
 
 
 def test_abort_and_a_closed_stream_free_the_cache(store: ArtifactStore) -> None:

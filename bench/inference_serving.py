@@ -1,0 +1,201 @@
+"""Serving benchmarks: what the inference service keeps of its engine, and what structured output costs.
+
+1. Served vs in-process: the inference service as a real process (gRPC front, a local Ray Serve
+   with one replica of the model) serving the gateway benchmark's random 4-layer Llama, 16 and 64
+   concurrent clients, one request each (16-token prompts, greedy, 64 tokens; --quick: 32),
+   streamed (GenerateStream) and whole (Generate), against the in-process engine with the
+   service's engine settings generating the same requests at once (target >= 0.8x tokens/s).
+2. Structured output: a batch of requests constrained by a JSON schema (the `structured` sampler
+   stage, llguidance) against the same batch unconstrained, on the same model and prompts, in the
+   same engine settings, both sampled at temperature 1: per-token cost in CPU seconds of the process
+   (target <= 1.1x the unconstrained cost per token).
+
+Ratios are against references measured in the same run; the machine may be shared.
+
+Run: python -m bench inference_serving [--quick] [--threads=N]  (the engine's threads, both sides; default 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import torch
+from llmp.inference.v1 import inference_pb2 as pb
+from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
+
+from bench.gateway import MODEL, prompts, save_model
+from bench.inference import load_average
+from libs.common.artifacts import ArtifactStore
+from libs.common.rpc.client import wait_serving
+from libs.common.stack import free_port
+from services.inference.engine import LLMEngine, SamplingLimits, SamplingParams, load_model
+from services.inference.model_server import engine_config
+from services.inference.schema import EngineOptions
+from services.inference.text import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+REPEATS = 2
+
+
+@contextmanager
+def service(home: Path, threads: int) -> Iterator[str]:
+    """The inference service on a local Ray (2 CPUs, no dashboard) with the model loaded: its address."""
+    port = free_port()
+    env = {**os.environ, "LLMP_HOME": str(home), "LLMP_LOG_LEVEL": "WARNING", "LLMP_INFERENCE_BACKEND": "ray",
+           "LLMP_INFERENCE_RAY_NUM_CPUS": "2", "LLMP_INFERENCE_DASHBOARD": "false",
+           "OMP_NUM_THREADS": str(threads)}  # fmt: skip
+    with open(home / "service.log", "wb") as log:
+        argv = [sys.executable, "-m", "services.inference", "--port", str(port), "--metrics-port", "-1"]
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log)
+    address = f"127.0.0.1:{port}"
+    try:
+        if not wait_serving(address, 300, is_alive=lambda: proc.poll() is None):
+            raise RuntimeError(f"the inference service did not start; see {home / 'service.log'}")
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            stub.LoadModel(pb.LoadModelRequest(path=MODEL, name="bench"), timeout=300)
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
+def engine_run(engine: LLMEngine, batch: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of the in-process engine generating `batch` at once."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = engine.generate(batch, params)
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+
+
+async def served_run(
+    stub: pb_grpc.InferenceServiceStub, batch: list[list[int]], new_tokens: int, *, stream: bool
+) -> tuple[float, float]:
+    """Tokens/s through the service's gRPC, one call per request, all at once; and messages per request."""
+
+    async def one(prompt: list[int]) -> tuple[int, int]:
+        request = pb.GenerateRequest(model="bench", token_ids=pb.TokenIds(ids=prompt), max_tokens=new_tokens,
+                                     temperature=0, ignore_eos=True)  # fmt: skip
+        if not stream:
+            reply = await stub.Generate(request)
+            return reply.usage.completion_tokens, 1
+        tokens = messages = 0
+        async for message in stub.GenerateStream(request):
+            tokens += len(message.completions[0].token_ids) if message.completions else 0
+            messages += 1
+        return tokens, messages
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in batch))
+    return sum(t for t, _ in results) / (time.perf_counter() - start), sum(m for _, m in results) / len(results)
+
+
+async def compare(
+    address: str, engine: LLMEngine, batch: list[list[int]], new_tokens: int
+) -> dict[str, tuple[float, float]]:
+    """The engine, Generate and GenerateStream on the same batch, interleaved, best of each: (tokens/s, messages)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        engine_run(engine, batch[:2], 4)  # warm-up
+        await served_run(stub, batch[:2], 4, stream=True)
+        best: dict[str, tuple[float, float]] = {}
+        for _ in range(REPEATS + 1):  # the machine's load moves in between
+            runs = {
+                "engine": (engine_run(engine, batch, new_tokens), 0.0),
+                "Generate": await served_run(stub, batch, new_tokens, stream=False),
+                "GenerateStream": await served_run(stub, batch, new_tokens, stream=True),
+            }
+            best = {k: max(best.get(k, (0.0, 0.0)), v) for k, v in runs.items()}
+        return best
+
+
+def served(home: Path, threads: int, new_tokens: int) -> None:
+    print(f"1. served vs in-process, {new_tokens} tokens per request, tokens/s (target >= 0.8x the engine)", flush=True)
+    # The in-process engine with the service's engine settings.
+    engine = LLMEngine(
+        load_model(MODEL, ArtifactStore(home / "artifacts")), engine_config(EngineOptions(), SamplingLimits())
+    )
+    with service(home, threads) as address:
+        for clients in (16, 64):
+            best = asyncio.run(compare(address, engine, prompts(clients), new_tokens))
+            rate = best["engine"][0]
+            (whole, _), (streamed, messages) = best["Generate"], best["GenerateStream"]
+            line = (
+                f"served Generate {whole:8.1f} ({whole / rate:.2f}x)   served GenerateStream {streamed:8.1f} "
+                f"({streamed / rate:.2f}x, {messages:.1f} messages a request)"
+            )
+            print(f"   {clients:>3} clients: engine {rate:8.1f}   {line}", flush=True)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age", "tags"],
+}
+
+
+def structured(home: Path, requests: int, new_tokens: int) -> None:
+    """CPU seconds of this process per generated token (every thread's, so llguidance's too; less moved
+    by other processes than wall time), constrained vs not, the same batch of sampled requests."""
+    print(f"2. structured output, {requests} requests at once, {new_tokens} tokens each (target <= 1.1x)", flush=True)
+    store = ArtifactStore(home / "artifacts")
+    model = load_model(MODEL, store)
+    tokenizer = load_tokenizer(Path(model.path), store.root)
+    # The random model has no end token: one is named, and the schema's grammar must be allowed to end there.
+    model.module.config.eos_token_id = 0
+    engine = LLMEngine(model, engine_config(EngineOptions(), SamplingLimits()), tokenizer=tokenizer)
+    batch = prompts(requests)
+    kinds: dict[str, tuple[dict, ...]] = {
+        "unconstrained": (),
+        "json schema": ({"type": "structured", "json_schema": SCHEMA},),
+    }
+
+    def per_token(processors: tuple[dict, ...]) -> float:
+        params = SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=3, processors=processors)
+        start = time.process_time()
+        outputs = engine.generate(batch, params)
+        return (time.process_time() - start) / sum(len(o.outputs[0].token_ids) for o in outputs)
+
+    for processors in kinds.values():
+        per_token(processors)  # warm-up (and the grammar's tokenizer)
+    best = {name: float("inf") for name in kinds}
+    for _ in range(REPEATS + 3):  # interleaved, best of each: the machine's load moves in between
+        for name, processors in kinds.items():
+            best[name] = min(best[name], per_token(processors))
+    ratio = best["json schema"] / best["unconstrained"]
+    print(f"   CPU per token: json schema {best['json schema'] * 1e3:.3f} ms vs unconstrained "
+          f"{best['unconstrained'] * 1e3:.3f} ms = {ratio:.3f}x (target <= 1.1) "
+          f"{'met' if ratio <= 1.1 else 'NOT met'}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    threads = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--threads=")), 1)
+    torch.set_num_threads(threads)
+    print(f"serving benchmark ({'quick' if quick else 'full'}), torch threads {threads}, load {load_average()}")
+    home = Path(tempfile.mkdtemp(prefix="llmp-bench-serving-"))
+    try:
+        save_model(home / "artifacts")
+        served(home, threads, 32 if quick else 64)
+        structured(home, 8, 32 if quick else 64)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    print(f"(load average at the end: {load_average()})")
+
+
+if __name__ == "__main__":
+    main()
