@@ -423,7 +423,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     params = PPOParams(**loop_config["params"])
     models: Models = loop_config["models"]
     job_id, run_id = loop_config["job_id"], loop_config["run_id"]
-    store = JobStore.from_url(loop_config["redis_url"])
+    store = JobStore.from_env()  # the Redis URL and its password come from the worker's environment
     artifacts = ArtifactStore(loop_config["artifacts"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
