@@ -98,7 +98,8 @@ def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
     curves = figures["loss_curves"]["data"]["curves"]
     assert sorted(curves) == sorted(TRAINING)
     for stage, curve in curves.items():
-        assert falls(curve), f"{stage}: {curve}"
+        # PPO's logged loss is its clipped surrogate plus the value loss, on fresh samples each step: no trend to expect
+        assert stage == "ppo" or falls(curve), f"{stage}: {curve}"
 
     serving = results["serving"]
     assert serving["decoding"]["served"]["drafted"] > 0 and serving["decoding"]["pretrained_draft"]["drafted"] > 0
@@ -115,6 +116,7 @@ def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
 
     steps = results["alignment"]["steps"]
     assert steps["ppo"]["before_after"]["eval_reward"][0] is not None, steps["ppo"]
+    assert steps["ppo"]["before_after"]["eval_kl"][1] > 0, "the policy moved away from the SFT model"
     assert steps["reward"]["before_after"]["eval_accuracy"][1] is not None, steps["reward"]
 
     funnel = results["data"]["funnel"]
