@@ -1,12 +1,13 @@
 """Stages 5 and 6: serve the aligned model (the seed's section 7) and answer with retrieval (section 6).
 
 5. Three replicas of the aligned model: fp32, INT8, and INT8 with speculative decoding drafted by
-   the distilled model (the one that stays served), and two of the pretrained target the draft was
-   distilled from (INT8, and INT8 with the same draft). Measured on them: held-out perplexity (fp32
-   vs INT8, on the seed document, which no model trained on), memory per parameter, greedy decoding
-   speed at batch 1 with and without the draft (same INT8 target, so the outputs must be equal),
-   and the draft's acceptance rate and speed-up with each target: with the one it imitates, and with
-   the aligned one it is served with. Then chat, whole and streamed, through the gateway.
+   the distilled model (the one that stays served), then, in place of the first two, two of the
+   pretrained target the draft was distilled from (INT8, and INT8 with the same draft). Measured on
+   them: held-out perplexity (fp32 vs INT8, on the seed document, which no model trained on),
+   memory per parameter, greedy decoding speed at batch 1 with and without the draft (same INT8
+   target, so the outputs must be equal), and the draft's acceptance rate and speed-up with each
+   target: the one it imitates, and the aligned one it is served with. Then chat, whole and
+   streamed, through the gateway.
 6. The seed document and the reference text in a hybrid collection; recall@k on the labelled
    questions (services/retrieval/eval: each has one answer span) against chance; RAG answers with
    citations through the gateway.
@@ -68,12 +69,10 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     speculative = json.dumps({"type": "draft_model", "model": draft.path, "num_tokens": DRAFT_TOKENS})
     served_engine = {"quantization": "int8", "speculative": speculative}
     inference = Inference()
-    ctx.status("loading five replicas")
+    ctx.status("loading three replicas")
     inference.ensure_loaded(names["fp32"], model.path)
     inference.ensure_loaded(names["int8"], model.path, quantization="int8")
     inference.ensure_loaded(names["served"], model.path, **served_engine)
-    inference.ensure_loaded(names["pretrained_int8"], pretrained.path, quantization="int8")
-    inference.ensure_loaded(names["pretrained_draft"], pretrained.path, **served_engine)
     ctx.say(f"serving {model.ref} as {names['served']}: INT8 weights, speculative decoding drafted by {draft.ref}")
     ctx.advance()
 
@@ -89,8 +88,17 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     prompts = TokenizerClient().encode_batch(
         tokenizer, [r["prompt"] for r in instruction_pairs()[-p.speed_prompts :]], add_special_tokens=False
     )
-    ctx.status("greedy decoding: each replica in turn")
-    runs = decode(inference, names, prompts, p.new_tokens)
+    ctx.status("greedy decoding: fp32, INT8 and INT8 + draft in turn")
+    runs = decode(inference, {k: names[k] for k in ("fp32", "int8", "served")}, prompts, p.new_tokens)
+    memory = {kind: inference.info(names[kind]).load.bytes_per_parameter for kind in ("fp32", "int8")}
+    for kind in ("fp32", "int8"):
+        inference.unload(names[kind])
+    ctx.status("greedy decoding: the pretrained target, INT8 alone and with the draft, in turn")
+    inference.ensure_loaded(names["pretrained_int8"], pretrained.path, quantization="int8")
+    inference.ensure_loaded(names["pretrained_draft"], pretrained.path, **served_engine)
+    runs |= decode(inference, {k: names[k] for k in ("pretrained_int8", "pretrained_draft")}, prompts, p.new_tokens)
+    for kind in ("pretrained_int8", "pretrained_draft"):
+        inference.unload(names[kind])
     ctx.advance(3)
     drafting = {
         "aligned": _drafting(runs["served"], runs["int8"], model.ref),
@@ -103,7 +111,6 @@ def serving(ctx: StageContext) -> dict[str, Any]:
             f"{d['plain_tokens_per_second']:.0f} tokens/s); greedy outputs "
             f"{'identical' if d['greedy_equal'] else 'DIFFERENT'}"
         )
-    memory = {kind: inference.info(names[kind]).load.bytes_per_parameter for kind in ("fp32", "int8")}
     ctx.say(
         f"weights: {memory['fp32']:.2f} bytes/parameter fp32, {memory['int8']:.2f} INT8 "
         f"({1 - memory['int8'] / max(memory['fp32'], 1e-9):.0%} saved)"
@@ -112,8 +119,6 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     door = Gateway({names["served"]: tokenizer})
     chats = _chats(ctx, door, names["served"])
     ctx.advance()
-    for kind in ("fp32", "int8", "pretrained_int8", "pretrained_draft"):
-        inference.unload(names[kind])
     inference.close()
     return {
         "model": model.ref,

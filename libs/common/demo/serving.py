@@ -24,7 +24,7 @@ from libs.common.rpc.client import address, channel
 
 FORCE = 100.0  # logit bias that makes the true next token the greedy choice (the most the engine accepts)
 KV_CACHE_BYTES = 64 << 20  # per replica: the demo's models are small and its requests short (default 512 MiB)
-REPLICA_CPUS = 0.25  # five replicas share two cores; Ray must not wait for a whole CPU each
+REPLICA_CPUS = 0.25  # three replicas share two cores; Ray must not wait for a whole CPU each
 
 
 class Inference:
