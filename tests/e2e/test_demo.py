@@ -1,8 +1,8 @@
 """`llmp demo --profile tiny` end to end on a real local stack, and the report it leaves.
 
-The run starts without the inference service, so it must stop at the serving stage with one
-clear message (no traceback) and keep what it finished; once the service is up, a second
-`llmp demo` goes on from there. The report is then checked for what the platform promises:
+The run starts without the gateway, the only way the demo generates and answers, so it must stop
+at the serving stage with one clear message (no traceback) and keep what it finished; once the
+gateway is up, a second `llmp demo` goes on from there. The report is then checked for what the platform promises:
 losses fall in every training stage, greedy speculative decoding equals plain decoding, the INT8
 model's held-out perplexity is within 2% of fp32, retrieval beats chance, every RAG answer cites
 a retrieved chunk, and every picture exists.
@@ -24,7 +24,7 @@ from tests.helpers.services import ROOT
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FIGURES = ("funnel", "tokenisers", "loss_curves", "planner", "throughput", "speculative", "quantisation", "recall")
-TRAINING = ("sweep", "pretrain", "distill", "sft", "reward", "dpo")
+TRAINING = ("sweep", "pretrain", "distill", "sft", "reward", "ppo", "dpo")
 SERVICES = ("tokenizer", "retrieval", "training", "inference", "gateway")
 
 
@@ -72,11 +72,12 @@ def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
     env = stack_env(tmp_path)
     (tmp_path / "user").mkdir()
     try:
-        llmp(env, "up", "--only", "tokenizer", "--only", "training", "--only", "retrieval", "--timeout", "300")
+        without_gateway = [arg for s in SERVICES if s != "gateway" for arg in ("--only", s)]
+        llmp(env, "up", *without_gateway, "--timeout", "300")
         stopped = llmp(env, "demo", "--profile", "tiny", check=False)
         said = stopped.stdout + stopped.stderr
         assert stopped.returncode == 2, said
-        assert "stage 'serving'" in said and "inference service" in said and "llmp up" in said, said
+        assert "stage 'serving'" in said and "gateway service" in said and "llmp up" in said, said
         assert "Traceback" not in said
 
         llmp(env, "up", "--timeout", "300")
@@ -98,12 +99,14 @@ def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
     curves = figures["loss_curves"]["data"]["curves"]
     assert sorted(curves) == sorted(TRAINING)
     for stage, curve in curves.items():
-        assert falls(curve), f"{stage}: {curve}"
+        # PPO's logged loss is its clipped surrogate plus the value loss, on fresh samples each step: no trend to expect
+        assert stage == "ppo" or falls(curve), f"{stage}: {curve}"
 
     serving = results["serving"]
-    assert serving["decoding"]["served"]["drafted"] > 0
+    assert serving["decoding"]["served"]["drafted"] > 0 and serving["decoding"]["pretrained_draft"]["drafted"] > 0
     assert serving["decoding"]["int8"]["tokens"] == serving["decoding"]["served"]["tokens"] > 0
-    assert serving["greedy_equal"], "greedy speculative decoding must give the plain INT8 output"
+    assert all(d["greedy_equal"] for d in serving["drafting"].values()), "speculative must equal plain INT8 output"
+    assert serving["front_door"].startswith("http://127.0.0.1:")
     assert abs(serving["perplexity"]["int8"] / serving["perplexity"]["fp32"] - 1) <= 0.02, serving["perplexity"]
     assert serving["memory_bytes_per_parameter"]["int8"] < serving["memory_bytes_per_parameter"]["fp32"]
     assert all(chat["answer"] for chat in serving["chats"])
@@ -111,6 +114,11 @@ def test_demo_tiny_profile_end_to_end(tmp_path: Path) -> None:
     rag = results["retrieval"]
     assert rag["recall"] > rag["chance"], rag
     assert rag["answers"] and all(a["citations"] and a["cites_retrieved"] for a in rag["answers"]), rag["answers"]
+
+    steps = results["alignment"]["steps"]
+    assert steps["ppo"]["before_after"]["eval_reward"][0] is not None, steps["ppo"]
+    assert steps["ppo"]["before_after"]["eval_kl"][1] > 0, "the policy moved away from the SFT model"
+    assert steps["reward"]["before_after"]["eval_accuracy"][1] is not None, steps["reward"]
 
     funnel = results["data"]["funnel"]
     assert [row["stage"] for row in funnel][1:6] == ["normalize", "exact_dedup", "near_dedup", "quality", "pii"]

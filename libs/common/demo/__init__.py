@@ -22,19 +22,16 @@ from libs.common import config as cfg
 from libs.common.artifacts import ArtifactStore
 from libs.common.config import CommonConfig
 from libs.common.demo import data_stages, report, serve_stages, train_stages
-from libs.common.demo.front_door import gateway_installed
 from libs.common.demo.profiles import profile
 from libs.common.demo.runner import Runner, Stage
-
-FRONT = ("gateway",) if gateway_installed() else ()  # checked before generating; else the fallback says so
 
 STAGES: list[Stage] = [
     Stage("data", "data preparation", ("tokenizer", "training"), data_stages.data_preparation),
     Stage("tokenisers", "tokenisers", ("tokenizer",), data_stages.tokenisers),
     Stage("pretraining", "plan, pretrain, distil", ("tokenizer", "training"), train_stages.pretraining),
     Stage("alignment", "alignment", ("training",), train_stages.alignment),
-    Stage("serving", "serving", ("training", "tokenizer", "inference", *FRONT), serve_stages.serving),
-    Stage("retrieval", "retrieval and RAG", ("retrieval", "tokenizer", "inference", *FRONT), serve_stages.retrieval),
+    Stage("serving", "serving", ("training", "tokenizer", "inference", "gateway"), serve_stages.serving),
+    Stage("retrieval", "retrieval and RAG", ("retrieval", "tokenizer", "inference", "gateway"), serve_stages.retrieval),
 ]
 
 

@@ -61,7 +61,7 @@ class Stage:
     key: str
     title: str
     needs: tuple[str, ...]
-    """Services that must be SERVING before the stage starts (the gateway is checked by front_door)."""
+    """Services that must be SERVING before the stage starts (the gateway too where the stage goes through it)."""
     run: Callable[[StageContext], dict[str, Any]]
 
 

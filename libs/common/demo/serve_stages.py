@@ -1,13 +1,16 @@
 """Stages 5 and 6: serve the aligned model (the seed's section 7) and answer with retrieval (section 6).
 
 5. Three replicas of the aligned model: fp32, INT8, and INT8 with speculative decoding drafted by
-   the distilled model (the one that stays served). Measured on them: held-out perplexity (fp32 vs
-   INT8, on the seed document, which no model trained on), memory per parameter, greedy decoding
-   speed at batch 1 with and without the draft (same INT8 target, so the outputs must be equal),
-   the draft's acceptance rate; then chat, whole and streamed, through the front door.
+   the distilled model (the one that stays served), then, in place of the first two, two of the
+   pretrained target the draft was distilled from (INT8, and INT8 with the same draft). Measured on
+   them: held-out perplexity (fp32 vs INT8, on the seed document, which no model trained on),
+   memory per parameter, greedy decoding speed at batch 1 with and without the draft (same INT8
+   target, so the outputs must be equal), and the draft's acceptance rate and speed-up with each
+   target: the one it imitates, and the aligned one it is served with. Then chat, whole and
+   streamed, through the gateway.
 6. The seed document and the reference text in a hybrid collection; recall@k on the labelled
    questions (services/retrieval/eval: each has one answer span) against chance; RAG answers with
-   citations through the front door.
+   citations through the gateway.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from libs.common.clients.tokenizer import TokenizerClient
 from libs.common.clients.training import TrainingClient
 from libs.common.corpora import instruction_pairs
 from libs.common.demo.data_stages import prose_topics
-from libs.common.demo.front_door import open_front_door
+from libs.common.demo.front_door import Gateway
 from libs.common.demo.runner import StageContext, StageError
-from libs.common.demo.serving import Inference, decode
+from libs.common.demo.serving import Decoding, Inference, decode
 
 RECALL_K = 5
 DRAFT_TOKENS = 4
@@ -54,14 +57,21 @@ def serving(ctx: StageContext) -> dict[str, Any]:
     training = TrainingClient()
     model = training.model(ctx.results["alignment"]["served_model"])
     draft = training.model(ctx.results["pretraining"]["distill"]["model"])
+    pretrained = training.model(ctx.results["pretraining"]["pretrain"]["model"])
     tokenizer = model.lineage.tokenizer
-    names = {"fp32": ctx.name("chat-fp32"), "int8": ctx.name("chat-int8"), "served": ctx.name("chat")}
+    names = {
+        "fp32": ctx.name("chat-fp32"),
+        "int8": ctx.name("chat-int8"),
+        "served": ctx.name("chat"),
+        "pretrained_int8": ctx.name("lm-int8"),
+        "pretrained_draft": ctx.name("lm-int8-draft"),
+    }
     speculative = json.dumps({"type": "draft_model", "model": draft.path, "num_tokens": DRAFT_TOKENS})
+    served_engine = {"quantization": "int8", "speculative": speculative}
     inference = Inference()
     ctx.status("loading three replicas")
     inference.ensure_loaded(names["fp32"], model.path)
     inference.ensure_loaded(names["int8"], model.path, quantization="int8")
-    served_engine = {"quantization": "int8", "speculative": speculative}
     inference.ensure_loaded(names["served"], model.path, **served_engine)
     ctx.say(f"serving {model.ref} as {names['served']}: INT8 weights, speculative decoding drafted by {draft.ref}")
     ctx.advance()
@@ -79,26 +89,36 @@ def serving(ctx: StageContext) -> dict[str, Any]:
         tokenizer, [r["prompt"] for r in instruction_pairs()[-p.speed_prompts :]], add_special_tokens=False
     )
     ctx.status("greedy decoding: fp32, INT8 and INT8 + draft in turn")
-    runs = decode(inference, names, prompts, p.new_tokens)
-    ctx.advance(3)
-    same = runs["int8"].outputs == runs["served"].outputs
-    speedup = runs["served"].tokens_per_second / max(runs["int8"].tokens_per_second, 1e-9)
-    ctx.say(
-        f"speculative decoding: acceptance {runs['served'].acceptance:.0%}, {speedup:.2f}x the plain INT8 "
-        f"decoding ({runs['served'].tokens_per_second:.0f} vs {runs['int8'].tokens_per_second:.0f} tokens/s); "
-        f"greedy outputs {'identical' if same else 'DIFFERENT'}"
-    )
+    runs = decode(inference, {k: names[k] for k in ("fp32", "int8", "served")}, prompts, p.new_tokens)
     memory = {kind: inference.info(names[kind]).load.bytes_per_parameter for kind in ("fp32", "int8")}
+    for kind in ("fp32", "int8"):
+        inference.unload(names[kind])
+    ctx.status("greedy decoding: the pretrained target, INT8 alone and with the draft, in turn")
+    inference.ensure_loaded(names["pretrained_int8"], pretrained.path, quantization="int8")
+    inference.ensure_loaded(names["pretrained_draft"], pretrained.path, **served_engine)
+    runs |= decode(inference, {k: names[k] for k in ("pretrained_int8", "pretrained_draft")}, prompts, p.new_tokens)
+    for kind in ("pretrained_int8", "pretrained_draft"):
+        inference.unload(names[kind])
+    ctx.advance(3)
+    drafting = {
+        "aligned": _drafting(runs["served"], runs["int8"], model.ref),
+        "pretrained": _drafting(runs["pretrained_draft"], runs["pretrained_int8"], pretrained.ref),
+    }
+    for target, d in drafting.items():
+        ctx.say(
+            f"speculative decoding of the {target} target ({d['target']}): acceptance {d['acceptance']:.0%}, "
+            f"{d['speedup']:.2f}x its plain INT8 decoding ({d['tokens_per_second']:.0f} vs "
+            f"{d['plain_tokens_per_second']:.0f} tokens/s); greedy outputs "
+            f"{'identical' if d['greedy_equal'] else 'DIFFERENT'}"
+        )
     ctx.say(
         f"weights: {memory['fp32']:.2f} bytes/parameter fp32, {memory['int8']:.2f} INT8 "
         f"({1 - memory['int8'] / max(memory['fp32'], 1e-9):.0%} saved)"
     )
 
-    door = open_front_door({names["served"]: tokenizer})
+    door = Gateway({names["served"]: tokenizer})
     chats = _chats(ctx, door, names["served"])
     ctx.advance()
-    for kind in ("fp32", "int8"):
-        inference.unload(names[kind])
     inference.close()
     return {
         "model": model.ref,
@@ -108,7 +128,7 @@ def serving(ctx: StageContext) -> dict[str, Any]:
         "served_path": model.path,
         "served_engine": served_engine,
         "parameters": model.parameters,
-        "front_door": door.kind,
+        "front_door": door.base,
         "perplexity": ppl,
         "perplexity_change": change,
         "heldout_tokens": sum(len(s) - 1 for s in sequences),
@@ -124,19 +144,30 @@ def serving(ctx: StageContext) -> dict[str, Any]:
             }
             for k, r in runs.items()
         },
-        "speedup": speedup,
-        "greedy_equal": same,
+        "speedup": drafting["aligned"]["speedup"],
+        "greedy_equal": drafting["aligned"]["greedy_equal"],
+        "drafting": drafting,
         "chats": chats,
     }
 
 
-def _chats(ctx: StageContext, door: Any, model: str) -> list[dict[str, Any]]:
-    if "FALLBACK" in door.kind:
-        ctx.warn(f"NO GATEWAY INSTALLED: generating through the {door.kind}")
+def _drafting(drafted: Decoding, plain: Decoding, target: str) -> dict[str, Any]:
+    """The draft with one target: acceptance, speed-up over the same INT8 target without it, equal outputs."""
+    return {
+        "target": target,
+        "acceptance": drafted.acceptance,
+        "speedup": drafted.tokens_per_second / max(plain.tokens_per_second, 1e-9),
+        "tokens_per_second": drafted.tokens_per_second,
+        "plain_tokens_per_second": plain.tokens_per_second,
+        "greedy_equal": drafted.outputs == plain.outputs,
+    }
+
+
+def _chats(ctx: StageContext, door: Gateway, model: str) -> list[dict[str, Any]]:
     questions = ["What does the for statement do?", "How are default parameter values evaluated?"]
     chats = []
     for question, stream in zip(questions, (False, True), strict=True):
-        ctx.status(f"chat through the {door.kind.split(' ')[0]} ({'streamed' if stream else 'whole'})")
+        ctx.status(f"chat through the gateway ({'streamed' if stream else 'whole'})")
         reply = door.chat(model, [{"role": "user", "content": question}], ctx.profile.new_tokens, stream)
         chats.append(
             {
@@ -197,9 +228,7 @@ def retrieval(ctx: StageContext) -> dict[str, Any]:
     served = ctx.results["serving"]
     with contextlib.closing(Inference()) as inference:  # the stack may have restarted since it was served
         inference.ensure_loaded(served["served_name"], served["served_path"], **served["served_engine"])
-    door = open_front_door({served["served_name"]: served["tokenizer"]})
-    if "FALLBACK" in door.kind:
-        ctx.warn(f"NO GATEWAY INSTALLED: answering through the {door.kind}")
+    door = Gateway({served["served_name"]: served["tokenizer"]})
     answers = []
     for q in [q for q in questions if q["kind"] == "heading"][: p.rag_questions]:
         ctx.status("RAG answers")
@@ -231,7 +260,7 @@ def retrieval(ctx: StageContext) -> dict[str, Any]:
         "recall": recall,
         "chance": chance,
         "answers": answers,
-        "front_door": door.kind,
+        "front_door": door.base,
     }
 
 

@@ -3,16 +3,14 @@
 3. A scaling sweep (a ladder of small models on the prepared data) fits L(N) = E + A / N^alpha; the
    planner splits the run's compute budget (C = 6 N D of the target's pretraining) and predicts
    the target's loss, which the pretraining job then reaches or not. A draft model for
-   speculative decoding is distilled from the target (on the tiny profile a draft of the aligned
-   model agreed with it on 1% of held-out tokens against 24% for the pretrained target, so the draft
-   is made from the target before alignment).
-4. Alignment: the steps in ALIGNMENT, in order, each a training job on the output of an earlier one.
-   The list is data: a new objective is one more entry, e.g. PPO against the reward model,
-
-       AlignStep("ppo", "ppo", "sft", ("pydoc:instructions",), ("eval_reward", "eval_kl"),
-                 models={"reward_model": "reward"})
-
-   (its steps come from Profile.align_steps["ppo"]). The last step whose model is a policy is served.
+   speculative decoding is distilled from the pretrained target, on the corpora the target read
+   (the serving stage measures its acceptance both with that target and with the aligned model it
+   drafts for: alignment moves the target away from the text the draft learnt to imitate).
+4. Alignment: the steps in ALIGNMENT, in order, each a training job on the output of an earlier one:
+   SFT on instruction pairs, then on preference pairs whose rejected answer is plausible but wrong
+   (a function's body with one corruption, another function's docstring) a reward model, PPO
+   against it (the RLHF path) and DPO. The list is data: a new objective is one more entry (its
+   steps come from Profile.align_steps[job type]). The last step whose model is a policy is served.
 """
 
 from __future__ import annotations
@@ -165,6 +163,9 @@ class AlignStep:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+PREFERENCES = ("code:preferences",)
+"""Chosen over plausible but wrong answers a small model can learn to rank (the reward model, PPO's prompts, DPO)."""
+
 ALIGNMENT: list[AlignStep] = [
     AlignStep(
         "sft",
@@ -178,16 +179,25 @@ ALIGNMENT: list[AlignStep] = [
         "reward",
         "reward",
         "sft",
-        ("pydoc:preferences",),
+        PREFERENCES,
         ("eval_accuracy", "eval_margin"),
         policy=False,
         settings={"learning_rate": 1e-3},
     ),
     AlignStep(
+        "ppo",
+        "ppo",
+        "sft",
+        PREFERENCES,
+        ("eval_reward", "eval_kl"),
+        models={"reward_model": "reward"},
+        settings={"learning_rate": 5e-4, "kl_coef": 0.05, "max_completion_length": 24},
+    ),
+    AlignStep(
         "dpo",
         "dpo",
         "sft",
-        ("pydoc:preferences",),
+        PREFERENCES,
         ("eval_reward_accuracy", "eval_reward_margin", "eval_logp_chosen", "eval_logp_rejected"),
         settings={"learning_rate": 2e-4, "beta": 0.1},
     ),

@@ -117,7 +117,13 @@ def test_the_chart_serve_config_builds_the_model_the_front_serves(
     assert settings.backend == "ray" and settings.managed_models
     limits = SamplingLimits(max_n=settings.max_n, max_tokens=settings.max_tokens)
     backend = serve_app.ServeBackend(
-        store, limits, ray_num_cpus=2, dashboard=True, dashboard_port=free_port(), cluster_serve=True
+        store,
+        limits,
+        ray_num_cpus=2,
+        dashboard=True,
+        dashboard_port=free_port(),
+        messages_per_second=settings.stream_messages_per_second,
+        cluster_serve=True,
     )
     core = InferenceCore(settings, store, backend)
     spec = model_spec_of(app["args"])
