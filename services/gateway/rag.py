@@ -75,22 +75,32 @@ MIN_CONTEXT_TOKENS = 16
 
 
 def _too_long(error: errors.InvalidArgument) -> bool:
-    """The inference service's refusal of a prompt longer than the model's context."""
-    return error.field == "prompt" and "do not fit" in str(error)
+    """The inference service's refusal of a prompt that, alone or with the answer's tokens, is longer
+    than the model's context."""
+    return (error.field == "prompt" and "do not fit" in str(error)) or (
+        error.field == "max_tokens" and "exceed the context" in str(error)
+    )
+
+
+def _smaller(q: Question, error: errors.InvalidArgument) -> Question:
+    """The question with a quarter less context budget; the refusal itself where none is left to take.
+    (A quarter, not a half: a half can jump from a prompt just too long to one the question and
+    template alone do not fit.)"""
+    if not _too_long(error) or q.context_tokens <= MIN_CONTEXT_TOKENS:
+        raise error
+    return replace(q, context_tokens=max(MIN_CONTEXT_TOKENS, q.context_tokens * 3 // 4))
 
 
 async def answer(b: Backends, q: Question) -> tuple[rpb.BuildContextResponse, ipb.GenerateResponse]:
     """Retrieve, build the cited context, generate. The context budget is counted by the retrieval
     service (its own tokenizer), not the model's: when the prompt does not fit the model's context,
-    the budget halves and the context is built again (down to MIN_CONTEXT_TOKENS)."""
+    the budget shrinks by a quarter and the context is built again (down to MIN_CONTEXT_TOKENS)."""
     while True:
         context = await build_context(b, q)
         try:
             reply = await backends.unary("inference", b.inference.Generate, generation(q, context))
         except errors.InvalidArgument as e:
-            if not _too_long(e) or q.context_tokens <= MIN_CONTEXT_TOKENS:
-                raise
-            q = replace(q, context_tokens=max(MIN_CONTEXT_TOKENS, q.context_tokens // 2))
+            q = _smaller(q, e)
             continue
         return context, reply
 
@@ -105,9 +115,7 @@ async def answer_stream(
         try:
             first = await anext(messages)
         except errors.InvalidArgument as e:
-            if not _too_long(e) or q.context_tokens <= MIN_CONTEXT_TOKENS:
-                raise
-            q = replace(q, context_tokens=max(MIN_CONTEXT_TOKENS, q.context_tokens // 2))
+            q = _smaller(q, e)
             continue
         break
 
