@@ -91,12 +91,25 @@ def _smaller(q: Question, error: errors.InvalidArgument) -> Question:
     return replace(q, context_tokens=max(MIN_CONTEXT_TOKENS, q.context_tokens * 3 // 4))
 
 
+def _cited(context: rpb.BuildContextResponse, asked: Question, fitted: Question) -> rpb.BuildContextResponse:
+    """The context, unless fitting it to the model left no retrieved chunk in it: an answer with
+    nothing to cite is refused rather than given as if it were grounded."""
+    if context.citations or fitted.context_tokens == asked.context_tokens:
+        return context
+    raise errors.InvalidArgument(
+        f"no retrieved chunk fits the model's context beside the question and {asked.max_tokens} answer "
+        "tokens: ask for fewer max_tokens, or use a model with a longer context",
+        field="context_tokens",
+    )
+
+
 async def answer(b: Backends, q: Question) -> tuple[rpb.BuildContextResponse, ipb.GenerateResponse]:
     """Retrieve, build the cited context, generate. The context budget is counted by the retrieval
     service (its own tokenizer), not the model's: when the prompt does not fit the model's context,
     the budget shrinks by a quarter and the context is built again (down to MIN_CONTEXT_TOKENS)."""
+    asked = q
     while True:
-        context = await build_context(b, q)
+        context = _cited(await build_context(b, q), asked, q)
         try:
             reply = await backends.unary("inference", b.inference.Generate, generation(q, context))
         except errors.InvalidArgument as e:
@@ -109,8 +122,9 @@ async def answer_stream(
     b: Backends, q: Question
 ) -> tuple[rpb.BuildContextResponse, AsyncIterator[ipb.GenerateResponse]]:
     """The context now, and the generation's messages as they come (the first already awaited)."""
+    asked = q
     while True:  # the context fitted to the model as in `answer` (the refusal comes before any token)
-        context = await build_context(b, q)
+        context = _cited(await build_context(b, q), asked, q)
         messages = backends.stream("inference", b.inference.GenerateStream, generation(q, context))
         try:
             first = await anext(messages)

@@ -76,7 +76,7 @@ PROFILES: dict[str, Profile] = {
             vocab_size=1000,
             compare_vocab=600,
             report_sizes=(300, 600, 1000),
-            seq_len=128,
+            seq_len=256,  # room for a RAG prompt: the question, a cited chunk or two and the answer
             target={"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
             draft={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1},
             ladder=[
@@ -97,7 +97,7 @@ PROFILES: dict[str, Profile] = {
             new_tokens=16,
             heldout_texts=3,
             heldout_tokens=32,
-            chunk_tokens=24,  # a cited chunk, the question and the answer fit the model's 128 tokens
+            chunk_tokens=24,
             embedder={"type": "static"},  # MiniLM's token table without its layers: embeds in no time
         ),
         Profile(

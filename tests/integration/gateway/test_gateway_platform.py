@@ -122,6 +122,22 @@ def test_the_answer_is_retrieval_then_generation_with_citations(full_stack: Gate
     assert call(full_stack, "POST", "/api/v1/answer", only_retrieval, ask)[0] == 403
 
 
+def test_an_answer_is_fitted_to_the_model_or_refused_with_nothing_to_cite(
+    full_stack: GatewayStack, collection: str
+) -> None:
+    key = create_key(full_stack, ["retrieval", "inference"])
+    ask = {"collection": collection, "question": "What does the KV cache keep?", "model": "tiny", "top_k": 2}
+    # a budget far past the model's 1024 tokens: the context shrinks until prompt and answer fit
+    fitted = {**ask, "context_tokens": 1 << 16, "max_tokens": 400}
+    status, _, answer = call(full_stack, "POST", "/api/v1/answer", key, fitted)
+    assert status == 200, answer
+    assert answer["citations"] and answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"] <= 1024
+    # no room for any chunk beside the answer: refused, not answered uncited
+    crowded = {**ask, "context_tokens": 1 << 16, "max_tokens": 1000}
+    status, _, body = call(full_stack, "POST", "/api/v1/answer", key, crowded)
+    assert status == 400 and body["error"]["param"] == "context_tokens", body
+
+
 def test_served_models_load_quantised_and_unload(full_stack: GatewayStack) -> None:
     key = full_stack.admin_key
     status, _, body = call(
