@@ -1,7 +1,8 @@
 """A local Ray as secure as the stack's: where its files live, and what its processes run with.
 
 The local stack (`llmp up`) starts the Ray head with these settings; a process that starts a Ray of
-its own (the training service without a cluster) calls `secure_local_ray` first. Either way Ray
+its own (a service without a cluster: training, inference, retrieval's Ray Data) calls
+`start_local_ray`. Either way Ray
 runs with token authentication (the token of $LLMP_HOME/secrets), every listener on 127.0.0.1, and
 its temp and session folders in a private folder under $LLMP_HOME (or in /tmp when that path is
 too long for Ray's unix sockets).
@@ -10,13 +11,24 @@ too long for Ray's unix sockets).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from libs.common import secrets as platform_secrets
 from libs.common.errors import FailedPrecondition
+from libs.common.ports import free_port
+
+log = logging.getLogger(__name__)
+
+#: Ray's own start-up has fixed waits (the raylet's 30 s to register, the GCS's port file) that a
+#: busy machine can miss; a start that fails is shut down and made again, this many times in all.
+RAY_START_ATTEMPTS = 3
+#: How long Ray waits for its GCS to come up (Ray's default is 30 s).
+GCS_START_SECONDS = 120
 
 #: Ray keeps unix sockets in <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store: 64
 #: characters past the temp folder, within the 107 a socket path may have.
@@ -75,10 +87,14 @@ def local_ray_env(home: Path) -> dict[str, str]:
 def secure_local_ray(home: Path) -> str:
     """Set up this process to start its own local Ray (`ray.init(address="local", _temp_dir=...)`)
     as securely as the stack's: token authentication, loopback only. Returns the temp folder to
-    pass as `_temp_dir`. Call it before `import ray` where possible: Ray reads the loopback setting
-    once, at import; the token settings are read again here if Ray is already imported."""
+    pass as `_temp_dir`. Ray reads the loopback and token settings at import; where it is already
+    imported they are applied to it here."""
     os.environ.update(local_ray_env(home))
     reload_ray_auth()
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets at import
     return str(make_ray_temp_dir(home))
 
 
@@ -90,3 +106,38 @@ def reload_ray_auth() -> None:
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+
+
+def announce_local_gcs_port() -> None:
+    """Fix the port of the local Ray's GCS and name it in RAY_ADDRESS before starting that Ray.
+
+    Ray's processes inherit the environment. Code in them that looks for "the cluster" without an
+    address reads RAY_ADDRESS, else the address `ray start` last wrote under /tmp/ray: another Ray's,
+    often one that has stopped. Ray Train's placement-group cleaner asks the state API whether its
+    controller is alive, and there it waits out a connection timeout that held the end of every
+    training run for 12 s. A fixed port also spares the start its wait for the GCS's port file.
+    """
+    port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+
+
+def start_local_ray(home: Path, **init: Any) -> Any:
+    """Start a new Ray of this process's own (never another process's that happens to run here), as
+    secure as the stack's (`secure_local_ray`), and return `ray.init`'s context. `init` is passed to
+    `ray.init` (num_cpus, namespace, dashboard settings). A start that fails (a busy machine can miss
+    one of Ray's fixed start-up waits) is shut down and tried again, RAY_START_ATTEMPTS times in all."""
+    temp = secure_local_ray(home)
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(GCS_START_SECONDS))
+    import ray  # after the environment is set: Ray reads part of it at import
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        announce_local_gcs_port()
+        try:
+            return ray.init(address="local", _temp_dir=temp, **init)
+        except Exception:
+            ray.shutdown()
+            if attempt == RAY_START_ATTEMPTS:
+                raise
+            log.warning("Ray did not start (attempt %d of %d); again", attempt, RAY_START_ATTEMPTS, exc_info=True)
+    raise AssertionError("unreachable")

@@ -43,6 +43,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -54,6 +55,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from libs.common.artifacts import ArtifactStore, check_name
 from libs.common.config import CommonConfig, load
 from libs.common.errors import LlmpError, ResourceExhausted, Unavailable
+from libs.common.local_ray import remove_ray_temp_dir, start_local_ray
+from libs.common.settings import llmp_home
 from services.inference.config import InferenceConfig
 from services.inference.core import check_options
 from services.inference.engine import SamplingLimits
@@ -154,9 +157,7 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def model_app(
-    spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float
-) -> Application:
+def model_app(spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float) -> Application:
     """The model's Serve application: one ModelDeployment with the spec's deployment_options."""
     deployment = ModelDeployment.options(**deployment_options(spec))  # type: ignore[attr-defined]
     return deployment.bind(spec, artifacts_root, limits, messages_per_second)
@@ -256,8 +257,10 @@ class ServeBackend:
             ray.init(namespace=NAMESPACE)
             log.info("attached to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
             return
-        context = ray.init(
-            address="local",  # a new Ray of our own, never another process's that happens to run here
+        # a new Ray of our own, as secure as the stack's (token authentication with the token of
+        # $LLMP_HOME/secrets, loopback only), never another process's that happens to run here
+        context = start_local_ray(
+            Path(llmp_home()),
             namespace=NAMESPACE,
             num_cpus=self.ray_num_cpus or None,
             include_dashboard=self.dashboard,
@@ -294,3 +297,5 @@ class ServeBackend:
         if self.started_ray:
             await asyncio.to_thread(serve.shutdown)
         ray.shutdown()
+        if self.started_ray:
+            remove_ray_temp_dir(Path(llmp_home()))

@@ -27,6 +27,8 @@ import numpy as np
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import FailedPrecondition, InvalidArgument
+from libs.common.local_ray import start_local_ray
+from libs.common.settings import llmp_home
 from services.retrieval.config import RetrievalConfig
 from services.retrieval.core import DocumentInput, Prepared, Preparer, RetrievalCore
 
@@ -169,8 +171,8 @@ def join_ray(config: RetrievalConfig) -> bool:
 
     if address:
         ray.init(address=address)
-    else:  # "local": a Ray of our own, never another process's that happens to run here
-        ray.init(address="local", include_dashboard=False, num_cpus=config.ray_workers)
+    else:  # a Ray of our own, as secure as the stack's, never another process's that happens to run here
+        start_local_ray(Path(llmp_home()), include_dashboard=False, num_cpus=config.ray_workers)
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("joined Ray at %s for corpus ingests", ray.get_runtime_context().gcs_address)
     return True

@@ -28,8 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from libs.common import secrets
 from libs.common.errors import FailedPrecondition, Unavailable
-from libs.common.local_ray import remove_ray_temp_dir, secure_local_ray
-from libs.common.ports import free_port
+from libs.common.local_ray import remove_ray_temp_dir, start_local_ray
 from libs.common.settings import env as env_value
 from services.training.config import TrainingConfig
 from services.training.jobs import JobContext
@@ -39,23 +38,7 @@ from services.training.runner import run_job
 log = logging.getLogger(__name__)
 
 LOCAL_DASHBOARD_PORT = 8265
-RAY_START_ATTEMPTS = 2
 SUBMIT_RETRY_SECONDS = 180  # a job server's agent can take minutes to come up on a busy machine
-
-
-def announce_local_gcs_port() -> None:
-    """Fix the port of the local Ray's GCS and name it in RAY_ADDRESS before starting that Ray.
-
-    Ray's processes inherit the environment. Code in them that looks for "the cluster" without an
-    address reads RAY_ADDRESS, else the address `ray start` last wrote under /tmp/ray: another Ray's,
-    often one that has stopped. Ray Train's placement-group cleaner asks the state API whether its
-    controller is alive, and there it waits out a connection timeout that held the end of every
-    training run for 12 s. With the dashboard off the state API answers at once that it is not
-    there (the cleaner logs that and carries on); with it on, the answer is real.
-    """
-    port = free_port()
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
 
 
 class Backend(ABC):
@@ -89,31 +72,23 @@ class LocalRayBackend(Backend):
     def open(self) -> None:
         """Join Ray before serving any call: Ray forks its processes, which is unsafe under busy gRPC threads."""
         address = os.environ.get("RAY_ADDRESS")
-        local: dict[str, Any] = {
-            "num_cpus": self.config.ray_num_cpus or None,
-            "include_dashboard": self.config.ray_dashboard,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": LOCAL_DASHBOARD_PORT,
-        }
-        if not address:
+        if address:
+            import ray
+
+            ray.init(address=address)
+        else:
             # its own Ray, as secure as the stack's: token authentication with the token of
             # $LLMP_HOME/secrets (never ~/.ray), loopback only, its session folders under LLMP_HOME
             self._own_ray_home = self.context.artifacts.root.parent
-            local["_temp_dir"] = secure_local_ray(self._own_ray_home)
-        import ray  # after the environment is set: Ray reads part of it at import
+            start_local_ray(
+                self._own_ray_home,
+                num_cpus=self.config.ray_num_cpus or None,
+                include_dashboard=self.config.ray_dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=LOCAL_DASHBOARD_PORT,
+            )
+        import ray
 
-        for attempt in range(1, RAY_START_ATTEMPTS + 1):
-            try:
-                if not address:
-                    announce_local_gcs_port()
-                # "local": a new Ray of our own, never another process's that happens to run here
-                ray.init(address=address or "local", **({} if address else local))
-                break
-            except Exception:  # a local raylet has a fixed 30 s to register, which a busy machine can miss
-                ray.shutdown()
-                if attempt == RAY_START_ATTEMPTS:
-                    raise
-                log.warning("Ray did not start (attempt %d of %d); trying again", attempt, RAY_START_ATTEMPTS)
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
 
     def start(self, job: JobRecord) -> None:
