@@ -350,6 +350,7 @@ async def create_collection(
         distance=body.distance,
         sparse=body.sparse,
         quantization=body.quantization,
+        quantizer=body.quantizer,
         chunker=struct(body.chunker),
     )
     return JSONResponse(

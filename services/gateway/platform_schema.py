@@ -89,6 +89,8 @@ class CreateCollection(Body):
     distance: Literal["", "cosine", "dot", "euclid", "manhattan"] = ""
     sparse: bool = False
     quantization: bool = False
+    quantizer: Literal["", "scalar", "binary"] = ""
+    """The quantised copy: "scalar" (int8) or "binary" (one bit); empty: "scalar" if `quantization` is set."""
     chunker: dict[str, Any] | None = None
 
 

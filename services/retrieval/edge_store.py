@@ -4,6 +4,7 @@ Layout under `path` (LLMP_HOME/qdrant_edge):
 
     <collection>/collection.json   the layout and the creation spec (the collection's metadata)
     <collection>/shard/            the Edge shard: write-ahead log, segments, indexes
+    <collection>/shard-<n>/        the shard after its n-th index build; `current` names it (edge_index.py)
     .staging-*/, .trash-*/         a collection being created or dropped
 
 A collection appears by renaming its finished staging folder into place and disappears by

@@ -94,6 +94,19 @@ def test_collections_search_and_corpus_ingest_with_progress(full_stack: GatewayS
     assert status == 400 and body["error"]["param"] == "corpus"
 
 
+def test_a_collection_is_created_with_a_quantizer_or_refused_naming_it(full_stack: GatewayStack) -> None:
+    key = create_key(full_stack, ["retrieval"])
+    status, _, body = call(full_stack, "POST", "/api/v1/collections", key, {"name": "bits", "quantizer": "binary"})
+    assert status == 201 and body["spec"]["quantization"] == "binary", body
+    status, _, described = call(full_stack, "GET", "/api/v1/collections/bits", key)
+    assert status == 200 and described["spec"]["quantization"] == "binary"
+    scalar = {"name": "bytes-q", "quantization": True}
+    assert call(full_stack, "POST", "/api/v1/collections", key, scalar)[2]["spec"]["quantization"] == "scalar"
+    status, _, body = call(full_stack, "POST", "/api/v1/collections", key, {"name": "pq", "quantizer": "pq"})
+    assert status == 400 and body["error"]["param"] == "quantizer", body
+    assert call(full_stack, "GET", "/api/v1/collections/pq", key)[0] == 404
+
+
 def test_the_answer_is_retrieval_then_generation_with_citations(full_stack: GatewayStack, collection: str) -> None:
     key = create_key(full_stack, ["retrieval", "inference"])
     ask = {"collection": collection, "question": "What does the KV cache keep?", "model": "tiny",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.retrieval.edge_index import BUILD, OLD, SHARD, recover
+from services.retrieval.edge_index import BUILD, CURRENT, OLD, SHARD, recover
 from services.retrieval.edge_store import EdgeStore
 from services.retrieval.vectorstores import Layout, Point
 
@@ -43,7 +43,7 @@ def test_an_index_is_built_beside_the_serving_shard_and_keeps_every_write(tmp_pa
     for i in (0, 1499, 1500, 2199):  # each vector finds itself through the graph
         vector = (first[i] if i < 1500 else second[i - 1500]).tolist()
         assert store.dense("c", vector, 1, None)[0].id == str(uuid.UUID(int=i + 1))
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["collection.json", "indexed", SHARD]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["collection.json", CURRENT, "indexed", shard.version]
     store.close()
 
     again = EdgeStore(str(tmp_path), index_threshold_kb=32)
