@@ -9,6 +9,7 @@ Ray (`core.LocalBackend`). A third party adds one by installing a package with a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,17 @@ def local_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
     return LocalBackend(store, limits(config))
 
 
+FRONT_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+"""Serve settings of the front's process. Its handles route on the gRPC server's event loop instead
+of a router thread of their own, so a streamed chunk reaches its request without a hop between
+threads (and the GIL handed over each time); every handle call here is made on that loop
+(serve_app.ServeModel.stream). Serve reads them when first imported, so they are set before; a
+local Ray's workers inherit them and hold no handles."""
+
+
 def ray_serve_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
+    for name, value in FRONT_ENV.items():
+        os.environ.setdefault(name, value)
     from services.inference.serve_app import ServeBackend  # Ray is only imported when used
 
     return ServeBackend(

@@ -71,6 +71,13 @@ REPORT_SECONDS = 0.25
 """How often a replica reports its load."""
 STALE_SECONDS = 5.0
 """A replica silent this long is taken for gone."""
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+"""Serve settings of a replica's process (its runtime_env). By default Serve runs a replica's code on
+an event loop of its own thread: every request and every streamed chunk then hops between that
+thread and the replica's main loop, and both contend for the GIL with the engine's step thread. Our
+code never blocks its loop (engine steps run in a worker thread, `ModelDeployment` loads in one),
+so it shares the main loop. With backends.FRONT_ENV, bench.inference_serving's 64 streams on two
+cores took about 15% less CPU in the replica and 30% less in the front for the same tokens."""
 
 
 def app_name(model: str) -> str:
@@ -108,12 +115,13 @@ def stats_board(model: str) -> Any:
 class ModelDeployment:
     """One replica: a ModelServer, and a thread that reports its load to the model's board."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__; mypy wants a plain one
         self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float
     ) -> None:
+        """Loads in a worker thread: the replica's event loop (REPLICA_ENV) keeps answering Serve meanwhile."""
         replica = serve.get_replica_context().replica_id.unique_id
-        self.server = ModelServer(
-            spec, ArtifactStore(artifacts_root), limits, replica, messages_per_second=messages_per_second
+        self.server = await asyncio.to_thread(
+            ModelServer, spec, ArtifactStore(artifacts_root), limits, replica, messages_per_second=messages_per_second
         )
         self.board = stats_board(spec.name)
         self._stop = threading.Event()
@@ -153,6 +161,7 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
             "num_cpus": r.num_cpus,
             "num_gpus": r.num_gpus,
             **({"memory": r.memory_bytes} if r.memory_bytes else {}),
+            "runtime_env": {"env_vars": REPLICA_ENV},
         },
     }
 

@@ -104,7 +104,8 @@ def test_generation_equals_the_in_process_engine(service: ServiceProcess, stub: 
 
 
 def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
-    """`llmp serve` against the real service: list, generate whole and streamed, refusals naming the field."""
+    """`llmp serve` against the real service: list, generate whole and streamed, load with a sliding window,
+    refusals naming the field."""
     from click.testing import CliRunner
 
     from libs.common.cli.inference import group
@@ -121,6 +122,20 @@ def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStu
     assert refused.exit_code != 0 and "temperature" in str(refused.exception)
     malformed = CliRunner().invoke(group, ["generate", "tiny", "hello", "--json-schema", "{x"], env=env)
     assert malformed.exit_code == 2 and "not JSON" in malformed.output
+
+    # --sliding-window reaches the replica's engine options, which GetModelInfo reports; 0 leaves it unset.
+    loaded = CliRunner().invoke(group, ["load", TINY, "--name", "windowed", "--sliding-window", "16"], env=env)
+    assert loaded.exit_code == 0 and "sliding window 16" in loaded.output, loaded.output
+    try:
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(model="windowed")).engine.sliding_window == 16
+        shown = CliRunner().invoke(group, ["info", "windowed"], env=env)
+        assert shown.exit_code == 0 and '"slidingWindow": 16' in shown.output, shown.output
+    finally:
+        stub.UnloadModel(pb.UnloadModelRequest(model="windowed"))
+    assert not stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).engine.HasField("sliding_window")
+    negative = CliRunner().invoke(group, ["load", TINY, "--name", "w", "--sliding-window", "-3"], env=env)
+    assert negative.exit_code != 0
+    assert "INVALID_ARGUMENT" in str(negative.exception) and "sliding_window" in str(negative.exception)
 
 
 def test_cancelling_a_stream_frees_the_cache(stub: pb_grpc.InferenceServiceStub) -> None:

@@ -1,6 +1,7 @@
 """`llmp serve ...`: load models on the inference service and generate with them.
 
     llmp serve load models/tiny/3 --name tiny --quantization int8 --speculative ngram
+    llmp serve load models/tiny/3 --name tiny-windowed --sliding-window 16
     llmp serve list / info tiny / unload tiny
     llmp serve generate tiny "def fibonacci(n):" --max-tokens 64 --stream
     llmp serve chat tiny "What is a list?" --system "Answer briefly."
@@ -41,20 +42,28 @@ def group() -> None:
 @click.option("--dtype", default="", help="float32 (default), bfloat16 or float16")
 @click.option("--kv-cache-bytes", default=0, help="KV-cache budget of one replica (default 512 MiB)")
 @click.option("--compile", "compile_", is_flag=True, help="compile the decode step with torch.compile")
+@click.option(
+    "--sliding-window", default=0, show_default=True,
+    help="attend to the last N tokens only, freeing older KV-cache blocks; 0: off (the model's own window, if any)",
+)  # fmt: skip
 @click.option("--replicas", default=1, show_default=True, help="replicas (min and max)")
 @click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for the deployment")
 def load(
     path: str, name: str, quantization: str, speculative: str, dtype: str, kv_cache_bytes: int, compile_: bool,
-    replicas: int, timeout: float,
+    sliding_window: int, replicas: int, timeout: float,
 ) -> None:  # fmt: skip
     """Deploy a model from the artifact store."""
     engine = pb.EngineOptions(
-        quantization=quantization, speculative=speculative, dtype=dtype, kv_cache_bytes=kv_cache_bytes, compile=compile_
-    )
+        quantization=quantization, speculative=speculative, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
+        compile=compile_, sliding_window=sliding_window or None,  # 0: unset; a negative one is the service's to refuse
+    )  # fmt: skip
     scale = pb.ReplicaOptions(min_replicas=replicas, max_replicas=replicas)
     with console.status(f"loading {path}"), remote(SERVICE):
         info = InferenceClient().load(path, name=name, replicas=scale, engine=engine, timeout=timeout)
-    console.print(f"{info.name}: {info.model_type}, context {info.context_length}, {info.quantization or info.dtype}")
+    window = f", sliding window {info.engine.sliding_window}" if info.engine.HasField("sliding_window") else ""
+    console.print(
+        f"{info.name}: {info.model_type}, context {info.context_length}, {info.quantization or info.dtype}{window}"
+    )
 
 
 @group.command("list")
