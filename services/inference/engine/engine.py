@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import threading
 import time
@@ -159,6 +160,9 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._streams: dict[str, _Outbox] = {}
         self._driver: asyncio.Task[None] | None = None
+        # request ids and seeds of unseeded requests: drawn from the OS once, not per request (a system
+        # call gives up the GIL, and getting it back behind the step thread costs milliseconds)
+        self._random = random.Random(secrets.randbits(128))
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(
@@ -168,8 +172,8 @@ class LLMEngine:
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params, request_id)
-        rid = request_id or uuid.uuid4().hex
-        seed = params.seed if params.seed is not None else secrets.randbits(62)
+        rid = request_id or uuid.UUID(int=self._random.getrandbits(128), version=4).hex
+        seed = params.seed if params.seed is not None else self._random.getrandbits(62)
         beam = params.beam_width > 1
         samplers = [] if beam else [Sampler(params, seed + i, self.sampler_context) for i in range(params.n)]
         seqs = [Sequence(f"{rid}/{i}", rid, list(prompt), len(prompt)) for i in range(1 if beam else params.n)]
