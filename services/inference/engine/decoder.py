@@ -38,6 +38,33 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.
 """(layer, q [N, H, D], k [N, KVH, D], v [N, KVH, D], scaling) -> [N, H, D]."""
 
 
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for rows x [N, in]; on CPUs through oneDNN's matmul.
+
+    PyTorch's CPU matmul is MKL's, which on CPUs other than Intel's takes a generic path: on an
+    AVX-512 AMD EPYC (2 cores) it reads a float32 weight at 11-17 GB/s where oneDNN reads it at
+    23-25 GB/s, and at 16-64 rows oneDNN does 2-2.7x the float32 FLOPs. Same weights, no copy.
+    A compiled graph calls it as one opaque operation (`llmp::dense`), as it would a matmul.
+    """
+    if x.device.type == "cpu" and ONEDNN and x.dtype in ONEDNN_DTYPES and weight.dtype == x.dtype:
+        return torch.ops.llmp.dense(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@torch.library.custom_op("llmp::dense", mutates_args=())
+def _onednn_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [None], "")
+
+
+@_onednn_dense.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _bare(module: nn.Module) -> bool:
     """A plain nn.Linear that nothing hooks into (no LoRA adapter, no quantised replacement)."""
     return type(module) is nn.Linear and not _hooked(module)
@@ -74,7 +101,7 @@ def _fuse(modules: list[Any]) -> _Fused | None:
     _share_rows(modules, "weight", weight)
     if bias is not None:
         _share_rows(modules, "bias", bias)
-    return _Fused(modules, functools.partial(F.linear, weight=weight, bias=bias))
+    return _Fused(modules, functools.partial(dense, weight=weight, bias=bias))
 
 
 def _share_rows(modules: list[nn.Linear], name: str, fused: torch.Tensor) -> None:
@@ -133,7 +160,7 @@ class _Layer:
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     """A projection module on packed rows [N, in]; modules see [1, N, in], as in transformers' own pass."""
     if _bare(module):
-        return F.linear(x, module.weight, module.bias)
+        return dense(x, module.weight, module.bias)
     return module(x[None])[0]
 
 
@@ -173,6 +200,10 @@ class LlamaDecoder:
     def plain(self) -> bool:
         """No projection carries a hook (a LoRA adapter): what a compiled graph of this pass assumes."""
         return not any(_hooked(m) for layer in self.layers for m in layer.projections)
+
+    def head(self, model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on rows of last hidden states [R, hidden] -> logits [R, vocab]."""
+        return _linear(model.get_output_embeddings(), hidden)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """ids, positions [N] -> last hidden states [N, hidden]."""

@@ -224,10 +224,10 @@ class ModelRunner:
                 self.compiled = None
         if self.decoder is not None:
             hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # [N, hidden]
-        else:
-            hidden = self.model.base_model(
-                input_ids=ids[None], position_ids=positions[None], use_cache=False, llmp_step=step
-            ).last_hidden_state[0]
+            return self.decoder.head(self.model, hidden[wanted]).float()
+        hidden = self.model.base_model(
+            input_ids=ids[None], position_ids=positions[None], use_cache=False, llmp_step=step
+        ).last_hidden_state[0]
         return self.model.get_output_embeddings()(hidden[wanted]).float()
 
     def _decode(
@@ -245,7 +245,7 @@ class ModelRunner:
         group = AttentionGroup(torch.arange(n, device=self.device)[:, None], read_blocks, width, mask)
         step = StepMetadata(self.cache, slots, [group], Gather(), self.gqa)
         hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # type: ignore[union-attr]
-        return self.model.get_output_embeddings()(hidden[wanted]).float()
+        return self.decoder.head(self.model, hidden[wanted]).float()  # type: ignore[union-attr]
 
     def metadata(self, chunks: list[StepChunk], masked: bool = False) -> StepMetadata:
         """The step's cache slots and attention groups; `masked`: every group has a mask, even where not needed."""
