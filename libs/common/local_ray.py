@@ -131,13 +131,23 @@ def start_local_ray(home: Path, **init: Any) -> Any:
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(GCS_START_SECONDS))
     import ray  # after the environment is set: Ray reads part of it at import
 
-    for attempt in range(1, RAY_START_ATTEMPTS + 1):
-        announce_local_gcs_port()
-        try:
-            return ray.init(address="local", _temp_dir=temp, **init)
-        except Exception:
-            ray.shutdown()
-            if attempt == RAY_START_ATTEMPTS:
-                raise
-            log.warning("Ray did not start (attempt %d of %d); again", attempt, RAY_START_ATTEMPTS, exc_info=True)
-    raise AssertionError("unreachable")
+    # the new Ray's processes keep the announced address; this process gets its own back, so that
+    # what it starts later (a service, in tests) is not sent to this Ray
+    before = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    try:
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            announce_local_gcs_port()
+            try:
+                return ray.init(address="local", _temp_dir=temp, **init)
+            except Exception:
+                ray.shutdown()
+                if attempt == RAY_START_ATTEMPTS:
+                    raise
+                log.warning("Ray did not start (attempt %d of %d); again", attempt, RAY_START_ATTEMPTS, exc_info=True)
+        raise AssertionError("unreachable")
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -89,6 +89,8 @@ class LocalRayBackend(Backend):
             )
         import ray
 
+        if not address:  # Ray Train code in this process finds the cluster by RAY_ADDRESS (announce_local_gcs_port)
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         log.info("connected to Ray at %s", ray.get_runtime_context().gcs_address)
 
     def start(self, job: JobRecord) -> None:
