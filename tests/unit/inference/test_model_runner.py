@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from libs.common.artifacts import ArtifactStore
 from services.inference.engine import KVCacheConfig, load_model
 from services.inference.engine.batch import StepChunk
+from services.inference.engine.decoder import dense
 from services.inference.engine.kv_cache import KVCache
 from services.inference.engine.model_runner import ModelRunner
 from tests.helpers.tiny_models import CONFIGS, NEEDS_COMPILER, prompt
@@ -135,3 +136,17 @@ def test_compiled_decode_steps_match_transformers(store: ArtifactStore) -> None:
     (logits,) = runner.forward([StepChunk("x", tokens[6:], 6, True)])
     torch.testing.assert_close(logits, expected[6], atol=ATOL, rtol=0)
     assert runner.compiled is not None, "the second model's graph failed and the runner fell back to eager"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_computes_what_f_linear_computes(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(5, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for b in (bias, None):
+        expected = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+        got = dense(x, weight, b)
+        assert got.shape == (5, 96) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, atol=tolerance * 10, rtol=tolerance)
+    compiled = torch.compile(dense)  # the opaque op inside a compiled graph
+    torch.testing.assert_close(compiled(x, weight, bias).float(), dense(x, weight, bias).float())
