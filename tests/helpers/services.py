@@ -46,6 +46,7 @@ def start_service(
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a signal meant for the service's process group never reaches pytest
         )
     service = ServiceProcess(name, f"127.0.0.1:{port}", home, proc, log)
     if not wait_serving(service.address, 240, is_alive=lambda: proc.poll() is None):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +87,25 @@ def app_details(dashboard: str, name: str, token: str) -> dict[str, Any]:
         return json.loads(reply.read())["applications"].get(name, {})
 
 
-@pytest.fixture
-def ray_token(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Ray's token as the chart's pods get it: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the Secret."""
-    token = secrets.new_secret()
-    monkeypatch.setenv(secrets.RAY_AUTH_MODE, "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-    monkeypatch.delenv(secrets.RAY_AUTH_TOKEN_PATH, raising=False)
-    reload_ray_auth()
-    yield token
-    monkeypatch.undo()
-    reload_ray_auth()
+def test_the_chart_serve_config_builds_the_model_the_front_serves(tmp_path: Path) -> None:
+    """The front and its Ray run in a child process: the process that starts Ray gets Ray's SIGTERM
+    handler, Serve's router threads and Ray's environment for good, and that must not be pytest's."""
+    child = multiprocessing.get_context("spawn").Process(target=front_with_the_chart_serve_config, args=(tmp_path,))
+    child.start()
+    child.join(540)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        pytest.fail("the scenario did not end within 540 s")
+    assert child.exitcode == 0, "the scenario failed in its process: its traceback is in the captured stderr"
 
 
-def test_the_chart_serve_config_builds_the_model_the_front_serves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_token: str
-) -> None:
+def front_with_the_chart_serve_config(tmp_path: Path) -> None:
+    # Ray's token as the chart's pods get it: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the Secret
+    ray_token = secrets.new_secret()
+    os.environ.update({secrets.RAY_AUTH_MODE: "token", "RAY_AUTH_TOKEN": ray_token})
+    os.environ.pop(secrets.RAY_AUTH_TOKEN_PATH, None)
+    reload_ray_auth()
     config, front_env = chart_inference()
     (app,) = config["applications"]
     name = serve_app.app_name("tiny")
@@ -112,7 +117,7 @@ def test_the_chart_serve_config_builds_the_model_the_front_serves(
     store = ArtifactStore(home / "artifacts")
     save_tiny_model(store.root)
     # the Ray pods' LLMP_HOME (where the builder finds the store): set before Ray starts, so its workers inherit it
-    monkeypatch.setenv("LLMP_HOME", str(home))
+    os.environ["LLMP_HOME"] = str(home)
     settings = load(InferenceConfig, "inference", environ=front_env)
     assert settings.backend == "ray" and settings.managed_models
     limits = SamplingLimits(max_n=settings.max_n, max_tokens=settings.max_tokens)
