@@ -12,7 +12,13 @@ import pytest
 from libs.common import secrets
 from libs.common.config import CommonConfig
 from libs.common.errors import FailedPrecondition
-from libs.common.local_ray import local_ray_env, make_ray_temp_dir, ray_temp_dir, remove_ray_temp_dir
+from libs.common.local_ray import (
+    SERVE_CONTROL_LOOP_S,
+    local_ray_env,
+    make_ray_temp_dir,
+    ray_temp_dir,
+    remove_ray_temp_dir,
+)
 from libs.common.stack import LocalStack
 
 
@@ -42,15 +48,19 @@ def test_ray_temp_stays_under_llmp_home_unless_its_sockets_would_be_too_long(tmp
         shutil.rmtree(short_home)
 
 
-def test_ray_clients_get_the_token_file_and_loopback(tmp_path: Path) -> None:
+def test_ray_clients_get_the_token_file_and_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", raising=False)
     env = local_ray_env(tmp_path)
     token = secrets.path(tmp_path, secrets.RAY_TOKEN)
     assert env == {
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": SERVE_CONTROL_LOOP_S,
     }
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text().strip()) == 64
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.2")
+    assert local_ray_env(tmp_path)["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.2", "an operator's own value is kept"
 
 
 def test_services_are_given_the_password_in_the_redis_url(tmp_path: Path) -> None:

@@ -407,6 +407,14 @@ def test_ray_runs_with_the_token_of_the_secret_everywhere(rendered: list[Manifes
     assert rayservice["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "mine"
 
 
+def test_the_serve_controller_loop_interval_is_the_values_on_every_ray_node() -> None:
+    for seconds in (0.5, 2):
+        (rayservice,) = find(render({"inference": {"serveControlLoopSeconds": seconds}}), "RayService")
+        nodes = [c for _, t in all_pods([rayservice]) for c in containers(t) if c["name"].startswith("ray-")]
+        assert [c["name"] for c in nodes] == ["ray-head", "ray-worker"]
+        assert all(env_of(c)["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == str(seconds) for c in nodes)
+
+
 def test_every_workload_has_a_disruption_budget(rendered: list[Manifest]) -> None:
     """A PodDisruptionBudget selects the pods of each Deployment and of the Ray head and workers."""
     budgets = find(rendered, "PodDisruptionBudget")
