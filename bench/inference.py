@@ -120,11 +120,21 @@ def timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
 
 
 def engine_for(
-    model: PreTrainedModel, *, kv_mb: int = 64, max_seqs: int = 64, budget: int = 512, compile: bool = False, **kw
+    model: PreTrainedModel,
+    *,
+    kv_mb: int = 64,
+    max_seqs: int = 64,
+    budget: int = 512,
+    compile: bool = False,
+    pack: bool = False,
+    **kw: Any,
 ) -> LLMEngine:
+    """`pack`: the engine packs the model's weights (EngineConfig.pack_weights), as the service does;
+    only for a model nothing else runs afterwards."""
     kv = KVCacheConfig(memory_bytes=kv_mb * 2**20)
     sched = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)
-    return LLMEngine(model, EngineConfig(kv_cache=kv, scheduler=sched, compile=compile), **kw)
+    config = EngineConfig(kv_cache=kv, scheduler=sched, compile=compile, pack_weights=pack)
+    return LLMEngine(model, config, **kw)
 
 
 def compiled_engine(model: PreTrainedModel) -> tuple[LLMEngine, float]:

@@ -134,6 +134,7 @@ def engine_config(options: EngineOptions, limits: SamplingLimits) -> EngineConfi
         max_model_len=options.max_model_len or None,
         compile=options.compile,
         sliding_window=options.sliding_window,
+        pack_weights=True,  # the server's model is its engine's alone
     )
 
 

@@ -16,12 +16,19 @@ rotary embeddings with any RoPE scaling, activation, output projections) but
 Projections that cannot share a matmul (INT4's packed layout, group-wise INT8) or that carry
 hooks (a loaded LoRA adapter) are called one by one instead, so quantisation and adapters apply
 unchanged. Other architectures run through `transformers`' modules (ModelRunner).
+
+With `pack=True` (a model the engine owns: the inference service's), float projections on CPU keep
+their weights in oneDNN's blocked layout instead of the plain one (`Packed`): bfloat16 matmuls read
+them 2.6x faster at one row and 1.3-1.7x at 16-64 rows. The modules then hold stand-ins of the
+weights' shapes, so the model's other users would compute with zeros; the first hooked call (an
+adapter loaded later) turns a layer's weights back to plain ones.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +64,36 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 @torch.library.custom_op("llmp::dense", mutates_args=())
 def _onednn_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    weight = _PACKED.get(weight.data_ptr(), weight)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [None], "")
+
+
+_PACKED: dict[int, torch.Tensor] = {}
+"""A stand-in's data pointer -> the oneDNN-layout weight it stands for (looked up inside the op, so a
+compiled graph passes the stand-in, an ordinary tensor, and never sees the opaque one)."""
+
+
+class Packed:
+    """A float weight in oneDNN's blocked layout, and the stand-in the model's modules hold in its place.
+
+    The stand-in has the weight's shape and dtype over a single zero element (no memory); `dense`
+    given the stand-in, or a row view that starts at it, uses the packed weight. `plain()` gives the
+    plain weight back (oneDNN reorders it) for modules that are called on their own again.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.stand_in = weight.new_zeros(()).expand(weight.shape)
+        key = self.stand_in.data_ptr()
+        _PACKED[key] = self.packed
+        weakref.finalize(self, _PACKED.pop, key, None)
+
+    @staticmethod
+    def usable(weight: torch.Tensor) -> bool:
+        return bool(ONEDNN and weight.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES)
+
+    def plain(self) -> torch.Tensor:
+        return self.packed.to_dense()
 
 
 @_onednn_dense.register_fake
@@ -77,18 +113,31 @@ def _hooked(module: nn.Module) -> bool:
 class _Fused:
     """One matmul standing for several projections of the same input, their outputs side by side."""
 
-    def __init__(self, modules: list[Any], call: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.modules, self.call = modules, call
+    def __init__(
+        self,
+        modules: list[Any],
+        call: Callable[[torch.Tensor], torch.Tensor],
+        packed: Packed | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        self.modules, self.call, self.packed, self.bias = modules, call, packed, bias
 
     def usable(self) -> bool:
         """False once a module gets a hook (a LoRA adapter loaded later): then each runs on its own."""
-        return not any(_hooked(m) for m in self.modules)
+        if not any(_hooked(m) for m in self.modules):
+            return True
+        if self.packed is not None:  # the modules are called on their own: they need their plain weights
+            weight = self.packed.plain()
+            _share_rows(self.modules, "weight", weight)
+            self.call, self.packed = functools.partial(dense, weight=weight, bias=self.bias), None
+        return False
 
 
-def _fuse(modules: list[Any]) -> _Fused | None:
+def _fuse(modules: list[Any], pack: bool) -> _Fused | None:
     """Fuse plain float projections, or INT8 ones (Int8Linear.fuse decides which); None for anything else.
 
-    The fused tensors hold the weights once: the modules' own weights become row views of them.
+    The fused tensors hold the weights once: the modules' own weights become row views of them (of
+    the packed weight's stand-in with `pack`).
     """
     if all(type(m) is Int8Linear for m in modules):
         fused = Int8Linear.fuse(modules)
@@ -98,10 +147,13 @@ def _fuse(modules: list[Any]) -> _Fused | None:
         return None
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+    packed = Packed(weight) if pack and Packed.usable(weight) else None
+    if packed is not None:
+        weight = packed.stand_in
     _share_rows(modules, "weight", weight)
     if bias is not None:
         _share_rows(modules, "bias", bias)
-    return _Fused(modules, functools.partial(dense, weight=weight, bias=bias))
+    return _Fused(modules, functools.partial(dense, weight=weight, bias=bias), packed, bias)
 
 
 def _share_rows(modules: list[nn.Linear], name: str, fused: torch.Tensor) -> None:
@@ -116,7 +168,7 @@ def _share_rows(modules: list[nn.Linear], name: str, fused: torch.Tensor) -> Non
 class _Layer:
     """One decoder layer's modules and, where its projections allow, their fused weights."""
 
-    def __init__(self, layer: Any, config: Any) -> None:
+    def __init__(self, layer: Any, config: Any, pack: bool) -> None:
         self.layer = layer
         attn, mlp = layer.self_attn, layer.mlp
         self.heads = config.num_attention_heads
@@ -125,10 +177,13 @@ class _Layer:
         self.scaling = float(attn.scaling)
         self.qkv_modules = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.gate_up_modules = [mlp.gate_proj, mlp.up_proj]
-        self.qkv = None if any(_hooked(m) for m in self.qkv_modules) else _fuse(self.qkv_modules)
-        self.gate_up = None if any(_hooked(m) for m in self.gate_up_modules) else _fuse(self.gate_up_modules)
+        self.qkv = None if any(_hooked(m) for m in self.qkv_modules) else _fuse(self.qkv_modules, pack)
+        self.gate_up = None if any(_hooked(m) for m in self.gate_up_modules) else _fuse(self.gate_up_modules, pack)
         self.rotate_half = sys.modules[type(attn).__module__].rotate_half
         self.projections = [*self.qkv_modules, attn.o_proj, *self.gate_up_modules, mlp.down_proj]
+        if pack:
+            for module in (attn.o_proj, mlp.down_proj):
+                _pack_module(module)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attend: Attend
@@ -161,7 +216,19 @@ def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     """A projection module on packed rows [N, in]; modules see [1, N, in], as in transformers' own pass."""
     if _bare(module):
         return dense(x, module.weight, module.bias)
+    packed: Packed | None = getattr(module, "_llmp_packed", None)
+    if packed is not None:  # hooked since it was packed: the module computes with its plain weight again
+        module.weight.data = packed.plain()
+        del module._llmp_packed
     return module(x[None])[0]
+
+
+def _pack_module(module: Any) -> None:
+    """Give a bare float projection a packed weight: the module holds its stand-in (see _linear)."""
+    if _bare(module) and Packed.usable(module.weight):
+        packed = Packed(module.weight)
+        module.weight.data = packed.stand_in
+        module._llmp_packed = packed
 
 
 def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
@@ -180,10 +247,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_half: 
 class LlamaDecoder:
     """Hidden states of a packed step through a Llama-style model's decoder, attention supplied by the caller."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, pack: bool = False) -> None:
+        """`pack`: keep float projection weights in oneDNN's layout (see the module's notes); the
+        model's modules then hold stand-ins, so only a model this decoder owns may be packed."""
         inner: Any = model.base_model
         self.inner = inner
-        self.layers = [_Layer(layer, model.config) for layer in inner.layers]
+        self.layers = [_Layer(layer, model.config, pack) for layer in inner.layers]
+        head = model.get_output_embeddings()
+        if pack and head is not None and head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
+            _pack_module(head)  # a head tied to the embeddings keeps its plain weight: the lookup reads it
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:

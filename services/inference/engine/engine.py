@@ -86,6 +86,10 @@ class EngineConfig:
     """Each token attends to the last this many tokens only (itself included), and the KV cache frees
     a sequence's blocks once they are wholly older than that. None: the model config's
     `sliding_window` if it has one, which is masked but frees nothing."""
+    pack_weights: bool = False
+    """Keep float projection weights of Llama-style models in oneDNN's layout on CPU (decoder.Packed):
+    faster matmuls for the same memory, but the model's modules then hold stand-ins of their weights,
+    so set it only for a model that nothing but this engine runs (the inference service does)."""
 
 
 @dataclass
@@ -133,7 +137,9 @@ class LLMEngine:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise InvalidArgument("must be an integer >= 1", field="sliding_window")
         self.cache = KVCache(module.config, self.config.kv_cache, dtype=param.dtype, device=param.device, window=window)
-        self.runner = ModelRunner(module, self.cache, compile=self.config.compile, sliding_window=window)
+        self.runner = ModelRunner(
+            module, self.cache, compile=self.config.compile, sliding_window=window, pack=self.config.pack_weights
+        )
         self.store = store
         self.adapters = LoraAdapters(module)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)

@@ -168,9 +168,16 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model: PreTrainedModel, cache: KVCache, *, compile: bool = False, sliding_window: int | None = None
+        self,
+        model: PreTrainedModel,
+        cache: KVCache,
+        *,
+        compile: bool = False,
+        sliding_window: int | None = None,
+        pack: bool = False,
     ) -> None:
-        """`sliding_window`: keys older than this many tokens are masked; None: the model config's window."""
+        """`sliding_window`: keys older than this many tokens are masked; None: the model config's window.
+        `pack`: the decoder keeps float weights in oneDNN's layout (LlamaDecoder)."""
         model.set_attn_implementation(ATTENTION)
         self.model = model
         self.cache = cache
@@ -178,7 +185,7 @@ class ModelRunner:
         self.sliding_window: int | None = sliding_window or getattr(model.config, "sliding_window", None)
         self.buffers = GatherBuffers()
         self.gqa = model.config.num_attention_heads != cache.shape.num_kv_heads
-        self.decoder = LlamaDecoder(model) if LlamaDecoder.supports(model) else None
+        self.decoder = LlamaDecoder(model, pack) if LlamaDecoder.supports(model) else None
         self.compiled: Callable[..., torch.Tensor] | None = None
         if compile and self.decoder is not None:
             for tensor in (*cache.key, *cache.value):  # fixed shapes: only batch and context vary

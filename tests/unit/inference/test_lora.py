@@ -47,9 +47,10 @@ def merged_outputs(store: ArtifactStore) -> dict[str | None, list[list[int]]]:
     return outputs
 
 
-def engine(store: ArtifactStore) -> LLMEngine:
+def engine(store: ArtifactStore, pack: bool = False) -> LLMEngine:
     model = load_model("models/llama/1", store)  # its own copy: adapters hook into the model's layers
-    return LLMEngine(model, EngineConfig(KVCacheConfig(block_size=4, num_blocks=128)), store=store)
+    config = EngineConfig(KVCacheConfig(block_size=4, num_blocks=128), pack_weights=pack)
+    return LLMEngine(model, config, store=store)
 
 
 def run(e: LLMEngine) -> dict[str, list[int]]:
@@ -59,9 +60,16 @@ def run(e: LLMEngine) -> dict[str, list[int]]:
     return tokens
 
 
-def test_mixed_batch_equals_each_merged_model(store: ArtifactStore, merged_outputs) -> None:
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed-weights"])
+def test_mixed_batch_equals_each_merged_model(store: ArtifactStore, merged_outputs, pack: bool) -> None:
+    """Packed weights (the service's engines) are packed before the adapters load: the hooked layers
+    get their plain weights back."""
     assert merged_outputs["attn"] != merged_outputs[None] != merged_outputs["mlp"]  # the adapters matter
-    e = engine(store)
+    e = engine(store, pack)
+    if pack:
+        base = [e.add_request(p, greedy()) for p in PROMPTS]
+        tokens = run(e)
+        assert [tokens[rid] for rid in base] == merged_outputs[None], "packed, before any adapter"
     for name in TARGETS:
         e.load_adapter(name, f"adapters/{name}/1")
     names = [None, "attn", "mlp"]

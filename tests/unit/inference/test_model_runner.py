@@ -150,3 +150,59 @@ def test_dense_computes_what_f_linear_computes(dtype: torch.dtype) -> None:
         torch.testing.assert_close(got.float(), expected, atol=tolerance * 10, rtol=tolerance)
     compiled = torch.compile(dense)  # the opaque op inside a compiled graph
     torch.testing.assert_close(compiled(x, weight, bias).float(), dense(x, weight, bias).float())
+
+
+def packed_and_plain(store: ArtifactStore, dtype: torch.dtype, compile: bool = False):
+    """The same Llama twice (two copies): one runner packs its weights, the other keeps them plain."""
+    runners = []
+    for pack in (True, False):
+        model = load_model("models/llama/1", store, dtype=dtype).module
+        cache = KVCache(model.config, KVCacheConfig(block_size=4, num_blocks=16), dtype=dtype)
+        runners.append(ModelRunner(model, cache, compile=compile, pack=pack))
+    return runners
+
+
+def steps(runner: ModelRunner, tokens: list[int]) -> list[torch.Tensor]:
+    """A prompt's prefill, then decode steps of one token: the logits of each step."""
+    runner.cache.allocate("0", len(tokens))
+    out = [runner.forward([StepChunk("0", tokens[:6], 0, True)])]
+    out += [runner.forward([StepChunk("0", [tokens[pos]], pos, True)]) for pos in range(6, len(tokens))]
+    runner.cache.free("0")
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_compute_what_plain_ones_do_and_take_no_memory(store: ArtifactStore, dtype: torch.dtype) -> None:
+    packed, plain = packed_and_plain(store, dtype)
+    attn = packed.model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().nbytes() == torch.empty((), dtype=dtype).element_size(), "a stand-in"
+    assert attn.q_proj.weight.shape == plain.model.model.layers[0].self_attn.q_proj.weight.shape
+    tokens = prompt(12, seed=6)
+    for a, b in zip(steps(packed, tokens), steps(plain, tokens), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+def test_a_hook_added_after_packing_gets_the_plain_weights_back(store: ArtifactStore) -> None:
+    """An adapter loaded after the weights were packed hooks the modules, which are then called on their
+    own: they compute with their plain weights again (qkv fused, o_proj bare, and the output head)."""
+    packed, plain = packed_and_plain(store, torch.float32)
+    tokens = prompt(10, seed=7)
+    for runner in (packed, plain):
+        steps(runner, tokens)  # the packed one runs packed first
+        layer = runner.model.model.layers[1]
+        for module in (layer.self_attn.k_proj, layer.self_attn.o_proj, runner.model.get_output_embeddings()):
+            module.register_forward_hook(lambda m, args, out: out * 1.5)
+    hooked = steps(packed, tokens)
+    for a, b in zip(hooked, steps(plain, tokens), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    k_proj = packed.model.model.layers[1].self_attn.k_proj
+    assert torch.equal(k_proj.weight, plain.model.model.layers[1].self_attn.k_proj.weight)
+
+
+@NEEDS_COMPILER
+def test_compiled_decode_steps_run_on_packed_weights(store: ArtifactStore) -> None:
+    packed, plain = packed_and_plain(store, torch.float32, compile=True)
+    tokens = prompt(9, seed=8)
+    for a, b in zip(steps(packed, tokens), steps(plain, tokens), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert packed.compiled is not None, "the compiled graph failed on packed weights and fell back to eager"
