@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import threading
@@ -330,8 +331,9 @@ class LLMEngine:
         sampled = [(c, s) for c, s in zip(chunks, sequences, strict=True) if c.sample]
         if not sampled:
             return {}
-        # One reduction per step; rows are looked at one by one only when some row is not finite.
-        finite = torch.isfinite(logits).all(-1).tolist() if not bool(torch.isfinite(logits).all()) else None
+        # One sum per step (a NaN or infinity anywhere makes it non-finite; so may an overflow, which the
+        # row check then clears); rows are looked at one by one only when the sum is not finite.
+        finite = None if math.isfinite(float(logits.sum())) else torch.isfinite(logits).all(-1).tolist()
         if self._batched:
             self._prepare_batched(sampled)
         # Every row's argmax at once: what plain greedy sequences pick, without a per-row pipeline.

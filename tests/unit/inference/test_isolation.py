@@ -107,6 +107,25 @@ def test_non_finite_logits_fail_only_their_request(models) -> None:
     check_good_and_bad(models, e, "bad")
 
 
+def test_finite_logits_whose_sum_overflows_fail_no_request(models) -> None:
+    """The step's finiteness check is one sum; finite rows that overflow it are checked again and pass."""
+    e = engine(models)
+
+    def huge(chunks: list[StepChunk], logits: torch.Tensor | None) -> torch.Tensor:
+        assert logits is not None
+        logits = logits.clone()
+        logits[:, -2:] = -3.0e38  # finite, never the argmax; any row's sum overflows float32
+        return logits
+
+    faulty_forward(e, huge)
+    good = [e.add_request(p, params, request_id=f"good{i}") for i, (p, params) in enumerate(GOOD)]
+    last = run_all(e)
+    assert all(last[g].error is None and last[g].finished for g in good)
+    greedy = [i for i, (_, params) in enumerate(GOOD) if params is GREEDY]  # sampling saw two tokens fewer
+    expected = alone(models)
+    assert [[o.token_ids for o in last[good[i]].outputs] for i in greedy] == [expected[i] for i in greedy]
+
+
 def test_a_failing_forward_pass_fails_only_its_request(models) -> None:
     e = engine(models)
     steps = 0

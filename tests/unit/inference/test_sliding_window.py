@@ -12,6 +12,7 @@ from libs.common.errors import InvalidArgument
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams, load_model
 from services.inference.schema import EngineOptions, GenerateInput, ModelSpec
 from services.inference.servicer import model_spec
+from tests.helpers.tiny_models import NEEDS_COMPILER
 
 from .test_service_core import TINY, make_core, run, save_tiny_model
 
@@ -27,9 +28,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
     return store
 
 
-def engine(store: ArtifactStore, window: int | None) -> LLMEngine:
+def engine(store: ArtifactStore, window: int | None, compile: bool = False) -> LLMEngine:
     kv = KVCacheConfig(block_size=BLOCK, num_blocks=64)
-    return LLMEngine(load_model(TINY, store), EngineConfig(kv_cache=kv, sliding_window=window))
+    return LLMEngine(load_model(TINY, store), EngineConfig(kv_cache=kv, sliding_window=window, compile=compile))
 
 
 def windowed_reference(store: ArtifactStore, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -50,11 +51,16 @@ def windowed_reference(store: ArtifactStore, prompt: list[int], steps: int) -> t
     return tokens[len(prompt) :], logprobs
 
 
-def test_output_equals_attention_under_an_explicit_windowed_mask(store: ArtifactStore) -> None:
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=NEEDS_COMPILER)], ids=["eager", "compiled"])
+def test_output_equals_attention_under_an_explicit_windowed_mask(store: ArtifactStore, compile: bool) -> None:
+    """Compiled: the decode steps' attention reads the cache in place (grouped query heads, padding and
+    freed blocks hidden by the mask)."""
     steps = 24
     params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True, logprobs=0)
     # Two requests at once, so prompt chunks and decode steps of different lengths share steps.
-    outs = engine(store, WINDOW).generate([PROMPT, PROMPT[:7]], params)
+    windowed = engine(store, WINDOW, compile)
+    outs = windowed.generate([PROMPT, PROMPT[:7]], params)
+    assert not compile or windowed.runner.compiled is not None, "the compiled graph failed and fell back to eager"
     for prompt, out in zip([PROMPT, PROMPT[:7]], outs, strict=True):
         tokens, logprobs = windowed_reference(store, prompt, steps)
         assert out.outputs[0].token_ids == tokens
