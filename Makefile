@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -U pip
 	command -v nvidia-smi >/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[all,dev]'
+	@# tcmalloc, which engine processes preload where found (services/inference/runtime.py); optional
+	-@ldconfig -p | grep -q libtcmalloc_minimal || apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
+	  || echo "libtcmalloc-minimal4 could not be installed; engines run on glibc's allocator"
 	touch $@
 
 proto: setup

@@ -38,6 +38,7 @@ from bench.inference import load_average
 from libs.common.artifacts import ArtifactStore
 from libs.common.rpc.client import wait_serving
 from libs.common.stack import free_port
+from services.inference import runtime
 from services.inference.engine import LLMEngine, SamplingLimits, SamplingParams, load_model
 from services.inference.model_server import engine_config
 from services.inference.schema import EngineOptions
@@ -51,7 +52,9 @@ REPEATS = 2
 def service(home: Path, threads: int) -> Iterator[str]:
     """The inference service on a local Ray (2 CPUs, no dashboard) with the model loaded: its address."""
     port = free_port()
-    env = {**os.environ, "LLMP_HOME": str(home), "LLMP_LOG_LEVEL": "WARNING", "LLMP_INFERENCE_BACKEND": "ray",
+    # started as a user starts it (this process's preloads are not inherited: the service sets up its own)
+    inherited = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", runtime.MARK)}
+    env = {**inherited, "LLMP_HOME": str(home), "LLMP_LOG_LEVEL": "WARNING", "LLMP_INFERENCE_BACKEND": "ray",
            "LLMP_INFERENCE_RAY_NUM_CPUS": "2", "LLMP_INFERENCE_DASHBOARD": "false",
            "OMP_NUM_THREADS": str(threads)}  # fmt: skip
     with open(home / "service.log", "wb") as log:

@@ -17,7 +17,8 @@ requests, one timing each), a few minutes in all; the figures to quote come from
 vLLM runs in a virtual environment of its own (it pins another transformers): `make vllm-env`
 makes `.venv-vllm`, or LLMP_BENCH_VLLM_PYTHON names another interpreter. It is given its
 documented best CPU set-up: tcmalloc and Intel OpenMP preloaded (where found), OpenMP threads
-bound to the cores we use, no core reserved for its front end. Where that environment is missing
+bound to the cores we use, no core reserved for its front end. Ours runs as the service runs it,
+with the preloads of services/inference/runtime.py (bench/__main__.py). Where that environment is missing
 or vLLM fails to start, the section is skipped, saying why.
 
 Run: python -m bench vllm_cpu [--quick] [--dtype=float32|bfloat16] [--threads=N]

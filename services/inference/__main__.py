@@ -20,6 +20,7 @@ from libs.common.service import ServiceSpec, configure
 from services.inference.backends import make_backend
 from services.inference.config import InferenceConfig
 from services.inference.core import InferenceCore
+from services.inference.runtime import reexec_with_preloads
 from services.inference.servicer import SERVICE_NAME, InferenceServicer
 
 SPEC = ServiceSpec(name="inference", module="services.inference", default_port=50054, needs_ray=True)
@@ -34,6 +35,8 @@ def build(common: CommonConfig, config: InferenceConfig) -> tuple[Server, Infere
 
 def main(argv: Sequence[str] | None = None) -> None:
     common, config = configure("inference", InferenceConfig, argv)
+    if argv is None and config.cpu_preload and config.backend == "local":  # engines here (replicas: serve_app)
+        reexec_with_preloads()
     server, core = build(common, config)
     asyncio.run(server.run(load=core.start, drain=core.drain))
 

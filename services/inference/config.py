@@ -17,6 +17,11 @@ class InferenceConfig(ServiceConfig):
     ray_num_cpus: int = doc("CPUs of the local Ray this service starts; 0: all (ignored with RAY_ADDRESS)", 0)
     dashboard: bool = doc("start the local Ray with its dashboard on 127.0.0.1", True)
     dashboard_port: int = doc("port of the local Ray dashboard", 8265)
+    cpu_preload: bool = doc(
+        "engine processes (this one with the local backend, Serve replicas) run with tcmalloc and Intel's "
+        "OpenMP preloaded where found (services/inference/runtime.py)",
+        True,
+    )
     stream_messages_per_second: float = doc(
         "streamed chunks one replica sends per second at most, over all its streams; each carries the "
         "tokens generated since the last (first and last chunks go at once); 0: one per engine step",

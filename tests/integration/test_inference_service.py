@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
+import psutil
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,7 +23,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from libs.common.artifacts import ArtifactStore
+from services.inference import runtime
 from services.inference.engine import LLMEngine, SamplingParams, load_model
+from tests.helpers.runtime import NEEDS_PRELOADS, missing_preloads
 from tests.helpers.services import ServiceProcess, start_service
 from tests.helpers.tiny_models import TINY, save_tiny_model
 
@@ -101,6 +104,20 @@ def test_generation_equals_the_in_process_engine(service: ServiceProcess, stub: 
     assert messages[-1].completions[0].finish_reason == "length" and messages[-1].usage.completion_tokens == 20
     text = stub.Generate(pb.GenerateRequest(model="tiny", text="hello", max_tokens=4, temperature=0))
     assert text.usage.prompt_tokens == 5 and len(text.completions[0].token_ids) == 4
+
+
+@NEEDS_PRELOADS
+def test_replicas_run_with_the_preloaded_runtime(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
+    """The replica's process (a worker of the service's local Ray) has every library runtime.preloads finds
+    mapped; the front, which runs no engine, is left as it started."""
+    replicas = [
+        p
+        for p in psutil.Process(service.proc.pid).children(recursive=True)
+        if " ".join(p.cmdline()).startswith("ray::ServeReplica:llmp-inference-tiny")
+    ]
+    assert replicas, "no replica process of the model under the service"
+    assert all(missing_preloads(replica.pid) == [] for replica in replicas)
+    assert missing_preloads(service.proc.pid) == runtime.preloads()
 
 
 def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:

@@ -19,9 +19,11 @@ from llmp.retrieval.v1 import retrieval_pb2 as rpb
 from llmp.retrieval.v1 import retrieval_pb2_grpc as rpb_grpc
 
 from libs.common.clients.inference import InferenceClient
+from tests.helpers.runtime import NEEDS_PRELOADS, missing_preloads
 from tests.integration.gateway.stack import GatewayStack, call, create_key
 
 pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def client(full_stack: GatewayStack) -> Iterator[openai.OpenAI]:
@@ -47,6 +49,12 @@ def wait_idle(inference: InferenceClient, within: float = 1.0) -> None:
     while not idle(inference):
         assert time.monotonic() < end, f"still running: {inference.model('tiny').load}"
         time.sleep(0.02)
+
+
+@NEEDS_PRELOADS
+def test_the_in_process_engine_runs_with_the_preloaded_runtime(full_stack: GatewayStack) -> None:
+    """The inference service of the local backend started itself again with runtime.preloads loaded."""
+    assert missing_preloads(full_stack.services["inference"].proc.pid) == []
 
 
 def test_models(client: openai.OpenAI) -> None:

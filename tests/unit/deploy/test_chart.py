@@ -351,7 +351,7 @@ def test_the_rayservice_serve_config_carries_the_model_settings() -> None:
     tiny, draft = (deployment_options(model_spec_of(apps[app_name(n)]["args"])) for n in ("tiny", "draft"))
     assert not any("deployments" in a for a in apps.values())
     assert tiny["max_queued_requests"] == 7 and tiny["max_ongoing_requests"] == 128
-    replica_env = {"runtime_env": {"env_vars": serve_app.REPLICA_ENV}}  # Serve's settings for a replica
+    replica_env = {"runtime_env": {"env_vars": serve_app.replica_env(True)}}  # Serve's settings, the preloads
     assert tiny["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1, **replica_env}
     assert draft["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64}
     tiny_args, draft_args = apps[app_name("tiny")]["args"], apps[app_name("draft")]["args"]
