@@ -232,21 +232,15 @@ class ModelServer:
             await asyncio.to_thread(self._use_adapter, request.adapter_path)
             params = dataclasses.replace(params, adapter=request.adapter_path)
         deltas = [TextDeltas(params.stop) for _ in range(params.n)]
-        held: RequestOutput | None = None  # progress not sent yet
-        due = 0.0  # when the next chunk may go
+        pace = (lambda: self.streams / self.messages_per_second) if self.messages_per_second else None
         self.streams += 1
         try:
-            async for out in self.engine.stream(prompt, params, request_id=request.request_id):
-                if not request.stream:  # whole completions, once
-                    if out.finished:
-                        yield chunk_of(out, deltas, whole=True, queue_seconds=queue_seconds)
-                    continue
-                held = out if held is None else out.after(held)
-                if out.finished or time.monotonic() >= due:
-                    yield chunk_of(held, deltas, whole=False, queue_seconds=queue_seconds)
-                    held, queue_seconds = None, None
-                    if self.messages_per_second:
-                        due = time.monotonic() + self.streams / self.messages_per_second
+            outputs = self.engine.stream(
+                prompt, params, request_id=request.request_id, final_only=not request.stream, interval=pace
+            )
+            async for out in outputs:  # whole completions once, or progress at most once per `pace`
+                yield chunk_of(out, deltas, whole=not request.stream, queue_seconds=queue_seconds)
+                queue_seconds = None
         except LlmpError:
             raise
         except Exception as e:  # a failed step: the replica reports unhealthy and gets replaced

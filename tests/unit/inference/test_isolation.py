@@ -195,3 +195,24 @@ def test_a_stream_nobody_reads_holds_one_output(models) -> None:
     assert len(rest) == 1 and rest[0].finished
     assert first + rest[0].outputs[0].new_token_ids == rest[0].outputs[0].token_ids
     assert rest[0].outputs[0].token_ids == engine(models).generate([prompt(5, seed=4)], params)[0].outputs[0].token_ids
+
+
+def test_paced_and_final_only_streams_wake_their_reader_only_when_due(models) -> None:
+    """A final-only stream yields once, finished; a paced one its first output and then nothing before
+    the pace allows (here: the finished output), the tokens of the steps between merged, none lost."""
+    e = engine(models)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = engine(models).generate([prompt(5, seed=4)], params)[0].outputs[0].token_ids
+
+    async def scenario() -> tuple[list[RequestOutput], list[RequestOutput], list[RequestOutput]]:
+        async def read(**pacing: object) -> list[RequestOutput]:
+            return [out async for out in e.stream(prompt(5, seed=4), params, **pacing)]  # type: ignore[arg-type]
+
+        every, final, paced = await asyncio.gather(read(), read(final_only=True), read(interval=lambda: 3600.0))
+        return every, final, paced
+
+    every, final, paced = asyncio.run(scenario())
+    assert len(every) == 12  # one output a step, read as they come
+    assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == expected
+    assert len(paced) == 2 and paced[1].finished
+    assert paced[0].outputs[0].new_token_ids + paced[1].outputs[0].new_token_ids == expected
