@@ -27,7 +27,6 @@ Run: python -m bench vllm_cpu [--quick] [--dtype=float32|bfloat16] [--threads=N]
 from __future__ import annotations
 
 import copy
-import ctypes.util
 import json
 import os
 import random
@@ -43,6 +42,7 @@ from transformers import PreTrainedModel
 
 from bench.inference import Row, engine_for, greedy, load_average, print_table, record, timed
 from bench.inference_models import big_model
+from services.inference import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "llmp-bench" / "vllm"
@@ -109,13 +109,8 @@ def clean_env() -> dict[str, str]:
 
 
 def preloads(python: Path) -> list[str]:
-    """tcmalloc (Debian's libtcmalloc-minimal4) and Intel OpenMP (PyPI's intel-openmp, in vLLM's venv)."""
-    found = [ctypes.util.find_library(name) for name in ("tcmalloc_minimal", "tcmalloc")]
-    libs = [lib for lib in found if lib][:1]
-    iomp = python.parent.parent / "lib" / "libiomp5.so"
-    if iomp.exists():
-        libs.append(str(iomp))
-    return libs
+    """tcmalloc and Intel OpenMP (PyPI's intel-openmp, in vLLM's venv), found as our engines find theirs."""
+    return runtime.preloads(python.parent.parent)
 
 
 def vllm_env(python: Path, threads: int) -> dict[str, str]:

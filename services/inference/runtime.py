@@ -13,7 +13,7 @@ x86-64 Linux into the environment's lib/. A library can only be preloaded at pro
 
 - the inference service's own process, when it runs engines itself (the local backend), starts
   itself again with LD_PRELOAD set (`reexec_with_preloads`, before anything is loaded);
-- Ray Serve replicas get LD_PRELOAD in their runtime_env (serve_app.REPLICA_ENV), so the worker
+- Ray Serve replicas get LD_PRELOAD in their runtime_env (serve_app.replica_env), so the worker
   processes Ray starts for them load the libraries;
 - `cpu_preload: false` in the inference config (LLMP_INFERENCE_CPU_PRELOAD=false) turns it off.
 """
@@ -21,6 +21,7 @@ x86-64 Linux into the environment's lib/. A library can only be preloaded at pro
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -33,22 +34,30 @@ MARK = "LLMP_PRELOADED"
 """Set in a process started again with the preloads, so it never starts itself a second time."""
 
 
-def preloads() -> list[str]:
-    """The libraries to preload, in order (allocator first), as the loader accepts them; [] where none is found."""
+@functools.cache
+def preloads(prefix: Path = Path(sys.prefix)) -> list[str]:
+    """The libraries to preload, in order (allocator first), as the loader accepts them; [] where none is found.
+
+    `prefix`: the Python environment whose intel-openmp wheel to use (default: this one's).
+    """
     found = []
     allocator = next(filter(None, (ctypes.util.find_library(n) for n in ("tcmalloc_minimal", "tcmalloc"))), None)
     if allocator:
         found.append(allocator)
-    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"  # the intel-openmp wheel's place in an environment
+    iomp = prefix / "lib" / "libiomp5.so"  # the intel-openmp wheel's place in an environment
     if iomp.is_file():
         found.append(str(iomp))
     return found
 
 
+def named(env: Mapping[str, str]) -> list[str]:
+    """The libraries `env`'s LD_PRELOAD names (the loader takes colons or spaces between them)."""
+    return [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+
+
 def with_preloads(env: Mapping[str, str], libraries: list[str]) -> dict[str, str]:
     """`env` with `libraries` first in its LD_PRELOAD (the ones it already names kept, none twice)."""
-    current = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
-    merged = [*libraries, *(p for p in current if p not in libraries)]
+    merged = [*libraries, *(p for p in named(env) if p not in libraries)]
     out = dict(env)
     if merged:
         out["LD_PRELOAD"] = ":".join(merged)
@@ -57,8 +66,7 @@ def with_preloads(env: Mapping[str, str], libraries: list[str]) -> dict[str, str
 
 def preload_env() -> dict[str, str]:
     """The environment variables a new engine process (a Serve replica) needs: {} where nothing is found."""
-    libraries = preloads()
-    return {"LD_PRELOAD": ":".join(libraries)} if libraries else {}
+    return with_preloads({}, preloads())
 
 
 def reexec_with_preloads() -> None:
@@ -67,8 +75,7 @@ def reexec_with_preloads() -> None:
     Call before the process starts threads or opens anything a new image would not inherit.
     """
     libraries = preloads()
-    named = os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
-    if all(lib in named for lib in libraries) or os.environ.get(MARK) or not sys.platform.startswith("linux"):
+    if set(libraries) <= set(named(os.environ)) or os.environ.get(MARK) or not sys.platform.startswith("linux"):
         return
     env = with_preloads(os.environ, libraries)
     env[MARK] = "1"

@@ -581,11 +581,13 @@ class _Outbox:
         if earlier is not None and isinstance(out, RequestOutput):
             out.after(earlier)
         self._pending = out
-        if not isinstance(out, RequestOutput) or out.finished or out.error is not None or self._due():
+        if (
+            not isinstance(out, RequestOutput)
+            or out.finished
+            or out.error is not None
+            or time.monotonic() >= self.wake_at
+        ):
             self._ready.set()
-
-    def _due(self) -> bool:
-        return self.wake_at <= 0.0 or (self.wake_at != math.inf and time.monotonic() >= self.wake_at)
 
     async def get(self) -> RequestOutput | BaseException:
         await self._ready.wait()
