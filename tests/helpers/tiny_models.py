@@ -68,3 +68,7 @@ NEEDS_COMPILER = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
     reason="torch.compile needs a C++ compiler (c++ or g++); none is on PATH",
 )
+NEEDS_KERNEL = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="the engine's attention kernel is built on first use with a C++ compiler (c++ or g++); none is on PATH",
+)

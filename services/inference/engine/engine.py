@@ -91,6 +91,9 @@ class EngineConfig:
     """Keep float projection weights of Llama-style models in oneDNN's layout on CPU (decoder.Packed):
     faster matmuls for the same memory, but the model's modules then hold stand-ins of their weights,
     so set it only for a model that nothing but this engine runs (the inference service does)."""
+    attention_kernel: bool = True
+    """Decoding rows attend through the engine's CPU kernel (engine/kernels) where it builds; False:
+    through tensor operations (SDPA over gathered blocks, or the compiled graph's own loops)."""
 
 
 @dataclass
@@ -139,7 +142,12 @@ class LLMEngine:
             raise InvalidArgument("must be an integer >= 1", field="sliding_window")
         self.cache = KVCache(module.config, self.config.kv_cache, dtype=param.dtype, device=param.device, window=window)
         self.runner = ModelRunner(
-            module, self.cache, compile=self.config.compile, sliding_window=window, pack=self.config.pack_weights
+            module,
+            self.cache,
+            compile=self.config.compile,
+            sliding_window=window,
+            pack=self.config.pack_weights,
+            kernel=self.config.attention_kernel,
         )
         self.store = store
         self.adapters = LoraAdapters(module)

@@ -43,6 +43,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from services.inference.engine import kernels
 from services.inference.engine.batch import StepChunk
 from services.inference.engine.decoder import LlamaDecoder
 from services.inference.engine.kv_cache import KVCache
@@ -88,6 +89,7 @@ class StepMetadata:
     groups: list[AttentionGroup]
     buffers: GatherBuffers | None  # None: a compiled decode step, whose attention reads the cache itself
     gqa: bool  # fewer key/value heads than query heads
+    kernel: bool = False  # decoding rows attend through kernels.paged_decode_attention
 
 
 def paged_attention(
@@ -123,12 +125,12 @@ def attend(
     if len(step.groups) == 1:  # every chunk of one length (e.g. all decoding): the step is the group, in order
         g = step.groups[0]
         q = q_all.view(*g.token_index.shape, *q_all.shape[1:]).transpose(1, 2)  # [b, H, q, D]
-        o = _attend(q, blocks_k, blocks_v, g, scaling, step.gqa, step.buffers)
+        o = _attend(q, blocks_k, blocks_v, g, scaling, step)
         return o.transpose(1, 2).reshape(q_all.shape)
     out = torch.empty_like(q_all)
     for g in step.groups:
         q = q_all[g.token_index].transpose(1, 2)  # [b, H, q, D]
-        o = _attend(q, blocks_k, blocks_v, g, scaling, step.gqa, step.buffers)
+        o = _attend(q, blocks_k, blocks_v, g, scaling, step)
         out[g.token_index.flatten()] = o.transpose(1, 2).flatten(0, 1)  # [b * q, H, D]
     return out
 
@@ -139,10 +141,18 @@ def _attend(
     blocks_v: torch.Tensor,
     g: AttentionGroup,
     scaling: float | None,
-    gqa: bool,
-    buffers: GatherBuffers | None,
+    step: StepMetadata,
 ) -> torch.Tensor:
     """q [b, H, q, D] over the group's cached blocks -> [b, H, q, D]."""
+    b, heads, length, d = q.shape
+    if length == 1 and step.kernel:  # decoding rows: the engine's kernel
+        mask = None if g.mask is None else g.mask.reshape(b, -1)
+        scale = d**-0.5 if scaling is None else scaling
+        out = torch.ops.llmp.paged_decode_attention(
+            q.reshape(b, heads, d), blocks_k, blocks_v, g.read_blocks, mask, g.width, scale
+        )
+        return out.view(b, heads, 1, d)
+    buffers = step.buffers
     if buffers is None:
         return _attend_decode(q, blocks_k, blocks_v, g, scaling)
     b, n = g.read_blocks.shape
@@ -150,13 +160,14 @@ def _attend(
     shape = (b, n * blocks_k.shape[1], *blocks_k.shape[2:])  # [b, n * block_size, KVH, D]
     k = buffers.gather("key", blocks_k, index).view(shape)[:, : g.width].transpose(1, 2)  # [b, KVH, c, D]
     v = buffers.gather("value", blocks_v, index).view(shape)[:, : g.width].transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=step.gqa)
 
 
 def _attend_decode(
     q: torch.Tensor, blocks_k: torch.Tensor, blocks_v: torch.Tensor, g: AttentionGroup, scaling: float | None
 ) -> torch.Tensor:
-    """One query a row, q [b, H, 1, D], over the group's cached blocks -> [b, H, 1, D], written for a compiled graph.
+    """One query a row, q [b, H, 1, D], over the group's cached blocks -> [b, H, 1, D], written for a compiled
+    graph where the engine's kernel (kernels.paged_decode_attention) does not run.
 
     Scores and the weighted sum of values are spelled as products and sums over the blocks indexed
     in place, so the compiler makes each one loop that reads the cached keys (values) where they lie,
@@ -195,9 +206,11 @@ class ModelRunner:
         compile: bool = False,
         sliding_window: int | None = None,
         pack: bool = False,
+        kernel: bool = True,
     ) -> None:
         """`sliding_window`: keys older than this many tokens are masked; None: the model config's window.
-        `pack`: the decoder keeps float weights in oneDNN's layout (LlamaDecoder)."""
+        `pack`: the decoder keeps float weights in oneDNN's layout (LlamaDecoder). `kernel`: decoding rows
+        attend through kernels.paged_decode_attention where it supports the cache."""
         model.set_attn_implementation(ATTENTION)
         self.model = model
         self.cache = cache
@@ -205,6 +218,8 @@ class ModelRunner:
         self.sliding_window: int | None = sliding_window or getattr(model.config, "sliding_window", None)
         self.buffers = GatherBuffers()
         self.gqa = model.config.num_attention_heads != cache.shape.num_kv_heads
+        # decided (and the kernel built) at load: not mid-request, and not inside a traced graph
+        self.kernel = kernel and kernels.supports(cache.key[0].dtype, cache.shape.head_dim, cache.key[0].device)
         self.decoder = LlamaDecoder(model, pack) if LlamaDecoder.supports(model) else None
         self.compiled: Callable[..., torch.Tensor] | None = None
         if compile and self.decoder is not None:
@@ -270,7 +285,7 @@ class ModelRunner:
         n = ids.shape[0]
         width = read_blocks.shape[1] * self.cache.block_size  # the mask hides keys past each row's end
         group = AttentionGroup(torch.arange(n, device=self.device)[:, None], read_blocks, width, mask)
-        step = StepMetadata(self.cache, slots, [group], None, self.gqa)
+        step = StepMetadata(self.cache, slots, [group], None, self.gqa, self.kernel)
         hidden = self.decoder.forward(ids, positions, functools.partial(attend, step))  # type: ignore[union-attr]
         return self.decoder.head(self.model, hidden[wanted]).float()  # type: ignore[union-attr]
 
@@ -285,7 +300,7 @@ class ModelRunner:
             by_length.setdefault(len(c.token_ids), []).append(i)
         groups = [self.group([chunks[i] for i in ix], [offsets[i] for i in ix], masked) for ix in by_length.values()]
         slots = torch.tensor(write, dtype=torch.long, device=self.device)
-        return StepMetadata(self.cache, slots, groups, self.buffers, self.gqa)
+        return StepMetadata(self.cache, slots, groups, self.buffers, self.gqa, self.kernel)
 
     def group(self, chunks: list[StepChunk], offsets: list[int], masked: bool = False) -> AttentionGroup:
         """Chunks of equal length q attending to their contexts, padded to the longest context (blocks a

@@ -12,7 +12,7 @@ from libs.common.errors import InvalidArgument
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams, load_model
 from services.inference.schema import EngineOptions, GenerateInput, ModelSpec
 from services.inference.servicer import model_spec
-from tests.helpers.tiny_models import NEEDS_COMPILER
+from tests.helpers.tiny_models import NEEDS_COMPILER, NEEDS_KERNEL
 
 from .test_service_core import TINY, make_core, run, save_tiny_model
 
@@ -28,9 +28,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
     return store
 
 
-def engine(store: ArtifactStore, window: int | None, compile: bool = False) -> LLMEngine:
+def engine(store: ArtifactStore, window: int | None, compile: bool = False, kernel: bool = True) -> LLMEngine:
     kv = KVCacheConfig(block_size=BLOCK, num_blocks=64)
-    return LLMEngine(load_model(TINY, store), EngineConfig(kv_cache=kv, sliding_window=window, compile=compile))
+    config = EngineConfig(kv_cache=kv, sliding_window=window, compile=compile, attention_kernel=kernel)
+    return LLMEngine(load_model(TINY, store), config)
 
 
 def windowed_reference(store: ArtifactStore, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -51,14 +52,19 @@ def windowed_reference(store: ArtifactStore, prompt: list[int], steps: int) -> t
     return tokens[len(prompt) :], logprobs
 
 
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=NEEDS_KERNEL), False], ids=["kernel", "tensor-ops"])
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=NEEDS_COMPILER)], ids=["eager", "compiled"])
-def test_output_equals_attention_under_an_explicit_windowed_mask(store: ArtifactStore, compile: bool) -> None:
-    """Compiled: the decode steps' attention reads the cache in place (grouped query heads, padding and
-    freed blocks hidden by the mask)."""
+def test_output_equals_attention_under_an_explicit_windowed_mask(
+    store: ArtifactStore, compile: bool, kernel: bool
+) -> None:
+    """Decoding rows' attention reads the cache in place, through the engine's kernel or the compiled
+    graph's loops, or over gathered blocks (eager tensor operations): grouped query heads, padding
+    and freed blocks hidden by the mask, in every case."""
     steps = 24
     params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True, logprobs=0)
     # Two requests at once, so prompt chunks and decode steps of different lengths share steps.
-    windowed = engine(store, WINDOW, compile)
+    windowed = engine(store, WINDOW, compile, kernel)
+    assert windowed.runner.kernel is kernel
     outs = windowed.generate([PROMPT, PROMPT[:7]], params)
     assert not compile or windowed.runner.compiled is not None, "the compiled graph failed and fell back to eager"
     for prompt, out in zip([PROMPT, PROMPT[:7]], outs, strict=True):

@@ -1,0 +1,81 @@
+"""The engine's decode attention kernel against SDPA over the same keys and values, gathered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.inference.engine import kernels
+from tests.helpers.tiny_models import NEEDS_KERNEL
+
+pytestmark = NEEDS_KERNEL
+
+BLOCK = 4
+BLOCKS = 40
+
+
+def reference(q, key_blocks, value_blocks, read, mask, width, scale):  # type: ignore[no-untyped-def]
+    """SDPA of q [b, H, D] over each row's gathered blocks, in float64."""
+    b, heads, d = q.shape
+    kv_heads = key_blocks.shape[2]
+    k = key_blocks[read].reshape(b, -1, kv_heads, d)[:, :width].transpose(1, 2).double()
+    v = value_blocks[read].reshape(b, -1, kv_heads, d)[:, :width].transpose(1, 2).double()
+    allowed = None if mask is None else mask[:, None, None, :width]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None].double(), k, v, attn_mask=allowed, scale=scale, enable_gqa=heads != kv_heads
+    )
+    return out[:, :, 0]
+
+
+def case(dtype: torch.dtype, rows: int, heads: int, kv_heads: int, dim: int, blocks_per_row: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    key_blocks = torch.randn(BLOCKS, BLOCK, kv_heads, dim, generator=g).to(dtype)
+    value_blocks = torch.randn(BLOCKS, BLOCK, kv_heads, dim, generator=g).to(dtype)
+    if rows * blocks_per_row <= BLOCKS:
+        read = torch.randperm(BLOCKS, generator=g)[: rows * blocks_per_row].view(rows, blocks_per_row)
+    else:  # rows share blocks, as with a cached prefix
+        read = torch.randint(0, BLOCKS, (rows, blocks_per_row), generator=g)
+    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    return q, key_blocks, value_blocks, read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(("rows", "heads", "kv_heads"), [(1, 4, 4), (5, 8, 2), (64, 4, 1)], ids=["one", "gqa", "mqa"])
+def test_masked_rows_equal_sdpa_over_the_gathered_blocks(
+    dtype: torch.dtype, rows: int, heads: int, kv_heads: int
+) -> None:
+    """Each row's own context length, a window's hidden head and freed-block padding, all by the mask."""
+    dim, per_row = 32, 5
+    q, kb, vb, read = case(dtype, rows, heads, kv_heads, dim, per_row)
+    context = per_row * BLOCK
+    ends = torch.randint(1, context + 1, (rows,), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(context)[None]
+    mask = (pos < ends[:, None]) & (ends[:, None] - pos <= 7)  # the last 7 keys: a sliding window
+    assert kernels.supports(dtype, dim, q.device)
+    got = torch.ops.llmp.paged_decode_attention(q, kb, vb, read, mask, context, dim**-0.5)
+    want = reference(q, kb, vb, read, mask, context, dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+def test_without_a_mask_keys_past_the_width_are_not_read() -> None:
+    q, kb, vb, read = case(torch.float32, 3, 4, 2, 16, 3)
+    width = 9  # the middle of the third block: its last 3 keys are not the context
+    got = torch.ops.llmp.paged_decode_attention(q, kb, vb, read, None, width, 0.3)
+    torch.testing.assert_close(got.double(), reference(q, kb, vb, read, None, width, 0.3), atol=1e-5, rtol=1e-5)
+    kb[read[:, 2], 1:] = float("nan")  # past the width: never read, so the output stays finite
+    assert torch.isfinite(torch.ops.llmp.paged_decode_attention(q, kb, vb, read, None, width, 0.3)).all()
+
+
+def test_a_block_id_outside_the_cache_is_refused_not_read() -> None:
+    q, kb, vb, read = case(torch.float32, 2, 4, 4, 16, 2)
+    read[1, 1] = BLOCKS
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        torch.ops.llmp.paged_decode_attention(q, kb, vb, read, None, 2 * BLOCK, 0.25)
+
+
+def test_a_head_size_of_no_whole_vectors_is_left_to_tensor_operations() -> None:
+    assert not kernels.supports(torch.float32, 12, torch.device("cpu"))
+    assert not kernels.supports(torch.float16, 64, torch.device("cpu"))
