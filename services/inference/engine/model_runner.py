@@ -18,14 +18,15 @@ common case once prompts are in, runs as one `torch.compile`d graph from embeddi
 The norms, rotary embeddings, cache writes and gathers, residual adds and activations of every
 layer become a few generated kernels between the projections' matmuls instead of about fifty
 dispatched operations each, which at small batches costs as much as reading the weights, and a
-generated C++ wrapper calls them all without a Python call between them. Its attention is one
-generated loop per layer that reads each row's cached blocks in place (_attend_decode): at 64
-rows it took a quarter of the time of gathering the blocks and calling SDPA in float32, a
-fifth in bfloat16. Shapes
-are dynamic (batch, context), so two graphs serve every decode step, a batch of one and a batch
-of more; each compiles at its first step (about a minute on two CPU cores), or at load with
-LLMEngine.warm_up. Steps with prompt chunks, drafted tokens or LoRA adapters run eagerly; a
-toolchain that can't compile turns it off with a warning.
+generated C++ wrapper calls them all without a Python call between them. Decoding rows (of
+compiled and eager steps alike) attend through the engine's kernel (kernels.paged_decode_attention),
+which reads each row's cached tokens in place, in memory order; where it cannot be built, a
+compiled step's attention is a generated loop per layer over the cached blocks (_attend_decode)
+and an eager step's is SDPA over gathered blocks. Shapes are dynamic (batch, context), so two
+graphs serve every decode step, a batch of one and a batch of more; each compiles at its first
+step (about a minute on two CPU cores), or at load with LLMEngine.warm_up. Steps with prompt
+chunks, drafted tokens or LoRA adapters run eagerly; a toolchain that can't compile turns it off
+with a warning.
 """
 
 from __future__ import annotations
