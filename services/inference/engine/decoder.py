@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from services.inference.engine import kernels
 from services.inference.engine.quantization import Int8Linear
 
 SUPPORTED = ("llama", "mistral")
@@ -51,13 +52,19 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     PyTorch's CPU matmul is MKL's, which on CPUs other than Intel's takes a generic path: on an
     AVX-512 AMD EPYC (2 cores) it reads a float32 weight at 11-17 GB/s where oneDNN reads it at
     23-25 GB/s, and at 16-64 rows oneDNN does 2-2.7x the float32 FLOPs. Same weights, no copy.
-    A compiled graph calls it as one opaque operation (`llmp::dense`), as it would a matmul.
+    A compiled graph calls it as one opaque operation, as it would a matmul: `llmp_native::dense`
+    (kernels/dense.cpp) where the engine's kernels are built, which its C++ wrapper calls without
+    entering Python, else `llmp::dense`.
     """
     if x.device.type == "cpu" and ONEDNN and x.dtype in ONEDNN_DTYPES and weight.dtype == x.dtype:
+        if NATIVE:
+            return torch.ops.llmp_native.dense(x, weight, bias)
         return torch.ops.llmp.dense(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
+NATIVE = False
+"""llmp_native::dense is there (the engine's kernels are built: set by LlamaDecoder, outside any graph)."""
 ONEDNN = torch.backends.mkldnn.is_available()
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -87,6 +94,8 @@ class Packed:
         key = self.stand_in.data_ptr()
         _PACKED[key] = self.packed
         weakref.finalize(self, _PACKED.pop, key, None)
+        if kernels.register_packed(self.stand_in, self.packed):
+            weakref.finalize(self, kernels.unregister_packed, key)
 
     @staticmethod
     def usable(weight: torch.Tensor) -> bool:
@@ -250,6 +259,8 @@ class LlamaDecoder:
     def __init__(self, model: PreTrainedModel, pack: bool = False) -> None:
         """`pack`: keep float projection weights in oneDNN's layout (see the module's notes); the
         model's modules then hold stand-ins, so only a model this decoder owns may be packed."""
+        global NATIVE
+        NATIVE = kernels.available()
         inner: Any = model.base_model
         self.inner = inner
         self.layers = [_Layer(layer, model.config, pack) for layer in inner.layers]

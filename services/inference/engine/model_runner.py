@@ -149,7 +149,7 @@ def _attend(
     if length == 1 and step.kernel:  # decoding rows: the engine's kernel
         mask = None if g.mask is None else g.mask.reshape(b, -1)
         scale = d**-0.5 if scaling is None else scaling
-        out = torch.ops.llmp.paged_decode_attention(
+        out = kernels.paged_decode_attention(
             q.reshape(b, heads, d), blocks_k, blocks_v, g.read_blocks, mask, g.width, scale
         )
         return out.view(b, heads, 1, d)

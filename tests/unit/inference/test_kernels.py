@@ -53,7 +53,7 @@ def test_masked_rows_equal_sdpa_over_the_gathered_blocks(
     pos = torch.arange(context)[None]
     mask = (pos < ends[:, None]) & (ends[:, None] - pos <= 7)  # the last 7 keys: a sliding window
     assert kernels.supports(dtype, dim, q.device)
-    got = torch.ops.llmp.paged_decode_attention(q, kb, vb, read, mask, context, dim**-0.5)
+    got = kernels.paged_decode_attention(q, kb, vb, read, mask, context, dim**-0.5)
     want = reference(q, kb, vb, read, mask, context, dim**-0.5)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert got.dtype == dtype and got.shape == q.shape
@@ -63,17 +63,17 @@ def test_masked_rows_equal_sdpa_over_the_gathered_blocks(
 def test_without_a_mask_keys_past_the_width_are_not_read() -> None:
     q, kb, vb, read = case(torch.float32, 3, 4, 2, 16, 3)
     width = 9  # the middle of the third block: its last 3 keys are not the context
-    got = torch.ops.llmp.paged_decode_attention(q, kb, vb, read, None, width, 0.3)
+    got = kernels.paged_decode_attention(q, kb, vb, read, None, width, 0.3)
     torch.testing.assert_close(got.double(), reference(q, kb, vb, read, None, width, 0.3), atol=1e-5, rtol=1e-5)
     kb[read[:, 2], 1:] = float("nan")  # past the width: never read, so the output stays finite
-    assert torch.isfinite(torch.ops.llmp.paged_decode_attention(q, kb, vb, read, None, width, 0.3)).all()
+    assert torch.isfinite(kernels.paged_decode_attention(q, kb, vb, read, None, width, 0.3)).all()
 
 
 def test_a_block_id_outside_the_cache_is_refused_not_read() -> None:
     q, kb, vb, read = case(torch.float32, 2, 4, 4, 16, 2)
     read[1, 1] = BLOCKS
     with pytest.raises(RuntimeError, match="block id out of range"):
-        torch.ops.llmp.paged_decode_attention(q, kb, vb, read, None, 2 * BLOCK, 0.25)
+        kernels.paged_decode_attention(q, kb, vb, read, None, 2 * BLOCK, 0.25)
 
 
 def test_a_head_size_of_no_whole_vectors_is_left_to_tensor_operations() -> None:

@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -111,6 +113,10 @@ void decode(const T* q, const T* keys, const T* values, const int64_t* read, con
   });
 }
 
+}  // namespace
+
+namespace llmp {
+
 // q [rows, heads, dim]; key/value blocks [blocks, block_size, kv_heads, dim]; read [rows, n] the
 // blocks of each row's context in order; mask [rows, m >= width] (true: the key is attended) or
 // undefined (every key); keys at `width` and beyond are not read. -> [rows, heads, dim].
@@ -157,9 +163,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_blocks, c
   return out;
 }
 
-}  // namespace
+int64_t vector_width() { return kWidth; }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "Decode attention over a paged KV cache");
-  m.def("vector_width", [] { return kWidth; });
-}
+}  // namespace llmp
