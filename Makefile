@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	@# tcmalloc, which engine processes preload where found (services/inference/runtime.py); optional
 	-@ldconfig -p | grep -q libtcmalloc_minimal || apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
 	  || echo "libtcmalloc-minimal4 could not be installed; engines run on glibc's allocator"
+	@# the inference engine's CPU kernels, built once for this machine (services/inference/engine/kernels)
+	$(PY) -c 'from services.inference.engine import kernels; kernels.available()'
 	touch $@
 
 proto: setup

@@ -14,11 +14,12 @@
   projection, about 1.5 ms of a 20 ms batch-1 step of that model.
 
 They are compiled with the machine's own instruction set (`-march=native`) through
-`torch.utils.cpp_extension` (g++, ninja) into torch's extension cache, under a name that covers the
-CPU's flags, so a home shared by machines of other CPUs never loads a build it cannot run; a
-build takes about 45 s on two cores, once. Where they cannot be built (no compiler, another CPU
-architecture) `available()` is False, with a warning, and the engine uses tensor operations and
-decoder's Python operator instead.
+`torch.utils.cpp_extension` (g++, ninja) into the Python environment (`<prefix>/var/llmp-kernels`;
+torch's extension cache under HOME where the environment is read-only), under a name that covers
+the CPU's flags, so an environment shared by machines of other CPUs never loads a build it cannot
+run. A build takes about 45 s on two cores, once: `make setup` does it. Where they cannot be built
+(no compiler, another CPU architecture) `available()` is False, with a warning, and the engine
+uses tensor operations and decoder's Python operator instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,18 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
+def _build_directory(name: str) -> str | None:
+    """The environment's own folder for the build (`make setup` builds there, so every process of
+    the environment finds it, whatever its HOME); None (torch's cache under HOME) where the
+    environment is read-only, as in the service images."""
+    folder = Path(sys.prefix) / "var" / "llmp-kernels" / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return str(folder) if os.access(folder, os.W_OK) else None
+
+
 @functools.cache
 def _extension() -> Any | None:
     """The built kernels' module, or None (with a warning) where it cannot be built here."""
@@ -59,10 +73,11 @@ def _extension() -> Any | None:
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        digest = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:12]
+        name = f"llmp_engine_kernels_{hashlib.sha256(_cpu_flags().encode()).hexdigest()[:12]}"
         module = cpp_extension.load(
-            name=f"llmp_engine_kernels_{digest}",
+            name=name,
             sources=[str(path) for path in SOURCES],
+            build_directory=_build_directory(name),
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
