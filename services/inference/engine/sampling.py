@@ -13,7 +13,6 @@ the raw logits), not of the processed distribution.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from libs.common.errors import InvalidArgument
-from libs.common.plugins import Registry
+from libs.common.plugins import Registry, parameters
 
 
 @dataclass
@@ -342,7 +341,7 @@ class SamplingParams:
 def _stage(spec: Mapping[str, Any], context: Mapping[str, Any]) -> LogitsProcessor:
     """A stage from its spec, given the parts of `context` its class takes."""
     cls = SAMPLERS.get(str(spec.get("type", "")), field="processors.type")
-    accepted = inspect.signature(cls).parameters
+    accepted = parameters(cls)
     return SAMPLERS.create(spec, field="processors", **{k: v for k, v in context.items() if k in accepted})
 
 
