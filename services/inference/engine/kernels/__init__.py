@@ -16,10 +16,10 @@
 They are compiled with the machine's own instruction set (`-march=native`) through
 `torch.utils.cpp_extension` (g++, ninja) into the Python environment (`<prefix>/var/llmp-kernels`;
 torch's extension cache under HOME where the environment is read-only), under a name that covers
-the CPU's flags, so an environment shared by machines of other CPUs never loads a build it cannot
-run. A build takes about 45 s on two cores, once: `make setup` does it. Where they cannot be built
-(no compiler, another CPU architecture) `available()` is False, with a warning, and the engine
-uses tensor operations and decoder's Python operator instead.
+torch's version and the CPU's flags, so an environment shared by machines of other CPUs never
+loads a build it cannot run. A build takes about 45 s on two cores, once: `make setup` does it.
+Where they cannot be built (no compiler, another CPU architecture) `available()` is False, with a
+warning, and the engine uses tensor operations and decoder's Python operator instead.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def _extension() -> Any | None:
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        name = f"llmp_engine_kernels_{hashlib.sha256(_cpu_flags().encode()).hexdigest()[:12]}"
+        machine = f"{torch.__version__} {_cpu_flags()}"  # a build is for one torch and one instruction set
+        name = f"llmp_engine_kernels_{hashlib.sha256(machine.encode()).hexdigest()[:12]}"
         module = cpp_extension.load(
             name=name,
             sources=[str(path) for path in SOURCES],
