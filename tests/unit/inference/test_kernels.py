@@ -79,3 +79,9 @@ def test_a_block_id_outside_the_cache_is_refused_not_read() -> None:
 def test_a_head_size_of_no_whole_vectors_is_left_to_tensor_operations() -> None:
     assert not kernels.supports(torch.float32, 12, torch.device("cpu"))
     assert not kernels.supports(torch.float16, 64, torch.device("cpu"))
+
+
+def test_value_blocks_of_another_shape_are_refused_not_read() -> None:
+    q, kb, vb, read = case(torch.float32, 2, 4, 4, 16, 2)
+    with pytest.raises(RuntimeError, match="key and value blocks differ"):
+        kernels.paged_decode_attention(q, kb, vb[: BLOCKS // 2], read, None, 2 * BLOCK, 0.25)

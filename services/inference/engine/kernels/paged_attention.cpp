@@ -127,6 +127,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_blocks, c
   TORCH_CHECK(q.scalar_type() == key_blocks.scalar_type() && q.scalar_type() == value_blocks.scalar_type(),
               "decode_attention: dtypes differ");
   TORCH_CHECK(key_blocks.is_contiguous() && value_blocks.is_contiguous(), "decode_attention: cache not contiguous");
+  TORCH_CHECK(value_blocks.sizes() == key_blocks.sizes(), "decode_attention: key and value blocks differ in shape");
   TORCH_CHECK(read.scalar_type() == at::kLong, "decode_attention: block ids must be int64");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = key_blocks.size(1), kv_heads = key_blocks.size(2);
