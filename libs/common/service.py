@@ -8,6 +8,7 @@ Flags: --config FILE, --host, --port, --metrics-port, and --set key=value for an
 from __future__ import annotations
 
 import argparse
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,3 +49,12 @@ def configure(name: str, config_cls: type[C], argv: Sequence[str] | None = None)
     config = cfg.load(config_cls, name, file=args.config, flags=flags)
     logs.setup(name, common.log_level, common.log_format)
     return common, config
+
+
+def freeze_heap() -> None:
+    """Keep what a process holds once it has started (its imported libraries, a loaded model) out of
+    the garbage collector's full collections, which otherwise walk it all: in the inference service's
+    front, with Ray, Serve, torch and gRPC imported, one took 370 ms, during which no request moved.
+    Objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()

@@ -27,6 +27,7 @@ from libs.common.ports import PortInUse, ensure_free
 from libs.common.rpc.interceptors import ServerInterceptor
 from libs.common.rpc.metrics import SERVING, serve_metrics
 from libs.common.rpc.pools import SlowCalls
+from libs.common.service import freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Server:
         if load is not None:
             await load()
             self._handle_signals()  # loading may have installed its own handlers (ray.init does)
+        freeze_heap()
         await self.set_serving(True)
         log.info("%s serving", self.service)
         await self._stopping.wait()

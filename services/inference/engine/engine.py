@@ -31,6 +31,7 @@ merged into it, so memory stays bounded however far the reader falls behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -174,7 +175,8 @@ class LLMEngine:
         self._by_seq: dict[str, tuple[RequestState, int]] = {}
         self._lock = threading.Lock()
         self._streams: dict[str, _Outbox] = {}
-        self._driver: asyncio.Task[None] | None = None
+        self._driver: threading.Thread | None = None
+        self._driver_lock = threading.Lock()
         # request ids and seeds of unseeded requests: drawn from the OS once, not per request (a system
         # call gives up the GIL, and getting it back behind the step thread costs milliseconds)
         self._random = random.Random(secrets.randbits(128))
@@ -527,12 +529,15 @@ class LLMEngine:
         each per step cost the step loop a quarter of a core); the first output and the finished one
         (or an error) go at once.
 
-        Steps are driven by one asyncio task per engine; do not call `step()` or `generate()` meanwhile.
+        Steps are driven by a thread per engine while it has work (`_drive`); do not call `step()` or
+        `generate()` meanwhile.
         """
         rid = self.add_request(prompt_ids, params, request_id=request_id)
         outbox = self._streams[rid] = _Outbox(math.inf if final_only else 0.0)
-        if self._driver is None or self._driver.done():
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        with self._driver_lock:
+            if self._driver is None:
+                self._driver = threading.Thread(target=self._drive, name="llmp-engine", daemon=True)
+                self._driver.start()
         finished = False
         try:
             while not finished:
@@ -550,22 +555,51 @@ class LLMEngine:
             if not finished:
                 self.abort(rid)
 
-    async def _drive(self) -> None:
-        """Step while there is work; a failed step fails every open stream instead of leaving it waiting."""
+    def _drive(self) -> None:
+        """Step while there is work, handing each step's outputs to their streams' event loops without
+        waiting for them to be read: the next step starts at once, and a loop's own work (taking requests
+        in, sending results) runs beside the step instead of between steps. A failed step fails every
+        open stream."""
         try:
-            while self.has_unfinished():
-                for out in await asyncio.to_thread(self.step):
-                    outbox = self._streams.get(out.request_id)
-                    if outbox is not None:
-                        outbox.put(out)
-        except Exception as e:
-            for outbox in self._streams.values():
-                outbox.put(e)
-            raise
+            while True:
+                with self._driver_lock:
+                    if not self.has_unfinished():
+                        self._driver = None
+                        return
+                self._deliver(self.step())
+        except BaseException as e:
+            with self._driver_lock:
+                self._driver = None
+            log.error("an engine step failed: %r", e)  # the streams' readers get it as their error
+            self._deliver([], error=e)
+            if not isinstance(e, Exception):
+                raise
+
+    def _deliver(self, outputs: list[RequestOutput], error: BaseException | None = None) -> None:
+        """Put outputs (or `error`, in every open stream) into their outboxes, on each outbox's loop: one
+        wake-up per loop per step. A closed loop's streams are gone with it."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Outbox, RequestOutput | BaseException]]] = {}
+        if error is not None:
+            pairs: list[tuple[_Outbox | None, RequestOutput | BaseException]] = [
+                (outbox, error) for outbox in list(self._streams.values())
+            ]
+        else:
+            pairs = [(self._streams.get(out.request_id), out) for out in outputs]
+        for outbox, item in pairs:
+            if outbox is not None:
+                by_loop.setdefault(outbox.loop, []).append((outbox, item))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(_put_all, items)
 
 
 def _ids(value: int | list[int] | None) -> set[int]:
     return set(value if isinstance(value, list) else [] if value is None else [value])
+
+
+def _put_all(items: list[tuple[_Outbox, RequestOutput | BaseException]]) -> None:
+    for outbox, item in items:
+        outbox.put(item)
 
 
 class _Outbox:
@@ -577,6 +611,8 @@ class _Outbox:
     """
 
     def __init__(self, wake_at: float = 0.0) -> None:
+        self.loop = asyncio.get_running_loop()
+        """Where its reader runs: outputs are put in from there."""
         self._pending: RequestOutput | BaseException | None = None
         self._ready = asyncio.Event()
         self.wake_at = wake_at

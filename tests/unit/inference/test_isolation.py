@@ -212,7 +212,8 @@ def test_paced_and_final_only_streams_wake_their_reader_only_when_due(models) ->
         return every, final, paced
 
     every, final, paced = asyncio.run(scenario())
-    assert len(every) == 12  # one output a step, read as they come
+    # at most one output a step, read as they come; the steps taken while the reader was away come merged
+    assert len(every) <= 12 and [t for out in every for t in out.outputs[0].new_token_ids] == expected
     assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == expected
     assert len(paced) == 2 and paced[1].finished
     assert paced[0].outputs[0].new_token_ids + paced[1].outputs[0].new_token_ids == expected
