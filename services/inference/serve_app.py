@@ -56,7 +56,6 @@ from libs.common.artifacts import ArtifactStore, check_name
 from libs.common.config import CommonConfig, load
 from libs.common.errors import LlmpError, ResourceExhausted, Unavailable
 from libs.common.local_ray import remove_ray_temp_dir, start_local_ray
-from libs.common.service import freeze_heap
 from libs.common.settings import llmp_home
 from services.inference.config import InferenceConfig
 from services.inference.core import check_options
@@ -134,7 +133,6 @@ class ModelDeployment:
         self.board = stats_board(spec.name)
         self._stop = threading.Event()
         threading.Thread(target=self._report, name="llmp-stats", daemon=True).start()
-        freeze_heap()
         log.info("replica %s of %s loaded in %.2fs", replica, spec.name, self.server.load_seconds)
 
     async def generate(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:

@@ -115,11 +115,30 @@ def _matcher(compiled: _Compiled, form: str, value: Any) -> Any:
     return matcher
 
 
-def unpack(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def unpack(masks: np.ndarray, vocab_size: int) -> torch.Tensor:
     """llguidance's bitmasks [rows, words] int32 (bit j of word w: token 32w + j) -> which tokens are
     refused, [rows, vocab_size] bool; one numpy call, as the words' bytes are in order (little-endian)."""
-    bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")
-    return torch.from_numpy(bits) == 0
+    bits = np.unpackbits(masks.view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(bits == 0)
+
+
+def fill_masks(matchers: list[Any], vocab_size: int) -> np.ndarray:
+    """The next-token bitmasks [len(matchers), words] of the matchers, written by llguidance in place:
+    on its threads (the executor) from PARALLEL_FROM matchers, else one after another."""
+    global _executor
+    words = (vocab_size + 31) // 32
+    masks = np.full((len(matchers), words), -1, dtype=np.int32)
+    address, row = masks.ctypes.data, words * 4
+    if len(matchers) >= PARALLEL_FROM:
+        if _executor is None:
+            import llguidance
+
+            _executor = llguidance.LLExecutor()
+        _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], address, row, len(matchers))
+    else:
+        for i, matcher in enumerate(matchers):
+            matcher.unsafe_compute_mask_ptr(address + i * row, row)
+    return masks
 
 
 class Structured(LogitsProcessor):
@@ -173,38 +192,23 @@ class Structured(LogitsProcessor):
 
     @classmethod
     def prepare_batch(cls, items: list[tuple[Structured, SamplingContext]]) -> None:
-        """Compute the masks of many sequences' stages in one parallel call (once per engine step)."""
-        import llguidance
-        import llguidance.torch as llt
-
-        global _executor
-        if _executor is None:
-            _executor = llguidance.LLExecutor()
+        """Compute the masks of many sequences' stages in one call (once per engine step)."""
         for stage, ctx in items:
             stage.sync(ctx.output_ids)
-        items = [(stage, ctx) for stage, ctx in items if not stage.outside]
-        if not items:
+        stages = [stage for stage, _ in items if not stage.outside]
+        if not stages:
             return
-        vocab = items[0][0].vocab_size
-        masks = torch.full((len(items), (vocab + 31) // 32), -1, dtype=torch.int32)
-        if len(items) >= PARALLEL_FROM:
-            llt.fill_next_token_bitmask_par(
-                _executor, [(stage.matcher, i) for i, (stage, _) in enumerate(items)], masks
-            )
-        else:
-            for i, (stage, _) in enumerate(items):
-                llt.fill_next_token_bitmask(stage.matcher, masks, i)
-        refused = unpack(masks, vocab)  # one unpacking for the batch
-        for i, (stage, _) in enumerate(items):
+        refused = unpack(fill_masks([stage.matcher for stage in stages], stages[0].vocab_size), stages[0].vocab_size)
+        for i, stage in enumerate(stages):
             stage._refused, stage._refused_at = refused[i], len(stage.consumed)
 
     def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
-        self.sync(ctx.output_ids)
+        if not self._refused_at == len(ctx.output_ids) == len(self.consumed):  # else synced by prepare_batch
+            self.sync(ctx.output_ids)
         if self.outside:
             return torch.full_like(logits, float("-inf"))
         refused = self._refused if self._refused_at == len(self.consumed) else None
         if refused is None:
-            mask = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-            refused = unpack(mask[None], self.vocab_size)[0]
+            refused = unpack(fill_masks([self.matcher], self.vocab_size), self.vocab_size)[0]
         self._refused_at = -1  # a mask serves one call
         return logits.masked_fill(refused[: logits.numel()], float("-inf"))
