@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -217,3 +218,45 @@ def test_paced_and_final_only_streams_wake_their_reader_only_when_due(models) ->
     assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == expected
     assert len(paced) == 2 and paced[1].finished
     assert paced[0].outputs[0].new_token_ids + paced[1].outputs[0].new_token_ids == expected
+
+
+def test_steps_go_on_while_the_streams_loop_is_busy(models) -> None:
+    """The engine steps on its own thread: a reader whose loop is held up (here: blocked outright until
+    the engine is done) finds the steps taken meanwhile merged into its next output, none lost."""
+    e = engine(models)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = engine(models).generate([prompt(5, seed=4)], params)[0].outputs[0].token_ids
+
+    async def scenario() -> list[RequestOutput]:
+        stream = e.stream(prompt(5, seed=4), params)
+        outs = [await anext(stream)]
+        deadline = time.monotonic() + 60
+        while e.has_unfinished() and time.monotonic() < deadline:  # the loop is never given back meanwhile
+            time.sleep(0.001)
+        assert not e.has_unfinished(), "the engine stood still while its streams' loop was busy"
+        outs += [out async for out in stream]
+        return outs
+
+    outs = asyncio.run(scenario())
+    assert len(outs) == 2 and outs[1].finished
+    assert outs[0].outputs[0].new_token_ids + outs[1].outputs[0].new_token_ids == expected
+
+
+def test_a_stream_on_a_new_event_loop_is_served_while_an_old_loops_request_winds_down(models) -> None:
+    """Requests left by a loop that has ended (closed early, their aborts pending) do not take the next
+    loop's outputs with them: each output goes to the loop its stream runs on."""
+    e = engine(models)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = engine(models).generate([prompt(6, seed=8)], params)[0].outputs[0].token_ids
+
+    async def leave_early() -> None:
+        stream = e.stream(prompt(5, seed=7), params)
+        await anext(stream)
+        await stream.aclose()  # aborted at the next step, which may run after this loop is gone
+
+    async def read() -> list[int]:
+        return [t async for out in e.stream(prompt(6, seed=8), params) for t in out.outputs[0].new_token_ids]
+
+    for _ in range(5):
+        asyncio.run(leave_early())
+        assert asyncio.run(asyncio.wait_for(read(), 120)) == expected
