@@ -184,8 +184,8 @@ class Structured(LogitsProcessor):
             self.matcher.rollback(len(self.consumed) - common)
             del self.consumed[common:]
         new = output_ids[common:]
-        fits = self.matcher.validate_tokens(new) if new else 0
-        if fits and not self.matcher.consume_tokens(new[:fits]):
+        fits = self.matcher.try_consume_tokens(new) if new else 0  # the prefix the grammar allows
+        if self.matcher.is_error():
             raise RuntimeError(f"the grammar's matcher failed: {self.matcher.get_error()}")
         self.consumed.extend(new[:fits])
         self.outside = fits < len(new)
