@@ -22,10 +22,11 @@ and a request whose logits are not finite or whose sampling raises is failed wit
 `RequestFailed` (its sequences are aborted at the next step) while the rest of the batch goes on.
 Only a step that fails for every request at once fails the engine.
 
-`stream()` drives steps from an asyncio task, with the forward pass off the event loop; a stream
-the caller stops reading is aborted, which frees its slot and blocks at the next step. Each stream
-holds at most one undelivered output (`_Outbox`): progress a slow reader has not taken yet is
-merged into it, so memory stays bounded however far the reader falls behind.
+`stream()` drives steps from a thread of the engine's own while it has work, which hands each
+step's outputs to the streams' event loops without waiting for them; a stream the caller stops
+reading is aborted, which frees its slot and blocks at the next step. Each stream holds at most one
+undelivered output (`_Outbox`): progress a slow reader has not taken yet is merged into it, so
+memory stays bounded however far the reader falls behind.
 """
 
 from __future__ import annotations
