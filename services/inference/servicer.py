@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from importlib import metadata
 from typing import Any
 
-from google.protobuf import json_format
 from llmp.inference.v1 import inference_pb2 as pb
 from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from libs.common.errors import InvalidArgument
+from libs.common.structs import plain_struct
 from services.inference.core import InferenceCore
 from services.inference.engine import SamplingParams, TokenLogprob
 from services.inference.schema import (
@@ -52,23 +52,8 @@ def sampling_params(r: pb.GenerateRequest, defaults: SamplingParams = SamplingPa
         length_penalty=_set(r, "length_penalty", defaults.length_penalty),
         early_stopping=early_stopping(r.early_stopping),
         adapter=r.adapter or None,
-        processors=tuple(plugin_spec(s) for s in r.processors),
+        processors=tuple(plain_struct(s, f"processors[{i}]") for i, s in enumerate(r.processors)),
     )
-
-
-def plugin_spec(struct: Any) -> dict[str, Any]:
-    """A Struct plugin spec as a dict; Struct numbers arrive as floats, whole ones go back to ints."""
-    return {k: _whole(v) for k, v in json_format.MessageToDict(struct).items()}
-
-
-def _whole(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole(v) for v in value]
-    return value
 
 
 def early_stopping(value: str) -> bool | str:

@@ -228,6 +228,11 @@ def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "processors",
         ),
+        (  # a Struct may carry NaN, which has no JSON form
+            pb.GenerateRequest(model="tiny", text="hi", processors=[{"type": "structured", "size": float("nan")}]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "processors[0].size",
+        ),
         (
             pb.GenerateRequest(model="tiny", text="hi", processors=[{"type": "no_such_sampler"}]),
             grpc.StatusCode.INVALID_ARGUMENT,
