@@ -579,16 +579,15 @@ class LLMEngine:
     def _deliver(self, outputs: list[RequestOutput], error: BaseException | None = None) -> None:
         """Put outputs (or `error`, in every open stream) into their outboxes, on each outbox's loop: one
         wake-up per loop per step. A closed loop's streams are gone with it."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Outbox, RequestOutput | BaseException]]] = {}
         if error is not None:
-            pairs: list[tuple[_Outbox | None, RequestOutput | BaseException]] = [
-                (outbox, error) for outbox in list(self._streams.values())
+            pairs: list[tuple[_Outbox, RequestOutput | BaseException]] = [
+                (o, error) for o in list(self._streams.values())
             ]
         else:
-            pairs = [(self._streams.get(out.request_id), out) for out in outputs]
+            pairs = [(o, out) for out in outputs if (o := self._streams.get(out.request_id)) is not None]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Outbox, RequestOutput | BaseException]]] = {}
         for outbox, item in pairs:
-            if outbox is not None:
-                by_loop.setdefault(outbox.loop, []).append((outbox, item))
+            by_loop.setdefault(outbox.loop, []).append((outbox, item))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(_put_all, items)

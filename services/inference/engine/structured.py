@@ -203,7 +203,8 @@ class Structured(LogitsProcessor):
             stage._refused, stage._refused_at = refused[i], len(stage.consumed)
 
     def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
-        if not self._refused_at == len(ctx.output_ids) == len(self.consumed):  # else synced by prepare_batch
+        prepared = self._refused_at == len(self.consumed) == len(ctx.output_ids)  # synced by prepare_batch
+        if not prepared:
             self.sync(ctx.output_ids)
         if self.outside:
             return torch.full_like(logits, float("-inf"))

@@ -183,10 +183,11 @@ def test_bad_requests_are_refused_before_any_work(models, prompt_ids, params, fi
 
 def test_streaming_yields_tokens_as_they_come_and_closing_aborts(models) -> None:
     tokens = prompt(7, seed=12)
+    params = dataclasses.replace(GREEDY, max_tokens=40)
     e = engine(models)
 
     async def collect() -> list[list[int]]:
-        return [o.outputs[0].new_token_ids async for o in e.stream(tokens, dataclasses.replace(GREEDY, max_tokens=40))]
+        return [o.outputs[0].new_token_ids async for o in e.stream(tokens, params)]
 
     async def give_up() -> None:
         stream = e.stream(prompt(7, seed=13), SamplingParams(max_tokens=50))
@@ -198,7 +199,7 @@ def test_streaming_yields_tokens_as_they_come_and_closing_aborts(models) -> None
     pieces = asyncio.run(collect())
     # Steps run on while the reader is away; what it missed comes merged in its next piece.
     assert len(pieces) > 1 and all(pieces)
-    assert [t for p in pieces for t in p] == alone(models, [tokens], dataclasses.replace(GREEDY, max_tokens=40))[0]
+    assert [t for p in pieces for t in p] == alone(models, [tokens], params)[0]
     asyncio.run(give_up())
     assert e.cache.usage == 0
 
