@@ -55,6 +55,8 @@ class RequestState:
     decoding: Decoding
     emitted: list[int]
     """Tokens of each completion already reported."""
+    decoded: list[int]
+    """Tokens of each completion that its `text` was decoded from."""
     unfinished: int
     """Completions without a finish reason."""
     error: LlmpError | None = None

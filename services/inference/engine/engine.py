@@ -200,7 +200,9 @@ class LLMEngine:
         if beam:
             stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
             decoding = BeamDecoding(BeamSearch(seqs[0], params, stop_ids, params.max_tokens))
-        request = RequestState(rid, prompt, params, seqs, samplers, completions, decoding, [0] * params.n, params.n)
+        request = RequestState(
+            rid, prompt, params, seqs, samplers, completions, decoding, [0] * params.n, [0] * params.n, params.n
+        )
         with self._lock:
             if rid in self._requests:
                 raise InvalidArgument(f"{rid!r} is already running", field="request_id")
@@ -282,6 +284,11 @@ class LLMEngine:
     # -- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the requests that progressed, finished or failed in it."""
+        return [self._report(r) for r in self._step()]
+
+    def _step(self) -> list[RequestState]:
+        """One scheduling step: the requests that progressed, finished or failed in it, not yet reported
+        (a report copies the completions and decodes their text, so it is made only where it is read)."""
         with self._lock:
             scheduled = self.scheduler.schedule()
             touched = {s.request_id: self._finish(s, "abort", free=False) for s in scheduled.aborted}
@@ -300,7 +307,7 @@ class LLMEngine:
                     chunks = [chunks[i] for i in kept]
                 self.scheduler.advance(scheduled)
                 touched.update(self._sample(chunks, scheduled.sequences, logits))
-        return [self._report(r) for r in touched.values()]
+        return list(touched.values())
 
     def _forward(
         self, chunks: list[StepChunk], sequences: list[Sequence], adapters: list[str | None]
@@ -458,6 +465,7 @@ class LLMEngine:
         for completion, ids in zip(request.completions, tokens or [], strict=False):
             completion.token_ids = ids
             completion.text = self.detokenize(ids) if self.detokenize else None
+            request.decoded[completion.index] = len(ids)
         for completion, reason in zip(request.completions, reasons, strict=False):
             completion.finish_reason = reason
         request.unfinished = 0
@@ -465,8 +473,10 @@ class LLMEngine:
 
     def _finish_reason(self, request: RequestState, completion: CompletionOutput, token: int) -> str | None:
         params = request.params
-        if self.detokenize is not None:
+        if params.stop:  # the text is looked at every token; otherwise it is decoded when reported
+            assert self.detokenize is not None  # (refused without one)
             completion.text = self.detokenize(completion.token_ids)
+            request.decoded[completion.index] = len(completion.token_ids)
             cut = min((i for i in (completion.text.find(s) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 completion.text = completion.text[:cut]
@@ -487,6 +497,8 @@ class LLMEngine:
     def _report(self, request: RequestState) -> RequestOutput:
         outputs = []
         for i, c in enumerate(request.completions):
+            if self.detokenize is not None and request.decoded[i] != len(c.token_ids):
+                c.text, request.decoded[i] = self.detokenize(c.token_ids), len(c.token_ids)
             new = c.token_ids[request.emitted[i] :]
             request.emitted[i] = len(c.token_ids)
             outputs.append(replace(c, token_ids=list(c.token_ids), logprobs=list(c.logprobs), new_token_ids=new))
@@ -508,9 +520,9 @@ class LLMEngine:
                 index, prompt = pending.popleft()
                 order[self.add_request(prompt, params)] = index
                 room -= params.n
-            for out in self.step():
-                if out.finished and out.request_id in order:
-                    done[order.pop(out.request_id)] = out
+            for request in self._step():
+                if request.unfinished == 0 and request.request_id in order:
+                    done[order.pop(request.request_id)] = self._report(request)
         return [done[i] for i in range(total)]
 
     async def stream(
@@ -567,7 +579,7 @@ class LLMEngine:
                     if not self.has_unfinished():
                         self._driver = None
                         return
-                self._deliver(self.step())
+                self._deliver([self._report(r) for r in self._step() if self._due(r)])
         except BaseException as e:
             with self._driver_lock:
                 self._driver = None
@@ -575,6 +587,15 @@ class LLMEngine:
             self._deliver([], error=e)
             if not isinstance(e, Exception):
                 raise
+
+    def _due(self, request: RequestState) -> bool:
+        """Whether a stream reads the request's progress now: it has one (it may have just closed) and
+        that one is awake, or the request ended or failed. Progress not read now is reported later,
+        merged (the tokens new since the last report, the whole completions)."""
+        outbox = self._streams.get(request.request_id)
+        if outbox is None:
+            return False
+        return request.unfinished == 0 or request.error is not None or time.monotonic() >= outbox.wake_at
 
     def _deliver(self, outputs: list[RequestOutput], error: BaseException | None = None) -> None:
         """Put outputs (or `error`, in every open stream) into their outboxes, on each outbox's loop: one

@@ -154,6 +154,33 @@ def test_stop_tokens_stop_strings_and_eos(models) -> None:
     assert out.outputs[0].token_ids == generated
 
 
+def test_text_is_decoded_for_the_outputs_read_and_at_every_token_only_for_stop_strings(models) -> None:
+    # Each decode is of the whole completion so far: at every token it would cost the square of its length.
+    decoded: list[int] = []
+
+    def text(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return "".join(f"<{t}>" for t in ids)
+
+    e = LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)), detokenize=text)
+    tokens, params = prompt(6, seed=10), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    [out] = e.generate([tokens], params)
+    assert decoded == [30]
+    assert out.outputs[0].text == "".join(f"<{t}>" for t in out.outputs[0].token_ids)
+
+    async def final_only() -> list:
+        return [o async for o in e.stream(tokens, params, final_only=True)]
+
+    decoded.clear()
+    [last] = asyncio.run(final_only())
+    assert decoded == [30] and last.outputs[0].text == out.outputs[0].text
+
+    decoded.clear()
+    [stopped] = e.generate([tokens], dataclasses.replace(params, stop=("<none>",)))
+    assert decoded == list(range(1, 31))  # a stop string may end at any token
+    assert stopped.outputs[0].text == out.outputs[0].text
+
+
 def test_logprobs_and_n_greedy(models) -> None:
     [out] = engine(models).generate([prompt(5, seed=11)], SamplingParams(max_tokens=3, temperature=0, n=2, logprobs=3))
     first, second = out.outputs
