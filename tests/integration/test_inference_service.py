@@ -176,6 +176,22 @@ def test_abort_by_request_id(stub: pb_grpc.InferenceServiceStub) -> None:
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_whole_reply_can_be_aborted_or_cancelled(stub: pb_grpc.InferenceServiceStub) -> None:
+    """Generate reaches the replica as one plain call (no stream): Abort still ends it with finish_reason
+    "abort", and a client that gives up still frees the replica's cache."""
+    whole = stub.Generate.future(greedy(120, request_id="abort-whole"))
+    wait_until(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).load.requests_in_flight == 1)
+    stub.Abort(pb.AbortRequest(request_id="abort-whole"))
+    reply = whole.result(timeout=60)
+    assert reply.completions[0].finish_reason == "abort" and reply.usage.completion_tokens < 120
+    wait_until(lambda: idle(stub))
+    given_up = stub.Generate.future(greedy(120))
+    wait_until(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).load.requests_in_flight == 1)
+    given_up.cancel()
+    wait_until(lambda: idle(stub))
+    assert stub.Generate(greedy(8)).usage.completion_tokens == 8
+
+
 def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
     strict = pb.ReplicaOptions(num_cpus=0.5, max_ongoing_requests=1, max_queued_requests=0)
     stub.LoadModel(pb.LoadModelRequest(path=TINY, name="strict", replicas=strict), timeout=120)

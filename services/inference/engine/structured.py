@@ -203,13 +203,17 @@ class Structured(LogitsProcessor):
             stage._refused, stage._refused_at = refused[i], len(stage.consumed)
 
     def __call__(self, logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
-        prepared = self._refused_at == len(self.consumed) == len(ctx.output_ids)  # synced by prepare_batch
-        if not prepared:
+        if self._refused_at == len(self.consumed) == len(ctx.output_ids):  # prepared by prepare_batch
+            refused = self._refused
+        else:
             self.sync(ctx.output_ids)
-        if self.outside:
-            return torch.full_like(logits, float("-inf"))
-        refused = self._refused if self._refused_at == len(self.consumed) else None
-        if refused is None:
-            refused = unpack(fill_masks([self.matcher], self.vocab_size), self.vocab_size)[0]
+            if self.outside:
+                return torch.full_like(logits, float("-inf"))
+            refused = self._refused if self._refused_at == len(self.consumed) else None
+            if refused is None:
+                refused = unpack(fill_masks([self.matcher], self.vocab_size), self.vocab_size)[0]
         self._refused_at = -1  # a mask serves one call
-        return logits.masked_fill(refused[: logits.numel()], float("-inf"))
+        assert refused is not None
+        if refused.numel() != logits.numel():  # (a slice makes masked_fill take twice as long)
+            refused = refused[: logits.numel()]
+        return logits.masked_fill(refused, float("-inf"))
