@@ -64,7 +64,8 @@ def test_a_bounded_message_rate_merges_tokens_into_fewer_chunks(store: ArtifactS
         return streams[0], streams[1]
 
     every_step, merged = run(scenario())
-    assert len(every_step) == 12 and len(merged) == 2
+    # one chunk a step (12) while the reader keeps up; a reader that falls behind gets steps merged
+    assert 2 < len(every_step) <= 12 and len(merged) == 2
     assert [len(c.token_ids) for c in merged[0].completions] == [1, 1]
     assert merged[-1].finished and not merged[0].finished
     for i in range(2):
