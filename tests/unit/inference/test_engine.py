@@ -162,24 +162,27 @@ def test_text_is_decoded_for_the_outputs_read_and_at_every_token_only_for_stop_s
         decoded.append(len(ids))
         return "".join(f"<{t}>" for t in ids)
 
-    e = LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)), detokenize=text)
+    def new_engine() -> LLMEngine:
+        return LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)), detokenize=text)
+
+    e = new_engine()
     tokens, params = prompt(6, seed=10), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     [out] = e.generate([tokens], params)
     assert decoded == [30]
-    assert out.outputs[0].text == "".join(f"<{t}>" for t in out.outputs[0].token_ids)
+    expected = "".join(f"<{t}>" for t in out.outputs[0].token_ids)
+    assert out.outputs[0].text == expected
 
     async def final_only() -> list:
         return [o async for o in e.stream(tokens, params, final_only=True)]
 
     decoded.clear()
     [last] = asyncio.run(final_only())
-    assert decoded == [30] and last.outputs[0].text == out.outputs[0].text
+    assert decoded == [30] and last.outputs[0].text == expected
 
     decoded.clear()  # a new engine: the stream's step thread may not have ended yet
-    e = LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)), detokenize=text)
-    [stopped] = e.generate([tokens], dataclasses.replace(params, stop=("<none>",)))
+    [stopped] = new_engine().generate([tokens], dataclasses.replace(params, stop=("<none>",)))
     assert decoded == list(range(1, 31))  # a stop string may end at any token
-    assert stopped.outputs[0].text == out.outputs[0].text
+    assert stopped.outputs[0].text == expected
 
 
 def test_logprobs_and_n_greedy(models) -> None:
