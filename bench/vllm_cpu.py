@@ -11,6 +11,10 @@ tokens. Rows, each in float32 and bfloat16 (target: ours >= 1.0x vLLM at the sam
 4. mixed arrivals: 24 requests (prompts 16-512, outputs 16-256) arriving over half the time our
    engine takes to serve them all at once (timed first), the same schedule for both.
 
+Both engines stay loaded side by side (vLLM in a process of its own) and every timing alternates
+between them, ours then vLLM's, row by row and repeat by repeat: this shared machine's speed drifts
+by 10-25% over minutes, which timing all of one engine and then all of the other put into the ratios.
+
 `--quick` keeps the rows but shortens them (16 generated tokens a request, 32 at batch 1, 8 mixed
 requests, one timing each), a few minutes in all; the figures to quote come from the full run.
 
@@ -149,76 +153,133 @@ def workload(shape: Shape, seed: int = 0) -> dict:
     return {"batches": batches, "mixed": mixed, "repeats": shape.repeats}
 
 
-def ours(model: PreTrainedModel, work: dict) -> tuple[dict[str, float], float, float]:
-    """(best seconds per batch, seconds for the mixed arrivals, the arrival window) on our compiled engine."""
-    engine = engine_for(model, kv_mb=1024, budget=2048, compile=True, pack=True)  # as the service runs it
-    print(f"  {model.dtype}: our engine compiled its decode steps in {engine.warm_up():.0f} s", flush=True)
-    batches = {}
-    for batch in work["batches"]:
-        prompts, params = batch["prompts"], greedy(batch["max_tokens"])
-        batches[batch["name"]] = min(timed(engine.generate, prompts, params) for _ in range(work["repeats"]))
-    mixed = work["mixed"]
-    window = timed(engine.generate, mixed["prompts"], greedy(max(mixed["max_tokens"]))) / 2
-    mixed["arrivals"] = [f * window for f in mixed["fractions"]]
-    start, added, count = time.perf_counter(), 0, len(mixed["prompts"])
-    while added < count or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while added < count and mixed["arrivals"][added] <= now:
-            engine.add_request(mixed["prompts"][added], greedy(mixed["max_tokens"][added]))
-            added += 1
-        if engine.has_unfinished():
-            engine.step()
-        else:
-            time.sleep(max(0.0, mixed["arrivals"][added] - now))
-    return batches, time.perf_counter() - start, window
+class Ours:
+    """Our compiled engine, as the service runs it, timing one row at a time."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.engine = engine_for(model, kv_mb=1024, budget=2048, compile=True, pack=True)
+        print(f"  {model.dtype}: our engine compiled its decode steps in {self.engine.warm_up():.0f} s", flush=True)
+
+    def batch(self, row: dict) -> float:
+        return timed(self.engine.generate, row["prompts"], greedy(row["max_tokens"]))
+
+    def mixed(self, row: dict) -> float:
+        engine, arrivals = self.engine, row["arrivals"]
+        start, added, count = time.perf_counter(), 0, len(row["prompts"])
+        while added < count or engine.has_unfinished():
+            now = time.perf_counter() - start
+            while added < count and arrivals[added] <= now:
+                engine.add_request(row["prompts"][added], greedy(row["max_tokens"][added]))
+                added += 1
+            if engine.has_unfinished():
+                engine.step()
+            else:
+                time.sleep(max(0.0, arrivals[added] - now))
+        return time.perf_counter() - start
 
 
 def vllm_log(dtype: str) -> Path:
     return CACHE / f"vllm-{dtype}.log"
 
 
-def theirs(python: Path, folder: Path, dtype: str, work: dict, threads: int) -> dict | str:
-    """vLLM's timings, or why it failed (the tail of its log, which is kept in CACHE)."""
-    request = {"model": str(folder), "dtype": dtype, "max_model_len": MAX_MODEL_LEN, **work}
-    log = vllm_log(dtype)
-    with tempfile.TemporaryDirectory() as tmp, log.open("w") as out:
-        result = Path(tmp) / "result.json"
-        done = subprocess.run(
-            [str(python), str(ROOT / "bench" / "vllm_worker.py"), str(result)],
-            input=json.dumps(request),
-            text=True,
-            stdout=out,
+class Theirs:
+    """vLLM in its own environment and process (bench/vllm_worker.py), timing one row at a time."""
+
+    def __init__(self, python: Path, folder: Path, dtype: str, threads: int) -> None:
+        self.log_path = vllm_log(dtype)
+        self.log = self.log_path.open("w")
+        read, write = os.pipe()
+        self.process = subprocess.Popen(
+            [str(python), str(ROOT / "bench" / "vllm_worker.py"), str(write)],
+            stdin=subprocess.PIPE,
+            stdout=self.log,
             stderr=subprocess.STDOUT,
+            text=True,
             env=vllm_env(python, threads),
-            cwd=tmp,
+            cwd=tempfile.gettempdir(),
+            pass_fds=(write,),
         )
-        if done.returncode or not result.exists():
-            tail = log.read_text().strip().splitlines()[-5:]
-            return f"vLLM exited with {done.returncode} (log {log}):\n    " + "\n    ".join(tail)
-        return json.loads(result.read_text())
+        os.close(write)
+        self.answers = os.fdopen(read)
+        self.startup = self._ask({"model": str(folder), "dtype": dtype, "max_model_len": MAX_MODEL_LEN})["startup"]
+
+    def _ask(self, request: dict) -> dict:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.answers.readline()
+        if not line:  # the worker ended: it failed
+            code = self.process.wait()
+            tail = self.log_path.read_text().strip().splitlines()[-5:]
+            raise RuntimeError(f"vLLM exited with {code} (log {self.log_path}):\n    " + "\n    ".join(tail))
+        return json.loads(line)
+
+    def batch(self, row: dict) -> float:
+        return float(self._ask(row)["seconds"])
+
+    def mixed(self, row: dict) -> float:
+        return float(self._ask(row)["seconds"])
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.answers.close()
+        self.log.close()
 
 
 def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, threads: int, shape: Shape) -> None:
+    """Both engines loaded side by side, each row timed on one then the other (the machine's speed
+    drifts over minutes: alternating keeps that drift out of the ratio); each engine idles, its
+    threads asleep, while the other one runs."""
     work = workload(shape)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    copied = copy.deepcopy(model)
-    torch.nn.Module.to(copied, torch_dtype)  # in place
-    our_batches, our_mixed, window = ours(copied, work)
-    print(f"  {dtype}: our engine timed; vLLM's turn (its log: {vllm_log(dtype)})", flush=True)
-    vllm = theirs(python, folder, dtype, work, threads)
-    if isinstance(vllm, str):
-        print(f"  vs vLLM CPU {dtype}: skipped: {vllm}", flush=True)
+    print(f"  {dtype}: vLLM starting (its log: {vllm_log(dtype)})", flush=True)
+    try:
+        theirs = Theirs(python, folder, dtype, threads)
+    except RuntimeError as e:
+        print(f"  vs vLLM CPU {dtype}: skipped: {e}", flush=True)
         return
-    for name, count, _, out in shape.batches:
-        tokens = count * out
-        rates = tokens / our_batches[name], tokens / vllm["batches"][name]
-        record(Row(f"vs vLLM CPU {dtype}: {name}", *rates, "tok/s", 1.0))
-    useful = sum(work["mixed"]["max_tokens"])
-    seconds = f"{our_mixed:.1f} s vs {vllm['mixed']:.1f} s"
-    requests = len(work["mixed"]["prompts"])
-    note = f"({requests} requests over {window:.1f} s; {seconds}; vLLM start {vllm['startup']:.0f} s)"
-    rates = useful / our_mixed, useful / vllm["mixed"]
-    record(Row(f"vs vLLM CPU {dtype}: mixed arrivals", *rates, "tok/s", 1.0, note=note))
+    try:
+        copied = copy.deepcopy(model)
+        torch.nn.Module.to(copied, torch_dtype)  # in place
+        ours = Ours(copied)
+        engines: tuple[Ours | Theirs, ...] = (ours, theirs)
+        for batch in work["batches"]:
+            best = [float("inf"), float("inf")]
+            for _ in range(work["repeats"]):
+                for i, engine in enumerate(engines):
+                    time.sleep(SETTLE)
+                    best[i] = min(best[i], engine.batch(batch))
+            tokens = len(batch["prompts"]) * batch["max_tokens"]
+            record(Row(f"vs vLLM CPU {dtype}: {batch['name']}", tokens / best[0], tokens / best[1], "tok/s", 1.0))
+        mixed = work["mixed"]
+        window = ours.batch({"prompts": mixed["prompts"], "max_tokens": max(mixed["max_tokens"])}) / 2
+        row = {**mixed, "arrivals": [f * window for f in mixed["fractions"]]}
+        del row["fractions"]
+        seconds = []
+        for engine in engines:
+            time.sleep(SETTLE)
+            seconds.append(engine.mixed(row))
+        useful = sum(mixed["max_tokens"])
+        note = (
+            f"({len(mixed['prompts'])} requests over {window:.1f} s; {seconds[0]:.1f} s vs {seconds[1]:.1f} s; "
+            f"vLLM start {theirs.startup:.0f} s)"
+        )
+        rates = useful / seconds[0], useful / seconds[1]
+        record(Row(f"vs vLLM CPU {dtype}: mixed arrivals", *rates, "tok/s", 1.0, note=note))
+    except RuntimeError as e:
+        print(f"  vs vLLM CPU {dtype}: stopped: {e}", flush=True)
+    finally:
+        theirs.close()
+
+
+SETTLE = 1.0
+"""Seconds between two timings, so that the engine just timed has its OpenMP threads asleep (Intel
+OpenMP spins 200 ms by default after a parallel region) before the other starts."""
 
 
 def main(argv: list[str] | None = None) -> None:

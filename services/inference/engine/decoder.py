@@ -21,7 +21,10 @@ With `pack=True` (a model the engine owns: the inference service's), float proje
 their weights in oneDNN's blocked layout instead of the plain one (`Packed`): bfloat16 matmuls read
 them 2.6x faster at one row and 1.3-1.7x at 16-64 rows. The modules then hold stand-ins of the
 weights' shapes, so the model's other users would compute with zeros; the first hooked call (an
-adapter loaded later) turns a layer's weights back to plain ones.
+adapter loaded later) turns a layer's weights back to plain ones. With `few_rows` as well, bfloat16
+weights also keep their plain layout, which the engine's own kernel reads for steps of a few rows
+(kernels.few_rows_limit(), dense.cpp): on an AMX Xeon's two cores it streams a 134M model's
+projections at one row 1.8x as fast as oneDNN's packed kernel, for a second copy of those weights.
 """
 
 from __future__ import annotations
@@ -88,13 +91,18 @@ class Packed:
     plain weight back (oneDNN reorders it) for modules that are called on their own again.
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    def __init__(self, weight: torch.Tensor, few_rows: bool = False) -> None:
+        """`few_rows`: keep the plain weight as well, for the kernel of few-row bfloat16 steps (where
+        it is built: kernels.few_rows_limit())."""
+        weight = weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        few_rows = few_rows and weight.dtype == torch.bfloat16 and kernels.few_rows_limit() > 0
+        self.kept: torch.Tensor | None = weight.contiguous() if few_rows else None
         self.stand_in = weight.new_zeros(()).expand(weight.shape)
         key = self.stand_in.data_ptr()
         _PACKED[key] = self.packed
         weakref.finalize(self, _PACKED.pop, key, None)
-        if kernels.register_packed(self.stand_in, self.packed):
+        if kernels.register_packed(self.stand_in, self.packed, self.kept):
             weakref.finalize(self, kernels.unregister_packed, key)
 
     @staticmethod
@@ -102,7 +110,7 @@ class Packed:
         return bool(ONEDNN and weight.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES)
 
     def plain(self) -> torch.Tensor:
-        return self.packed.to_dense()
+        return self.packed.to_dense() if self.kept is None else self.kept
 
 
 @_onednn_dense.register_fake
@@ -142,7 +150,7 @@ class _Fused:
         return False
 
 
-def _fuse(modules: list[Any], pack: bool) -> _Fused | None:
+def _fuse(modules: list[Any], pack: bool, few_rows: bool) -> _Fused | None:
     """Fuse plain float projections, or INT8 ones (Int8Linear.fuse decides which); None for anything else.
 
     The fused tensors hold the weights once: the modules' own weights become row views of them (of
@@ -156,7 +164,7 @@ def _fuse(modules: list[Any], pack: bool) -> _Fused | None:
         return None
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
-    packed = Packed(weight) if pack and Packed.usable(weight) else None
+    packed = Packed(weight, few_rows) if pack and Packed.usable(weight) else None
     if packed is not None:
         weight = packed.stand_in
     _share_rows(modules, "weight", weight)
@@ -177,7 +185,7 @@ def _share_rows(modules: list[nn.Linear], name: str, fused: torch.Tensor) -> Non
 class _Layer:
     """One decoder layer's modules and, where its projections allow, their fused weights."""
 
-    def __init__(self, layer: Any, config: Any, pack: bool) -> None:
+    def __init__(self, layer: Any, config: Any, pack: bool, few_rows: bool) -> None:
         self.layer = layer
         attn, mlp = layer.self_attn, layer.mlp
         self.heads = config.num_attention_heads
@@ -186,13 +194,15 @@ class _Layer:
         self.scaling = float(attn.scaling)
         self.qkv_modules = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.gate_up_modules = [mlp.gate_proj, mlp.up_proj]
-        self.qkv = None if any(_hooked(m) for m in self.qkv_modules) else _fuse(self.qkv_modules, pack)
-        self.gate_up = None if any(_hooked(m) for m in self.gate_up_modules) else _fuse(self.gate_up_modules, pack)
+        self.qkv = None if any(_hooked(m) for m in self.qkv_modules) else _fuse(self.qkv_modules, pack, few_rows)
+        self.gate_up = (
+            None if any(_hooked(m) for m in self.gate_up_modules) else _fuse(self.gate_up_modules, pack, few_rows)
+        )
         self.rotate_half = sys.modules[type(attn).__module__].rotate_half
         self.projections = [*self.qkv_modules, attn.o_proj, *self.gate_up_modules, mlp.down_proj]
         if pack:
             for module in (attn.o_proj, mlp.down_proj):
-                _pack_module(module)
+                _pack_module(module, few_rows)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: int, attend: Attend
@@ -232,10 +242,10 @@ def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     return module(x[None])[0]
 
 
-def _pack_module(module: Any) -> None:
+def _pack_module(module: Any, few_rows: bool) -> None:
     """Give a bare float projection a packed weight: the module holds its stand-in (see _linear)."""
     if _bare(module) and Packed.usable(module.weight):
-        packed = Packed(module.weight)
+        packed = Packed(module.weight, few_rows)
         module.weight.data = packed.stand_in
         module._llmp_packed = packed
 
@@ -256,17 +266,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_half: 
 class LlamaDecoder:
     """Hidden states of a packed step through a Llama-style model's decoder, attention supplied by the caller."""
 
-    def __init__(self, model: PreTrainedModel, pack: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, pack: bool = False, few_rows: bool = False) -> None:
         """`pack`: keep float projection weights in oneDNN's layout (see the module's notes); the
-        model's modules then hold stand-ins, so only a model this decoder owns may be packed."""
+        model's modules then hold stand-ins, so only a model this decoder owns may be packed.
+        `few_rows` (with `pack`): bfloat16 weights keep their plain layout too, for few-row steps."""
         global NATIVE
         NATIVE = kernels.available()
         inner: Any = model.base_model
         self.inner = inner
-        self.layers = [_Layer(layer, model.config, pack) for layer in inner.layers]
+        self.layers = [_Layer(layer, model.config, pack, few_rows) for layer in inner.layers]
         head = model.get_output_embeddings()
         if pack and head is not None and head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
-            _pack_module(head)  # a head tied to the embeddings keeps its plain weight: the lookup reads it
+            _pack_module(head, few_rows)  # a head tied to the embeddings keeps its plain weight: the lookup reads it
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:

@@ -207,10 +207,12 @@ class ModelRunner:
         compile: bool = False,
         sliding_window: int | None = None,
         pack: bool = False,
+        few_rows: bool = False,
         kernel: bool = True,
     ) -> None:
         """`sliding_window`: keys older than this many tokens are masked; None: the model config's window.
-        `pack`: the decoder keeps float weights in oneDNN's layout (LlamaDecoder). `kernel`: decoding rows
+        `pack`: the decoder keeps float weights in oneDNN's layout (LlamaDecoder), and with `few_rows`
+        bfloat16 ones in their plain layout too, for few-row steps. `kernel`: decoding rows
         attend through kernels.paged_decode_attention where it supports the cache."""
         model.set_attn_implementation(ATTENTION)
         self.model = model
@@ -221,7 +223,7 @@ class ModelRunner:
         self.gqa = model.config.num_attention_heads != cache.shape.num_kv_heads
         # decided (and the kernel built) at load: not mid-request, and not inside a traced graph
         self.kernel = kernel and kernels.supports(cache.key[0].dtype, cache.shape.head_dim, cache.key[0].device)
-        self.decoder = LlamaDecoder(model, pack) if LlamaDecoder.supports(model) else None
+        self.decoder = LlamaDecoder(model, pack, few_rows) if LlamaDecoder.supports(model) else None
         self.compiled: Callable[..., torch.Tensor] | None = None
         if compile and self.decoder is not None:
             for tensor in (*cache.key, *cache.value):  # fixed shapes: only batch and context vary

@@ -1,4 +1,5 @@
-"""The engine's decode attention kernel against SDPA over the same keys and values, gathered."""
+"""The engine's CPU kernels: decode attention against SDPA over the same keys and values, gathered;
+the few-rows projection against float64 and oneDNN."""
 
 from __future__ import annotations
 
@@ -85,3 +86,58 @@ def test_value_blocks_of_another_shape_are_refused_not_read() -> None:
     q, kb, vb, read = case(torch.float32, 2, 4, 4, 16, 2)
     with pytest.raises(RuntimeError, match="key and value blocks differ"):
         kernels.paged_decode_attention(q, kb, vb[: BLOCKS // 2], read, None, 2 * BLOCK, 0.25)
+
+
+NEEDS_FEW_ROWS = pytest.mark.skipif(
+    kernels.few_rows_limit() == 0, reason="the few-rows projection kernel needs a CPU with AVX-512 BF16"
+)
+
+
+def packed_with(weight: torch.Tensor, plain: torch.Tensor | None) -> torch.Tensor:
+    """A stand-in registered for `weight` in oneDNN's layout and `plain` as its plain weight."""
+    stand_in = weight.new_zeros(()).expand(weight.shape)
+    assert kernels.register_packed(stand_in, torch.ops.mkldnn._reorder_linear_weight(weight, None), plain)
+    return stand_in
+
+
+@NEEDS_FEW_ROWS
+@pytest.mark.parametrize(("out", "inputs"), [(1, 8), (7, 31), (8, 32), (9, 70), (130, 768)])
+def test_few_rows_compute_what_float64_and_onednn_compute(out: int, inputs: int) -> None:
+    g = torch.Generator().manual_seed(out * inputs)
+    weight = torch.randn(out, inputs, generator=g).to(torch.bfloat16)
+    bias = torch.randn(out, generator=g).to(torch.bfloat16)
+    stand_in, onednn_only = packed_with(weight, weight), packed_with(weight, None)
+    try:
+        for rows in range(1, kernels.few_rows_limit() + 1):
+            x = torch.randn(rows, inputs, generator=g).to(torch.bfloat16)
+            for b in (bias, None):
+                want = F.linear(x.double(), weight.double(), None if b is None else b.double())
+                got = torch.ops.llmp_native.dense(x, stand_in, b)
+                onednn = torch.ops.llmp_native.dense(x, onednn_only, b)
+                assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+                # float32 sums rounded once to bfloat16: within one bfloat16 step of the exact value
+                torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=2**-7)
+                torch.testing.assert_close(got, onednn, atol=1e-2, rtol=2**-7)
+    finally:
+        for s in (stand_in, onednn_only):
+            kernels.unregister_packed(s.data_ptr())
+
+
+@NEEDS_FEW_ROWS
+def test_the_plain_weight_serves_few_rows_and_the_packed_one_more() -> None:
+    """Registered with a plain weight that differs from the packed one, the output shows which was read."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 64, generator=g).to(torch.bfloat16)
+    stand_in = packed_with(weight, weight * 2)
+    try:
+        limit = kernels.few_rows_limit()
+        for rows, factor in ((1, 2), (limit, 2), (limit + 1, 1), (16, 1)):
+            x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+            want = F.linear(x.double(), weight.double()) * factor
+            got = torch.ops.llmp_native.dense(x, stand_in, None)
+            torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2**-7)
+        x = torch.randn(2, 64, generator=g)  # float32 rows never take the bfloat16 kernel
+        with pytest.raises(RuntimeError):  # oneDNN refuses mixed types rather than reading the plain weight
+            torch.ops.llmp_native.dense(x, stand_in, None)
+    finally:
+        kernels.unregister_packed(stand_in.data_ptr())

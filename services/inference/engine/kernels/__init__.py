@@ -11,7 +11,10 @@
 - `llmp_native::dense` (dense.cpp): a projection through oneDNN of a plain weight or of a packed
   one's stand-in (decoder.Packed registers them here), the C++ twin of decoder's `llmp::dense`,
   which a compiled graph's C++ wrapper calls without entering Python: 30-40 us less per
-  projection, about 1.5 ms of a 20 ms batch-1 step of that model.
+  projection, about 1.5 ms of a 20 ms batch-1 step of that model. A bfloat16 step of at most
+  `few_rows_limit()` rows with a plain weight at hand goes through the file's own kernel instead
+  (AVX-512 BF16 dot products streaming the weight once): 1.8x oneDNN's packed kernel at one row
+  on an AMX Xeon's two cores.
 
 They are compiled with the machine's own instruction set (`-march=native`) through
 `torch.utils.cpp_extension` (g++, ninja) into the Python environment (`<prefix>/var/llmp-kernels`;
@@ -103,13 +106,21 @@ def available() -> bool:
     return _extension() is not None
 
 
-def register_packed(stand_in: torch.Tensor, packed: torch.Tensor) -> bool:
-    """Let llmp_native::dense find `packed` (a oneDNN-layout weight) by its stand-in; False where the
+def register_packed(stand_in: torch.Tensor, packed: torch.Tensor, plain: torch.Tensor | None = None) -> bool:
+    """Let llmp_native::dense find `packed` (a oneDNN-layout weight) by its stand-in, and `plain` (the
+    same weight, plain and contiguous) for steps of up to `few_rows_limit()` rows; False where the
     kernels are not built. `unregister_packed(stand_in.data_ptr())` forgets it."""
     ext = _extension()
     if ext is not None:
-        ext.register_packed(stand_in, packed)
+        ext.register_packed(stand_in, packed, plain)
     return ext is not None
+
+
+def few_rows_limit() -> int:
+    """Most rows of a bfloat16 projection llmp_native::dense computes with its own kernel from the
+    plain weight (dense.cpp); 0 where the kernels are not built or the CPU lacks AVX-512 BF16."""
+    ext = _extension()
+    return int(ext.few_rows_limit()) if ext is not None else 0
 
 
 def unregister_packed(key: int) -> None:

@@ -10,7 +10,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_blocks, c
                             double scale);
 int64_t vector_width();
 
-void register_packed(const at::Tensor& stand_in, const at::Tensor& weight);
+void register_packed(const at::Tensor& stand_in, const at::Tensor& weight, const c10::optional<at::Tensor>& plain);
+int64_t few_rows_limit();
 void unregister_packed(int64_t key);
 at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 

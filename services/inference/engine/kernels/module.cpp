@@ -19,6 +19,9 @@ TORCH_LIBRARY_IMPL(llmp_native, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_width", &llmp::vector_width, "float32 lanes of the vectors the kernels use");
-  m.def("register_packed", &llmp::register_packed, "A stand-in weight's oneDNN-layout weight, for llmp_native::dense");
+  m.def("register_packed", &llmp::register_packed,
+        "A stand-in weight's oneDNN-layout weight and, or None, its plain one, for llmp_native::dense");
+  m.def("few_rows_limit", &llmp::few_rows_limit,
+        "Most rows llmp_native::dense computes with its own bfloat16 kernel from a plain weight (0: none)");
   m.def("unregister_packed", &llmp::unregister_packed, "Forget a stand-in (by its data pointer)");
 }
