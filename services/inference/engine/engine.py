@@ -290,7 +290,22 @@ class LLMEngine:
     # -- stepping ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the requests that progressed, finished or failed in it."""
+        self._drive_here()
         return [self._report(r) for r in self._step()]
+
+    def _drive_here(self) -> None:
+        """Before step() or generate() drive the engine: wait for the streams' step thread (`_drive`)
+        to end where every stream has closed (it ends once their requests are gone), and refuse while
+        a stream is open, whose thread would step the same requests at the same time."""
+        driver = self._driver
+        if driver is None or driver is threading.current_thread():
+            return
+        if self._streams:
+            raise RuntimeError(
+                "the engine is driven by its streams' step thread while a stream is open; "
+                "step() and generate() cannot drive it meanwhile"
+            )
+        driver.join()
 
     def _step(self) -> list[RequestState]:
         """One scheduling step: the requests that progressed, finished or failed in it, not yet reported
@@ -515,6 +530,7 @@ class LLMEngine:
     # -- conveniences -----------------------------------------------------------------------------
     def generate(self, prompts: Iterable[Iterable[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Run prompts to completion, feeding the queue as it drains; outputs in prompt order."""
+        self._drive_here()
         params = params or SamplingParams()
         pending = deque(enumerate(prompts))
         total = len(pending)
@@ -548,8 +564,8 @@ class LLMEngine:
         each per step cost the step loop a quarter of a core); the first output and the finished one
         (or an error) go at once.
 
-        Steps are driven by a thread per engine while it has work (`_drive`); do not call `step()` or
-        `generate()` meanwhile.
+        Steps are driven by a thread per engine while it has work (`_drive`): `step()` and `generate()`
+        are refused while a stream is open, and wait for that thread to end after the last one closed.
         """
         rid = self.add_request(prompt_ids, params, request_id=request_id)
         outbox = self._streams[rid] = _Outbox(math.inf if final_only else 0.0)

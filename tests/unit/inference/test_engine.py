@@ -162,10 +162,7 @@ def test_text_is_decoded_for_the_outputs_read_and_at_every_token_only_for_stop_s
         decoded.append(len(ids))
         return "".join(f"<{t}>" for t in ids)
 
-    def new_engine() -> LLMEngine:
-        return LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)), detokenize=text)
-
-    e = new_engine()
+    e = LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)), detokenize=text)
     tokens, params = prompt(6, seed=10), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     [out] = e.generate([tokens], params)
     assert decoded == [30]
@@ -179,10 +176,28 @@ def test_text_is_decoded_for_the_outputs_read_and_at_every_token_only_for_stop_s
     [last] = asyncio.run(final_only())
     assert decoded == [30] and last.outputs[0].text == expected
 
-    decoded.clear()  # a new engine: the stream's step thread may not have ended yet
-    [stopped] = new_engine().generate([tokens], dataclasses.replace(params, stop=("<none>",)))
+    decoded.clear()  # generate() waits for the stream's step thread, which may not have ended yet
+    [stopped] = e.generate([tokens], dataclasses.replace(params, stop=("<none>",)))
     assert decoded == list(range(1, 31))  # a stop string may end at any token
     assert stopped.outputs[0].text == expected
+
+
+def test_step_and_generate_are_refused_while_a_stream_is_open_and_run_once_it_closed(models) -> None:
+    e, other = engine(models), prompt(4, seed=2)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    async def main() -> list[int]:
+        stream = e.stream(prompt(5, seed=1), params)
+        await anext(stream)  # the stream's thread steps the engine now
+        for drive in (e.step, lambda: e.generate([other], GREEDY)):
+            with pytest.raises(RuntimeError, match="while a stream is open"):
+                drive()
+        await stream.aclose()  # its request is aborted by the thread, which then ends
+        [out] = e.generate([other], GREEDY)
+        return out.outputs[0].token_ids
+
+    assert asyncio.run(main()) == alone(models, [other])[0]
+    assert not e.has_unfinished() and e.cache.usage == 0
 
 
 def test_logprobs_and_n_greedy(models) -> None:
