@@ -40,6 +40,7 @@ import secrets
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -182,8 +183,8 @@ class LLMEngine:
         self._by_seq: dict[str, tuple[RequestState, int]] = {}
         self._lock = threading.Lock()
         self._streams: dict[str, _Outbox] = {}
-        self._driver: threading.Thread | None = None
-        self._driver_lock = threading.Lock()
+        self._stepper: _StepThread | None = None  # the streams' step thread, from the first stream on
+        self._stepper_lock = threading.Lock()
         # request ids and seeds of unseeded requests: drawn from the OS once, not per request (a system
         # call gives up the GIL, and getting it back behind the step thread costs milliseconds)
         self._random = random.Random(secrets.randbits(128))
@@ -294,18 +295,18 @@ class LLMEngine:
         return [self._report(r) for r in self._step()]
 
     def _drive_here(self) -> None:
-        """Before step() or generate() drive the engine: wait for the streams' step thread (`_drive`)
-        to end where every stream has closed (it ends once their requests are gone), and refuse while
+        """Before step() or generate() drive the engine: wait for the streams' step thread to park
+        where every stream has closed (it does once their requests are gone), and refuse while
         a stream is open, whose thread would step the same requests at the same time."""
-        driver = self._driver
-        if driver is None or driver is threading.current_thread():
+        stepper = self._stepper
+        if stepper is None or stepper.thread is threading.current_thread():
             return
         if self._streams:
             raise RuntimeError(
                 "the engine is driven by its streams' step thread while a stream is open; "
                 "step() and generate() cannot drive it meanwhile"
             )
-        driver.join()
+        stepper.wait_idle()
 
     def _step(self) -> list[RequestState]:
         """One scheduling step: the requests that progressed, finished or failed in it, not yet reported
@@ -564,15 +565,15 @@ class LLMEngine:
         each per step cost the step loop a quarter of a core); the first output and the finished one
         (or an error) go at once.
 
-        Steps are driven by a thread per engine while it has work (`_drive`): `step()` and `generate()`
-        are refused while a stream is open, and wait for that thread to end after the last one closed.
+        Steps are driven by the engine's step thread (`_StepThread`, `_drive`): `step()` and `generate()`
+        are refused while a stream is open, and wait for that thread to park after the last one closed.
         """
         rid = self.add_request(prompt_ids, params, request_id=request_id)
         outbox = self._streams[rid] = _Outbox(math.inf if final_only else 0.0)
-        with self._driver_lock:
-            if self._driver is None:
-                self._driver = threading.Thread(target=self._drive, name="llmp-engine", daemon=True)
-                self._driver.start()
+        with self._stepper_lock:
+            if self._stepper is None or self._stepper.ended:
+                self._stepper = _StepThread(self)
+            self._stepper.wake()
         finished = False
         try:
             while not finished:
@@ -591,20 +592,14 @@ class LLMEngine:
                 self.abort(rid)
 
     def _drive(self) -> None:
-        """Step while there is work, handing each step's outputs to their streams' event loops without
-        waiting for them to be read: the next step starts at once, and a loop's own work (taking requests
-        in, sending results) runs beside the step instead of between steps. A failed step fails every
-        open stream."""
+        """Step while there is work (on the streams' step thread), handing each step's outputs to their
+        streams' event loops without waiting for them to be read: the next step starts at once, and a
+        loop's own work (taking requests in, sending results) runs beside the step instead of between
+        steps. A failed step fails every open stream."""
         try:
-            while True:
-                with self._driver_lock:
-                    if not self.has_unfinished():
-                        self._driver = None
-                        return
+            while self.has_unfinished():
                 self._deliver([self._report(r) for r in self._step() if self._due(r)])
         except BaseException as e:
-            with self._driver_lock:
-                self._driver = None
             log.error("an engine step failed: %r", e)  # the streams' readers get it as their error
             self._deliver([], error=e)
             if not isinstance(e, Exception):
@@ -643,6 +638,62 @@ def _ids(value: int | list[int] | None) -> set[int]:
 def _put_all(items: list[tuple[_Outbox, RequestOutput | BaseException]]) -> None:
     for outbox, item in items:
         outbox.put(item)
+
+
+class _StepThread:
+    """An engine's step thread for its streams: started by the first stream, parked while the engine
+    has no work and woken by the next stream, for the engine's whole life.
+
+    One thread per burst of work would end a thread each time the engine went idle, and with Intel's
+    OpenMP (services/inference/runtime.py preloads it) every thread that ran a parallel region leaves
+    one OpenMP worker behind when it ends: a serving process gathered thousands. The thread holds the
+    engine only while stepping, so an engine nobody uses is collected, and its thread then ends.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self._changed = threading.Condition()
+        self._woken = False  # work was added since the thread last looked
+        self._stepping = False
+        self.ended = False
+        self.thread = threading.Thread(target=self._run, args=(weakref.ref(engine),), name="llmp-engine", daemon=True)
+        weakref.finalize(engine, self._end)
+        self.thread.start()
+
+    def wake(self) -> None:
+        with self._changed:
+            self._woken = True
+            self._changed.notify_all()
+
+    def wait_idle(self) -> None:
+        """Until the thread has stepped every request it was woken for and parked."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.ended or not (self._woken or self._stepping))
+
+    def _end(self) -> None:
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def _run(self, ref: weakref.ref[LLMEngine]) -> None:
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._woken or self.ended)
+                    if self.ended:
+                        return
+                    self._woken, self._stepping = False, True
+                engine = ref()
+                if engine is None:
+                    return
+                try:
+                    engine._drive()
+                finally:
+                    del engine  # not held while parked
+                    with self._changed:
+                        self._stepping = False
+                        self._changed.notify_all()
+        finally:
+            self._end()
 
 
 class _Outbox:

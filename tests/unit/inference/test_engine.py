@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import threading
+import weakref
 
 import pytest
 import torch
@@ -180,6 +183,37 @@ def test_text_is_decoded_for_the_outputs_read_and_at_every_token_only_for_stop_s
     [stopped] = e.generate([tokens], dataclasses.replace(params, stop=("<none>",)))
     assert decoded == list(range(1, 31))  # a stop string may end at any token
     assert stopped.outputs[0].text == expected
+
+
+def test_streams_are_stepped_by_one_thread_that_parks_between_bursts_and_ends_with_its_engine(models) -> None:
+    """A thread per burst of streams would leave an OpenMP worker behind each time it ended (Intel's
+    OpenMP): every burst must be stepped by the same thread, which must not keep its engine alive."""
+    steppers: set[threading.Thread] = set()
+
+    def text(ids: list[int]) -> str:  # called on the thread that steps the streams
+        steppers.add(threading.current_thread())
+        return ""
+
+    e = LLMEngine(models["llama"], EngineConfig(KVCacheConfig(block_size=4, num_blocks=64)), detokenize=text)
+
+    async def drain(stream) -> list:
+        return [o async for o in stream]
+
+    async def burst(engine: LLMEngine) -> None:
+        outputs = await asyncio.gather(*(drain(engine.stream(prompt(5, seed=s), GREEDY)) for s in range(3)))
+        assert all(out[-1].finished for out in outputs)
+
+    for _ in range(4):
+        asyncio.run(burst(e))
+        e.generate([prompt(3, seed=9)], GREEDY)  # waits for the thread to park, then steps here
+    (stepper,) = steppers - {threading.current_thread()}
+    assert stepper.is_alive() and stepper.name == "llmp-engine"
+    engine_ref = weakref.ref(e)
+    del e
+    gc.collect()
+    assert engine_ref() is None, "the step thread keeps its engine alive"
+    stepper.join(timeout=60)
+    assert not stepper.is_alive()
 
 
 def test_step_and_generate_are_refused_while_a_stream_is_open_and_run_once_it_closed(models) -> None:
