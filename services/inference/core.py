@@ -491,12 +491,15 @@ def check_memory(spec: ModelSpec, facts: ModelFacts, cap: int) -> None:
         )
     budget = min(spec.replicas.memory_bytes or psutil.virtual_memory().available, cap)
     where = "replicas.memory_bytes" if spec.replicas.memory_bytes else "free memory on this node"
-    need = facts.weight_bytes + kv
+    need = facts.weight_bytes + facts.plain_copy_bytes + kv
     if need > budget:
+        copy = facts.plain_copy_bytes
+        copied = f"{copy / GIB:.2f} GiB of their plain copy for few-row steps (engine.packed_only drops it) + "
         raise ResourceExhausted(
             f"model {spec.name!r} needs {need / GIB:.2f} GiB per replica: "
             f"{facts.weight_bytes / GIB:.2f} GiB of weights "
             f"({facts.parameters:,} parameters as {spec.engine.quantization or spec.engine.dtype}) + "
+            f"{copied if copy else ''}"
             f"{kv / GIB:.2f} GiB of KV cache ({kv // facts.kv_bytes_per_token:,} tokens); {where} "
             f"(at most {cap / GIB:.2f} GiB) is {budget / GIB:.2f} GiB",
             field="replicas.memory_bytes",

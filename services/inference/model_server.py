@@ -34,6 +34,7 @@ from services.inference.engine import (
     create_drafter,
     load_model,
 )
+from services.inference.engine.decoder import SUPPORTED as DECODER_TYPES
 from services.inference.engine.model_loader import model_dir, read_config
 from services.inference.engine.rope import apply_rope_scaling
 from services.inference.prompting import ChatTemplate, GenerationDefaults
@@ -78,6 +79,7 @@ def describe_model(store: ArtifactStore, path: str, engine: EngineOptions) -> Mo
     shape = ModelShape.from_hf_config(config.to_dict())
     params = shape.param_count()
     served_format = quantizer or DTYPE_FORMATS.get(engine.dtype, "fp32")
+    copy = plain_copy_bytes(shape, engine) if quantizer is None and config.model_type in DECODER_TYPES else 0
     has_tokenizer = (directory / TOKENIZER_FILE).is_file()
     return ModelFacts(
         config.model_type,
@@ -86,10 +88,24 @@ def describe_model(store: ArtifactStore, path: str, engine: EngineOptions) -> Mo
         has_tokenizer,
         parameters=params,
         weight_bytes=int(weight_bytes(params, served_format if served_format in FORMATS else "fp32")),
+        plain_copy_bytes=copy,
         kv_bytes_per_token=kv_cache_bytes_per_token(shape, DTYPE_FORMATS.get(engine.dtype, "fp32")),
         has_chat_template=has_tokenizer and ChatTemplate.read(directory, store.root) is not None,
         sampling_defaults=GenerationDefaults.read(directory, store.root, config.vocab_size).params(),
     )
+
+
+def plain_copy_bytes(shape: ModelShape, engine: EngineOptions) -> int:
+    """What a replica holds beyond the weights when its bfloat16 projections keep a plain copy beside the
+    packed one (`engine.packed_only` False: EngineConfig.few_rows_kernel). Counted wherever it may be
+    kept: the CPU a replica lands on, with or without AVX-512 BF16, is not known here."""
+    if engine.dtype != "bfloat16" or engine.packed_only:
+        return 0
+    h, d = shape.hidden_size, shape.dim_per_head
+    attention = h * shape.num_heads * d * 2 + h * shape.kv_heads * d * 2  # q, o and k, v
+    layer = attention + (3 if shape.gated_mlp else 2) * h * shape.mlp_size
+    head = 0 if shape.tie_embeddings else shape.vocab_size * h  # a tied head reads the embeddings' plain weight
+    return 2 * (shape.num_layers * layer + head)
 
 
 def json_spec(value: str, field: str) -> dict[str, Any] | None:
@@ -135,6 +151,7 @@ def engine_config(options: EngineOptions, limits: SamplingLimits) -> EngineConfi
         compile=options.compile,
         sliding_window=options.sliding_window,
         pack_weights=True,  # the server's model is its engine's alone
+        few_rows_kernel=not options.packed_only,
     )
 
 

@@ -52,6 +52,9 @@ class EngineOptions:
     """Decode steps as one compiled graph (engine/model_runner.py)."""
     sliding_window: int | None = None
     """Attend to the last this many tokens only, freeing KV blocks older than that; None: the model's."""
+    packed_only: bool = False
+    """bfloat16 weights in the packed layout only, without the plain copy that steps of a few rows read
+    (EngineConfig.few_rows_kernel)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,8 @@ class ModelFacts:
     parameters: int = 0
     weight_bytes: int = 0
     """Of the weights as served (dtype or quantisation), by the memory planner."""
+    plain_copy_bytes: int = 0
+    """Of the plain copy of bfloat16 projections kept beside the packed ones (EngineOptions.packed_only)."""
     kv_bytes_per_token: int = 0
     has_chat_template: bool = False
     sampling_defaults: SamplingParams = field(default_factory=SamplingParams)

@@ -98,6 +98,7 @@ def model_spec(r: pb.LoadModelRequest) -> ModelSpec:
         rope_scaling=ep.rope_scaling,
         compile=ep.compile,
         sliding_window=_set(ep, "sliding_window", None),
+        packed_only=ep.packed_only,
     )
     parts = r.path.split("/")
     default_name = parts[-2] if len(parts) >= 2 and parts[-1].isdigit() else parts[-1]

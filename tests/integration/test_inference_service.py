@@ -121,7 +121,7 @@ def test_replicas_run_with_the_preloaded_runtime(service: ServiceProcess, stub: 
 
 
 def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
-    """`llmp serve` against the real service: list, generate whole and streamed, load with a sliding window,
+    """`llmp serve` against the real service: list, generate whole and streamed, load with engine options,
     refusals naming the field."""
     from click.testing import CliRunner
 
@@ -140,16 +140,20 @@ def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStu
     malformed = CliRunner().invoke(group, ["generate", "tiny", "hello", "--json-schema", "{x"], env=env)
     assert malformed.exit_code == 2 and "not JSON" in malformed.output
 
-    # --sliding-window reaches the replica's engine options, which GetModelInfo reports; 0 leaves it unset.
-    loaded = CliRunner().invoke(group, ["load", TINY, "--name", "windowed", "--sliding-window", "16"], env=env)
+    # --sliding-window and --packed-only reach the replica's engine options, which GetModelInfo reports;
+    # 0 leaves the window unset.
+    argv = ["load", TINY, "--name", "windowed", "--sliding-window", "16", "--packed-only"]
+    loaded = CliRunner().invoke(group, argv, env=env)
     assert loaded.exit_code == 0 and "sliding window 16" in loaded.output, loaded.output
     try:
-        assert stub.GetModelInfo(pb.GetModelInfoRequest(model="windowed")).engine.sliding_window == 16
+        options = stub.GetModelInfo(pb.GetModelInfoRequest(model="windowed")).engine
+        assert options.sliding_window == 16 and options.packed_only
         shown = CliRunner().invoke(group, ["info", "windowed"], env=env)
         assert shown.exit_code == 0 and '"slidingWindow": 16' in shown.output, shown.output
     finally:
         stub.UnloadModel(pb.UnloadModelRequest(model="windowed"))
-    assert not stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).engine.HasField("sliding_window")
+    tiny = stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).engine
+    assert not tiny.HasField("sliding_window") and not tiny.packed_only
     negative = CliRunner().invoke(group, ["load", TINY, "--name", "w", "--sliding-window", "-3"], env=env)
     assert negative.exit_code != 0
     assert "INVALID_ARGUMENT" in str(negative.exception) and "sliding_window" in str(negative.exception)

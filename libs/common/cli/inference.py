@@ -46,16 +46,21 @@ def group() -> None:
     "--sliding-window", default=0, show_default=True,
     help="attend to the last N tokens only, freeing older KV-cache blocks; 0: off (the model's own window, if any)",
 )  # fmt: skip
+@click.option(
+    "--packed-only", is_flag=True,
+    help="bfloat16: keep only the packed weights, not the plain copy that steps of 1-4 sequences read faster",
+)  # fmt: skip
 @click.option("--replicas", default=1, show_default=True, help="replicas (min and max)")
 @click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for the deployment")
 def load(
     path: str, name: str, quantization: str, speculative: str, dtype: str, kv_cache_bytes: int, compile_: bool,
-    sliding_window: int, replicas: int, timeout: float,
+    sliding_window: int, packed_only: bool, replicas: int, timeout: float,
 ) -> None:  # fmt: skip
     """Deploy a model from the artifact store."""
     engine = pb.EngineOptions(
         quantization=quantization, speculative=speculative, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
         compile=compile_, sliding_window=sliding_window or None,  # 0: unset; a negative one is the service's to refuse
+        packed_only=packed_only,
     )  # fmt: skip
     scale = pb.ReplicaOptions(min_replicas=replicas, max_replicas=replicas)
     with console.status(f"loading {path}"), remote(SERVICE):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from libs.common.artifacts import ArtifactStore
 from libs.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.inference.core import InferenceCore
-from services.inference.engine import SamplingParams
+from services.inference.engine import SamplingParams, kernels
 from services.inference.schema import EngineOptions, GenerateInput, ModelSpec, ReplicaOptions
 from tests.helpers.inference_core import make_core
 from tests.helpers.tiny_models import TINY, save_tiny_model
@@ -119,6 +119,52 @@ def test_admission_control_refuses_what_does_not_fit_with_the_figures(store: Art
             await core.load_model(ModelSpec("none", TINY, engine=EngineOptions(kv_cache_bytes=100)))
         assert e.value.field == "engine.kv_cache_bytes"
         assert core.model_names() == ["tiny"]  # nothing half-loaded
+        await core.drain()
+
+    asyncio.run(scenario())
+
+
+def kept_plain_bytes(core: InferenceCore, name: str) -> int:
+    """Bytes of the plain weights a loaded model's decoder keeps beside its packed ones."""
+    runner = core._models[name].handle.server.engine.runner  # type: ignore[attr-defined]  # the local backend's
+    packs = [f.packed for layer in runner.decoder.layers for f in (layer.qkv, layer.gate_up) if f and f.packed]
+    packs += [m._llmp_packed for m in runner.model.modules() if hasattr(m, "_llmp_packed")]
+    assert packs, "nothing was packed"
+    return sum(p.kept.numel() * p.kept.element_size() for p in packs if p.kept is not None)
+
+
+@pytest.mark.skipif(not kernels.few_rows_limit(), reason="the few-rows kernel needs AVX-512 BF16, which this CPU lacks")
+def test_the_plain_copy_of_bfloat16_weights_is_counted_and_packed_only_drops_it(store: ArtifactStore) -> None:
+    """A bfloat16 model keeps each projection's plain weight beside the packed one (for steps of a few
+    rows): the memory check's figure is what the replica really holds, and `packed_only` keeps none."""
+
+    async def scenario() -> None:
+        core = make_core(store)
+        both = await core.load_model(ModelSpec("both", TINY, engine=EngineOptions(dtype="bfloat16")))
+        assert both.facts.plain_copy_bytes > 0
+        assert kept_plain_bytes(core, "both") == both.facts.plain_copy_bytes
+        packed = await core.load_model(
+            ModelSpec("packed", TINY, engine=EngineOptions(dtype="bfloat16", packed_only=True))
+        )
+        assert packed.facts.plain_copy_bytes == 0 and kept_plain_bytes(core, "packed") == 0
+        fp32 = await core.load_model(ModelSpec("fp32", TINY))
+        assert fp32.facts.plain_copy_bytes == 0 and kept_plain_bytes(core, "fp32") == 0
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        answers = [
+            (await core.generate(name, GenerateInput("", params, token_ids=tuple(PROMPT)))).completions[0].token_ids
+            for name in ("both", "packed")
+        ]
+        assert answers[0] == answers[1]
+        # the copy counts against a replica's memory, and the refusal says how to drop it
+        need = both.facts.weight_bytes + both.facts.plain_copy_bytes + 2 * 2**20
+        tight = ReplicaOptions(memory_bytes=need - 1)
+        with pytest.raises(ResourceExhausted) as e:
+            await core.load_model(
+                ModelSpec("tight", TINY, tight, EngineOptions(dtype="bfloat16", kv_cache_bytes=2 * 2**20))
+            )
+        assert "packed_only" in str(e.value)
+        engine = EngineOptions(dtype="bfloat16", kv_cache_bytes=2 * 2**20, packed_only=True)
+        assert (await core.load_model(ModelSpec("tight", TINY, tight, engine))).facts.plain_copy_bytes == 0
         await core.drain()
 
     asyncio.run(scenario())
