@@ -160,10 +160,10 @@ class Ours:
         self.engine = engine_for(model, kv_mb=1024, budget=2048, compile=True, pack=True)
         print(f"  {model.dtype}: our engine compiled its decode steps in {self.engine.warm_up():.0f} s", flush=True)
 
-    def batch(self, row: dict) -> float:
-        return timed(self.engine.generate, row["prompts"], greedy(row["max_tokens"]))
-
-    def mixed(self, row: dict) -> float:
+    def time(self, row: dict) -> float:
+        """Seconds to serve the row: a batch at once, or (with `arrivals`) requests arriving over time."""
+        if "arrivals" not in row:
+            return timed(self.engine.generate, row["prompts"], greedy(row["max_tokens"]))
         engine, arrivals = self.engine, row["arrivals"]
         start, added, count = time.perf_counter(), 0, len(row["prompts"])
         while added < count or engine.has_unfinished():
@@ -214,10 +214,8 @@ class Theirs:
             raise RuntimeError(f"vLLM exited with {code} (log {self.log_path}):\n    " + "\n    ".join(tail))
         return json.loads(line)
 
-    def batch(self, row: dict) -> float:
-        return float(self._ask(row)["seconds"])
-
-    def mixed(self, row: dict) -> float:
+    def time(self, row: dict) -> float:
+        """Seconds to serve the row, as Ours.time (the worker tells the kinds apart by `arrivals` too)."""
         return float(self._ask(row)["seconds"])
 
     def close(self) -> None:
@@ -253,17 +251,17 @@ def compare(model: PreTrainedModel, folder: Path, python: Path, dtype: str, thre
             for _ in range(work["repeats"]):
                 for i, engine in enumerate(engines):
                     time.sleep(SETTLE)
-                    best[i] = min(best[i], engine.batch(batch))
+                    best[i] = min(best[i], engine.time(batch))
             tokens = len(batch["prompts"]) * batch["max_tokens"]
             record(Row(f"vs vLLM CPU {dtype}: {batch['name']}", tokens / best[0], tokens / best[1], "tok/s", 1.0))
         mixed = work["mixed"]
-        window = ours.batch({"prompts": mixed["prompts"], "max_tokens": max(mixed["max_tokens"])}) / 2
+        window = ours.time({"prompts": mixed["prompts"], "max_tokens": max(mixed["max_tokens"])}) / 2
         row = {**mixed, "arrivals": [f * window for f in mixed["fractions"]]}
         del row["fractions"]
         seconds = []
         for engine in engines:
             time.sleep(SETTLE)
-            seconds.append(engine.mixed(row))
+            seconds.append(engine.time(row))
         useful = sum(mixed["max_tokens"])
         note = (
             f"({len(mixed['prompts'])} requests over {window:.1f} s; {seconds[0]:.1f} s vs {seconds[1]:.1f} s; "
