@@ -7,6 +7,7 @@ overload refused, bad input refused with the field named, health, reflection and
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -33,13 +34,19 @@ pytestmark = pytest.mark.integration
 
 PROMPT = [5, 17, 99, 3, 42]
 LIGHT = pb.ReplicaOptions(num_cpus=0.5)
+LONG = 100_000
+"""Tokens of a request that runs far longer than any wait here (the service's max_tokens cap)."""
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     home = tmp_path_factory.mktemp("llmp")
     save_tiny_model(home / "artifacts")
-    env = {"LLMP_INFERENCE_RAY_NUM_CPUS": "2", "LLMP_INFERENCE_DASHBOARD": "false"}
+    env = {
+        "LLMP_INFERENCE_RAY_NUM_CPUS": "2",
+        "LLMP_INFERENCE_DASHBOARD": "false",
+        "LLMP_INFERENCE_MAX_TOKENS": str(LONG),
+    }
     service = start_service("inference", home, extra_env=env)
     yield service
     service.stop()
@@ -54,8 +61,9 @@ def stub(service: ServiceProcess) -> Iterator[pb_grpc.InferenceServiceStub]:
 
 
 def greedy(max_tokens: int, **fields: object) -> pb.GenerateRequest:
+    fields = {"model": "tiny", **fields}
     return pb.GenerateRequest(
-        model="tiny", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=max_tokens, temperature=0, ignore_eos=True, **fields
+        token_ids=pb.TokenIds(ids=PROMPT), max_tokens=max_tokens, temperature=0, ignore_eos=True, **fields
     )
 
 
@@ -182,18 +190,30 @@ def test_abort_by_request_id(stub: pb_grpc.InferenceServiceStub) -> None:
 
 def test_a_whole_reply_can_be_aborted_or_cancelled(stub: pb_grpc.InferenceServiceStub) -> None:
     """Generate reaches the replica as one plain call (no stream): Abort still ends it with finish_reason
-    "abort", and a client that gives up still frees the replica's cache."""
-    whole = stub.Generate.future(greedy(120, request_id="abort-whole"))
-    wait_until(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).load.requests_in_flight == 1)
-    stub.Abort(pb.AbortRequest(request_id="abort-whole"))
-    reply = whole.result(timeout=60)
-    assert reply.completions[0].finish_reason == "abort" and reply.usage.completion_tokens < 120
-    wait_until(lambda: idle(stub))
-    given_up = stub.Generate.future(greedy(120))
-    wait_until(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).load.requests_in_flight == 1)
-    given_up.cancel()
-    wait_until(lambda: idle(stub))
-    assert stub.Generate(greedy(8)).usage.completion_tokens == 8
+    "abort", and a client that gives up still frees the replica's cache. The requests ask for 100,000
+    tokens (the model's context stretched by RoPE scaling to hold them), minutes of work: the replica
+    goes idle within the wait only if the abort or the cancellation reached its engine."""
+    rope = json.dumps({"rope_type": "linear", "factor": 1024})  # 128 -> 131,072 tokens
+    engine = pb.EngineOptions(rope_scaling=rope)
+    stub.LoadModel(pb.LoadModelRequest(path=TINY, name="long", replicas=LIGHT, engine=engine), timeout=120)
+    try:
+
+        def running_one() -> bool:
+            return stub.GetModelInfo(pb.GetModelInfoRequest(model="long")).load.running == 1
+
+        whole = stub.Generate.future(greedy(LONG, model="long", request_id="abort-whole"))
+        wait_until(running_one)
+        stub.Abort(pb.AbortRequest(request_id="abort-whole"))
+        reply = whole.result(timeout=60)
+        assert reply.completions[0].finish_reason == "abort" and reply.usage.completion_tokens < LONG
+        wait_until(lambda: idle(stub, "long"))
+        given_up = stub.Generate.future(greedy(LONG, model="long"))
+        wait_until(running_one)
+        given_up.cancel()
+        wait_until(lambda: idle(stub, "long"))
+        assert stub.Generate(greedy(8, model="long")).usage.completion_tokens == 8
+    finally:
+        stub.UnloadModel(pb.UnloadModelRequest(model="long"))
 
 
 def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
@@ -221,7 +241,11 @@ def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
         (pb.GenerateRequest(model="tiny", text="hi", top_p=0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (pb.GenerateRequest(model="tiny", text="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (pb.GenerateRequest(model="tiny", text="hi", n=17), grpc.StatusCode.INVALID_ARGUMENT, "n"),
-        (pb.GenerateRequest(model="tiny", text="hi", max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (
+            pb.GenerateRequest(model="tiny", text="hi", max_tokens=LONG + 1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens",
+        ),
         (pb.GenerateRequest(model="tiny", text="hi", max_tokens=127), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (
             pb.GenerateRequest(model="tiny", text="hi", temperature=1e-30),
