@@ -57,6 +57,7 @@ def ray_serve_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
         messages_per_second=config.stream_messages_per_second,
         cluster_serve=bool(config.managed_models.strip()),
         preload=config.cpu_preload,
+        gather=config.gather_requests,
     )
 
 

@@ -27,6 +27,12 @@ class InferenceConfig(ServiceConfig):
         "tokens generated since the last (first and last chunks go at once); 0: one per engine step",
         200.0,
     )
+    gather_requests: int = doc(
+        "with the ray backend, requests for one model that arrive together go to a replica in one call, "
+        "this many at most (each call costs the front milliseconds of CPU); Serve's max_ongoing_requests "
+        "and autoscaling then count calls; 1: a call per request",
+        32,
+    )
     max_tokens: int = doc("cap on a request's max_tokens", 4096)
     max_n: int = doc("cap on a request's n (completions per prompt)", 16)
     max_replicas: int = doc("cap on a model's replicas.max_replicas", 8)

@@ -8,7 +8,8 @@ its clock with the front's stamp). Running and waiting sequences and KV-cache us
 by each replica to its model's stats board (serve_app.py) and copied into gauges here whenever
 the front reads them (GetModelInfo, ListModels, and once a second while requests run).
 Speculative decoding's drafted and accepted tokens are counted from each request's final message,
-and a cold start (a request reaching a model scaled to zero) is timed to its first output.
+a cold start (a request reaching a model scaled to zero) is timed to its first output, and the
+calls the front makes to replicas are counted (requests that arrive together share one).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ COLD_START = Histogram(
     "From a request reaching a model scaled to zero until its first output",
     ["model"],
     buckets=_LATENCY_BUCKETS,
+)
+REPLICA_CALLS = Counter(
+    "llmp_replica_calls",
+    "Calls from the front to a model's replicas; requests that arrive together share one",
+    ["model"],
 )
 KV_CACHE_USAGE = Gauge(
     "llmp_kv_cache_usage_perc", "Fraction of a replica's KV-cache blocks in use", ["model", "replica"]

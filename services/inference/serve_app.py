@@ -13,6 +13,10 @@ between min and max replicas (0 allowed: the first request then waits for a cold
 engine's stream drives its step loop. Cancelling a handle call cancels the replica's generator,
 which aborts the request in the engine.
 
+Requests for one model that arrive together go to a replica in one call (GatheredCalls, at most
+the service's `gather_requests`): a handle call costs the front milliseconds of CPU, more than a
+small model's engine spends on a request.
+
 Every streamed chunk is a Ray object: serialised, sent and read back in the front, a few hundred
 microseconds of CPU on each side, which at a token per message costs more than the engine's step
 for small models. A replica's streams therefore send at most `messages_per_second` chunks together
@@ -43,6 +47,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +56,14 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve.handle import DeploymentResponseGenerator
 
 from libs.common.artifacts import ArtifactStore, check_name
 from libs.common.config import CommonConfig, load
 from libs.common.errors import LlmpError, ResourceExhausted, Unavailable
 from libs.common.local_ray import remove_ray_temp_dir, start_local_ray
 from libs.common.settings import llmp_home
+from services.inference import metrics
 from services.inference.config import InferenceConfig
 from services.inference.core import check_options
 from services.inference.engine import SamplingLimits
@@ -72,6 +79,9 @@ REPORT_SECONDS = 0.25
 """How often a replica reports its load."""
 STALE_SECONDS = 5.0
 """A replica silent this long is taken for gone."""
+RequestKey = tuple[str, float]
+"""A request as a gathered call knows it: (request_id, submitted_at). An id may be used again once
+its request ended; with the time the front accepted it, an abort never reaches a later request."""
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 """Serve settings of a replica's process (its runtime_env). By default Serve runs a replica's code on
 an event loop of its own thread: every request and every streamed chunk then hops between that
@@ -87,6 +97,29 @@ def replica_env(preload: bool) -> dict[str, str]:
     return {**REPLICA_ENV, **(preload_env() if preload else {})}
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A gathered request that ended without its final chunk: its error, or None where it was stopped."""
+
+    request_id: str
+    error: Exception | None
+
+
+async def _routed(response: Any) -> None:
+    """Returns once Serve's router has sent the call to a replica (or failed to: the call's reader gets
+    that). The router works on this event loop (backends.FRONT_ENV), a few milliseconds a call, and
+    the requests that arrive meanwhile go together in the next call. Serve has no public way to await
+    this; where its handle lacks the method, one turn of the loop is all the wait."""
+    routed = getattr(response, "_fetch_future_result_async", None)
+    if routed is None:
+        await asyncio.sleep(0)
+        return
+    routing = asyncio.ensure_future(routed())
+    await asyncio.wait({routing})  # a failed or cancelled call is its reader's to report
+    if not routing.cancelled():
+        routing.exception()
+
+
 def app_name(model: str) -> str:
     return APP_PREFIX + model
 
@@ -97,13 +130,22 @@ def board_name(model: str) -> str:
 
 @ray.remote(num_cpus=0)
 class StatsBoard:
-    """The latest load report of each replica of one model."""
+    """The latest load report of each replica of one model, and the requests of gathered calls that
+    the front stopped (GatheredCalls): each replica takes them with its next report."""
 
     def __init__(self) -> None:
         self.reports: dict[str, tuple[float, ReplicaStats]] = {}
+        self.aborts: dict[RequestKey, float] = {}
 
-    def report(self, stats: ReplicaStats) -> None:
-        self.reports[stats.replica_id] = (time.monotonic(), stats)
+    def report(self, stats: ReplicaStats) -> list[RequestKey]:
+        """Records the replica's load; returns the requests to stop, of which it holds any or none."""
+        now = time.monotonic()
+        self.reports[stats.replica_id] = (now, stats)
+        self.aborts = {key: at for key, at in self.aborts.items() if now - at < STALE_SECONDS}
+        return list(self.aborts)
+
+    def abort(self, key: RequestKey) -> None:
+        self.aborts[key] = time.monotonic()
 
     def current(self) -> list[ReplicaStats]:
         now = time.monotonic()
@@ -131,6 +173,9 @@ class ModelDeployment:
             ModelServer, spec, ArtifactStore(artifacts_root), limits, replica, messages_per_second=messages_per_second
         )
         self.board = stats_board(spec.name)
+        self.loop = asyncio.get_running_loop()
+        self.gathered: dict[RequestKey, asyncio.Task[None]] = {}
+        """The requests of this replica's gathered calls, by key, for the aborts the board relays."""
         self._stop = threading.Event()
         threading.Thread(target=self._report, name="llmp-stats", daemon=True).start()
         log.info("replica %s of %s loaded in %.2fs", replica, spec.name, self.server.load_seconds)
@@ -138,6 +183,46 @@ class ModelDeployment:
     async def generate(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
         async for chunk in self.server.generate(request):
             yield chunk
+
+    async def generate_many(self, requests: list[GenerateInput]) -> AsyncGenerator[list[Chunk | Failed], None]:
+        """Several requests in one call (GatheredCalls): each message holds every chunk produced since the
+        last, of any of them, or a request's error (Failed), which ends that request only. Cancelling the
+        call stops all of them; one of them is stopped by an abort relayed by the board."""
+        ready: asyncio.Queue[Chunk | Failed] = asyncio.Queue()
+
+        async def run(request: GenerateInput) -> None:
+            try:
+                async with contextlib.aclosing(self.server.generate(request)) as chunks:
+                    async for chunk in chunks:
+                        ready.put_nowait(chunk)
+            except asyncio.CancelledError:
+                ready.put_nowait(Failed(request.request_id, None))
+                raise
+            except Exception as e:
+                ready.put_nowait(Failed(request.request_id, e))
+
+        keys = [(r.request_id, r.submitted_at) for r in requests]
+        for key, request in zip(keys, requests, strict=True):
+            self.gathered[key] = asyncio.create_task(run(request))
+        try:
+            left = len(requests)
+            while left:
+                items = [await ready.get()]
+                while not ready.empty():
+                    items.append(ready.get_nowait())
+                left -= sum(1 for item in items if isinstance(item, Failed) or item.finished)
+                yield items
+        finally:
+            tasks = [self.gathered.pop(key) for key in keys]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _abort(self, keys: list[RequestKey]) -> None:
+        for key in keys:
+            task = self.gathered.get(key)
+            if task is not None:
+                task.cancel()
 
     async def complete(self, request: GenerateInput) -> Chunk:
         """A request sent whole (`request.stream` False): its one chunk as a plain reply, which costs Ray
@@ -151,7 +236,13 @@ class ModelDeployment:
 
     def _report(self) -> None:
         while not self._stop.wait(REPORT_SECONDS):
-            self.board.report.remote(self.server.stats())
+            try:
+                aborts = ray.get(self.board.report.remote(self.server.stats()), timeout=STALE_SECONDS)
+            except Exception:  # the board is being replaced, or Ray is shutting down: report next time
+                log.debug("could not report to the stats board", exc_info=True)
+                continue
+            if aborts and self.gathered:
+                self.loop.call_soon_threadsafe(self._abort, aborts)
 
     def __del__(self) -> None:
         self._stop.set()
@@ -217,10 +308,14 @@ def domain_error(error: BaseException) -> BaseException:
 
 
 class ServeModel:
-    """A model served by its Ray Serve application, through a deployment handle (None: found on first use)."""
+    """A model served by its Ray Serve application, through a deployment handle (None: found on first use).
 
-    def __init__(self, name: str, handle: Any, board: Any) -> None:
+    Requests that arrive together go to a replica together: `gather` at most in one handle call
+    (GatheredCalls); 1 sends each alone."""
+
+    def __init__(self, name: str, handle: Any, board: Any, gather: int = 1) -> None:
         self.name, self.handle, self.board = name, handle, board
+        self.calls = GatheredCalls(name, board, gather)
 
     async def _handle(self) -> Any:
         if self.handle is None:
@@ -235,31 +330,156 @@ class ServeModel:
 
     async def stream(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
         handle = await self._handle()
-        if not request.stream:
-            whole = handle.complete.remote(request)
-            try:
-                chunk = await whole
-            except asyncio.CancelledError:
-                whole.cancel()
-                raise
-            except Exception as e:
-                raise domain_error(e) from None
+        async for chunk in self.calls.stream(handle, request):
             yield chunk
-            return
-        response = handle.options(stream=True).generate.remote(request)
-        finished = False
-        try:
-            async for chunk in response:
-                finished = chunk.finished
-                yield chunk
-        except Exception as e:
-            raise domain_error(e) from None
-        finally:
-            if not finished:
-                response.cancel()
 
     async def stats(self) -> list[ReplicaStats]:
         return await self.board.current.remote()
+
+
+Inbox = asyncio.Queue[Chunk | BaseException | None]
+"""A request's chunks as its call delivers them; an error ends it, and so does None (stopped or cut off)."""
+
+
+@dataclass
+class _Call:
+    """One handle call of GatheredCalls: its requests' inboxes by request id, and those not yet finished."""
+
+    response: Any = None
+    inboxes: dict[str, Inbox] = field(default_factory=dict)
+    open: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Request:
+    request: GenerateInput
+    inbox: Inbox = field(default_factory=asyncio.Queue)
+    call: _Call | None = None
+
+
+class GatheredCalls:
+    """Sends the requests of one model that arrive together as one handle call.
+
+    A handle call costs the front's event loop a few milliseconds of CPU (Serve's router picks a
+    replica, the call is serialised and submitted, its replies come back one Ray object each), which
+    for a small model is more than the engine spends on the request. Requests are therefore queued
+    and sent by one task: all those waiting, up to `gather` a call, go to one replica
+    (`ModelDeployment.generate_many`), whose messages carry the chunks of all of them; a lone request
+    goes alone, streamed (`generate`) or whole (`complete`). While a call is being routed, the
+    requests that arrive wait for the next one: nothing waits on purpose, so a request that arrives
+    alone goes at once.
+
+    Stopping a request (its caller went away, or Abort) cancels its call where it is the call's last
+    unfinished request; otherwise the model's board relays the abort to the replicas, which take it
+    with their next load report (within REPORT_SECONDS).
+
+    Serve counts a call as one request: a replica's max_ongoing_requests and the autoscaler's
+    target_ongoing_requests count calls, which may carry up to `gather` requests each (the front's
+    admission control still bounds the model's requests). Set `gather` to 1 (the service's
+    `gather_requests`) where they must count requests."""
+
+    def __init__(self, model: str, board: Any, gather: int) -> None:
+        self.model, self.board, self.gather = model, board, max(1, gather)
+        self.waiting: list[_Request] = []
+        self.sender: asyncio.Task[None] | None = None
+        self.pumps: set[asyncio.Task[None]] = set()
+
+    async def stream(self, handle: Any, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
+        entry = _Request(request)
+        self.waiting.append(entry)
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.create_task(self._send(handle))
+        finished = False
+        try:
+            while not finished:
+                item = await entry.inbox.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise domain_error(item) from None
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._stop(entry)
+
+    def _stop(self, entry: _Request) -> None:
+        request, call = entry.request, entry.call
+        if call is None:  # not sent yet
+            self.waiting.remove(entry)
+            return
+        call.open.discard(request.request_id)
+        call.inboxes.pop(request.request_id, None)
+        if not call.open:
+            call.response.cancel()
+        else:
+            self.board.abort.remote((request.request_id, request.submitted_at))
+
+    async def _send(self, handle: Any) -> None:
+        """Sends what waits, a call per `gather` requests, until nothing does. It lets the event loop
+        turn before the first call and waits for each call's routing before the next (_routed), so
+        requests that arrive meanwhile go together."""
+        while self.waiting:
+            await asyncio.sleep(0)
+            batch, self.waiting = self.waiting[: self.gather], self.waiting[self.gather :]
+            if not batch:
+                continue
+            requests = [entry.request for entry in batch]
+            call = _Call(
+                inboxes={entry.request.request_id: entry.inbox for entry in batch},
+                open={r.request_id for r in requests},
+            )
+            try:
+                if len(requests) == 1:
+                    method = handle.options(stream=True).generate if requests[0].stream else handle.complete
+                    call.response = method.remote(requests[0])
+                else:
+                    call.response = handle.options(stream=True).generate_many.remote(requests)
+            except Exception as e:  # refused before it was sent: the batch's requests get the error
+                for entry in batch:
+                    entry.inbox.put_nowait(e)
+                continue
+            for entry in batch:
+                entry.call = call
+            metrics.REPLICA_CALLS.labels(self.model).inc()
+            pump = asyncio.create_task(self._pump(call, single=len(batch) == 1))
+            self.pumps.add(pump)
+            pump.add_done_callback(self.pumps.discard)
+            await _routed(call.response)
+
+    async def _pump(self, call: _Call, single: bool) -> None:
+        """Hands the call's chunks to their requests' inboxes; at its end, what is still open gets None."""
+        try:
+            if single and not isinstance(call.response, DeploymentResponseGenerator):
+                self._deliver(call, [await call.response])
+            elif single:
+                async for chunk in call.response:
+                    self._deliver(call, [chunk])
+            else:
+                async for items in call.response:
+                    self._deliver(call, items)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            for rid in call.open:
+                call.inboxes[rid].put_nowait(e)
+            call.open.clear()
+        for rid in call.open:
+            call.inboxes[rid].put_nowait(None)
+
+    @staticmethod
+    def _deliver(call: _Call, items: list[Chunk | Failed]) -> None:
+        for item in items:
+            inbox = call.inboxes.get(item.request_id)
+            if inbox is None:  # stopped by its caller
+                continue
+            if isinstance(item, Failed):
+                call.open.discard(item.request_id)
+                inbox.put_nowait(item.error)
+            else:
+                if item.finished:
+                    call.open.discard(item.request_id)
+                inbox.put_nowait(item)
 
 
 class ServeBackend:
@@ -281,10 +501,12 @@ class ServeBackend:
         messages_per_second: float,
         cluster_serve: bool = False,
         preload: bool = True,
+        gather: int = 1,
     ) -> None:
-        """`preload`: replicas get runtime.preload_env (the config's cpu_preload)."""
+        """`preload`: replicas get runtime.preload_env (the config's cpu_preload); `gather`: requests a
+        handle call carries at most (GatheredCalls; the config's gather_requests)."""
         self.store, self.limits, self.messages_per_second = store, limits, messages_per_second
-        self.preload = preload
+        self.preload, self.gather = preload, gather
         self.ray_num_cpus, self.dashboard, self.dashboard_port = ray_num_cpus, dashboard, dashboard_port
         self.cluster_serve = cluster_serve
         self.dashboard_url = ""
@@ -323,12 +545,12 @@ class ServeBackend:
             log.exception("model %s failed to deploy", spec.name)
             await self.remove(spec.name)
             raise Unavailable(f"model {spec.name!r} failed to deploy; see the service and Ray Serve logs") from None
-        return ServeModel(spec.name, handle, board)
+        return ServeModel(spec.name, handle, board, self.gather)
 
     async def attach(self, spec: ModelSpec) -> ServeModel:
         """The application `app_name(spec.name)` that the cluster's Serve config deploys; its handle is
         taken on first use, so this process never waits for (nor deploys over) KubeRay's work."""
-        return ServeModel(spec.name, None, stats_board(spec.name))
+        return ServeModel(spec.name, None, stats_board(spec.name), self.gather)
 
     async def remove(self, name: str) -> None:
         await asyncio.to_thread(serve.delete, app_name(name))

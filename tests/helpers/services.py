@@ -22,6 +22,8 @@ class ServiceProcess:
     home: Path
     proc: subprocess.Popen[bytes]
     log: Path
+    metrics_address: str = ""
+    """host:port of its Prometheus endpoint, where started with a metrics port."""
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -48,7 +50,8 @@ def start_service(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a signal meant for the service's process group never reaches pytest
         )
-    service = ServiceProcess(name, f"127.0.0.1:{port}", home, proc, log)
+    metrics = f"127.0.0.1:{metrics_port}" if metrics_port > 0 else ""
+    service = ServiceProcess(name, f"127.0.0.1:{port}", home, proc, log, metrics)
     if not wait_serving(service.address, 240, is_alive=lambda: proc.poll() is None):
         proc.kill()
         raise RuntimeError(f"{name} did not start:\n{service.output()}")

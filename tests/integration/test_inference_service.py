@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -21,9 +22,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmp.inference.v1 import inference_pb2 as pb
 from llmp.inference.v1 import inference_pb2_grpc as pb_grpc
 from peft import LoraConfig, get_peft_model
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from libs.common.artifacts import ArtifactStore
+from libs.common.ports import free_port
 from services.inference import runtime
 from services.inference.engine import LLMEngine, SamplingParams, load_model
 from tests.helpers.runtime import NEEDS_PRELOADS, missing_preloads
@@ -47,7 +50,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
         "LLMP_INFERENCE_DASHBOARD": "false",
         "LLMP_INFERENCE_MAX_TOKENS": str(LONG),
     }
-    service = start_service("inference", home, extra_env=env)
+    service = start_service("inference", home, extra_env=env, metrics_port=free_port())
     yield service
     service.stop()
 
@@ -77,6 +80,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 def idle(stub: pb_grpc.InferenceServiceStub, model: str = "tiny") -> bool:
     load = stub.GetModelInfo(pb.GetModelInfoRequest(model=model)).load
     return load.replicas >= 1 and load.kv_cache_usage == 0 and load.running == 0 and load.requests_in_flight == 0
+
+
+def replica_calls(service: ServiceProcess, model: str) -> float:
+    """The front's count of calls to the model's replicas (its metrics endpoint)."""
+    with urllib.request.urlopen(f"http://{service.metrics_address}/metrics", timeout=10) as reply:
+        for family in text_string_to_metric_families(reply.read().decode()):
+            if family.name == "llmp_replica_calls":
+                return sum(s.value for s in family.samples if s.labels.get("model") == model)
+    return 0.0
 
 
 def test_health_and_reflection(service: ServiceProcess) -> None:
@@ -112,6 +124,34 @@ def test_generation_equals_the_in_process_engine(service: ServiceProcess, stub: 
     assert messages[-1].completions[0].finish_reason == "length" and messages[-1].usage.completion_tokens == 20
     text = stub.Generate(pb.GenerateRequest(model="tiny", text="hello", max_tokens=4, temperature=0))
     assert text.usage.prompt_tokens == 5 and len(text.completions[0].token_ids) == 4
+
+
+def test_requests_that_arrive_together_share_calls_and_keep_their_own_replies(
+    service: ServiceProcess, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    """Requests sent at once reach the replica in fewer calls than requests (the front gathers them),
+    and every one still gets exactly its own tokens, streamed or whole, as the engine gives them alone."""
+    engine = LLMEngine(load_model(TINY, ArtifactStore(service.home / "artifacts")))
+    prompts = [[5 + i, 17, 99 - i, 3] for i in range(12)]
+    lengths = [4 + 3 * i for i in range(12)]
+    expected = [
+        engine.generate([p], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    before = replica_calls(service, "tiny")
+
+    def request(i: int) -> pb.GenerateRequest:
+        return pb.GenerateRequest(model="tiny", token_ids=pb.TokenIds(ids=prompts[i]), max_tokens=lengths[i],
+                                  temperature=0, ignore_eos=True)  # fmt: skip
+
+    whole = {i: stub.Generate.future(request(i)) for i in range(0, 12, 2)}
+    streams = {i: stub.GenerateStream(request(i)) for i in range(1, 12, 2)}
+    got = {i: list(f.result(timeout=60).completions[0].token_ids) for i, f in whole.items()}
+    got |= {i: [t for m in s for t in m.completions[0].token_ids] for i, s in streams.items()}
+    assert [got[i] for i in range(12)] == expected
+    calls = replica_calls(service, "tiny") - before
+    assert 1 <= calls < 12, f"{calls} calls for 12 requests sent at once"
+    wait_until(lambda: idle(stub))
 
 
 @NEEDS_PRELOADS
@@ -188,7 +228,7 @@ def test_abort_by_request_id(stub: pb_grpc.InferenceServiceStub) -> None:
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_whole_reply_can_be_aborted_or_cancelled(stub: pb_grpc.InferenceServiceStub) -> None:
+def test_a_whole_reply_can_be_aborted_or_cancelled(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
     """Generate reaches the replica as one plain call (no stream): Abort still ends it with finish_reason
     "abort", and a client that gives up still frees the replica's cache. The requests ask for 100,000
     tokens (the model's context stretched by RoPE scaling to hold them), minutes of work: the replica
@@ -198,8 +238,11 @@ def test_a_whole_reply_can_be_aborted_or_cancelled(stub: pb_grpc.InferenceServic
     stub.LoadModel(pb.LoadModelRequest(path=TINY, name="long", replicas=LIGHT, engine=engine), timeout=120)
     try:
 
+        def running() -> int:
+            return stub.GetModelInfo(pb.GetModelInfoRequest(model="long")).load.running
+
         def running_one() -> bool:
-            return stub.GetModelInfo(pb.GetModelInfoRequest(model="long")).load.running == 1
+            return running() == 1
 
         whole = stub.Generate.future(greedy(LONG, model="long", request_id="abort-whole"))
         wait_until(running_one)
@@ -212,6 +255,20 @@ def test_a_whole_reply_can_be_aborted_or_cancelled(stub: pb_grpc.InferenceServic
         given_up.cancel()
         wait_until(lambda: idle(stub, "long"))
         assert stub.Generate(greedy(8, model="long")).usage.completion_tokens == 8
+
+        # Sent at once, several share a call: stopping one of them stops it alone, in the engine too.
+        before = replica_calls(service, "long")
+        ids = [f"shared-{i}" for i in range(6)]
+        replies = [stub.Generate.future(greedy(LONG, model="long", request_id=rid)) for rid in ids[:3]]
+        streams = [stub.GenerateStream(greedy(LONG, model="long", request_id=rid)) for rid in ids[3:]]
+        wait_until(lambda: running() == 6)
+        assert replica_calls(service, "long") - before < 6, "some of the six requests share a call"
+        for left, rid in reversed(list(enumerate(ids))):
+            stub.Abort(pb.AbortRequest(request_id=rid))
+            wait_until(lambda left=left: running() == left)
+        assert all(r.result(timeout=60).completions[0].finish_reason == "abort" for r in replies)
+        assert all(list(s)[-1].completions[0].finish_reason == "abort" for s in streams)
+        wait_until(lambda: idle(stub, "long"))
     finally:
         stub.UnloadModel(pb.UnloadModelRequest(model="long"))
 
