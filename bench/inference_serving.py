@@ -8,7 +8,8 @@
    a step of about a millisecond per sequence, where what serving costs per request shows most) and
    the inference bench's random ~134M Llama (`big`, the vLLM comparison's model, where a token's
    engine work outweighs what serving it costs, as with the models users serve). `--model=small` or
-   `--model=big` runs one of them.
+   `--model=big` runs one of them. The service runs with its defaults, so requests that arrive
+   together share a call to the replica; LLMP_INFERENCE_GATHER_REQUESTS=1 measures a call each.
 2. Structured output: a batch of requests constrained by a JSON schema (the `structured` sampler
    stage, llguidance) against the same batch unconstrained, on the same model and prompts, in the
    same engine settings, both sampled at temperature 1: per-token cost in CPU seconds of the process,
@@ -208,10 +209,12 @@ def main() -> None:
     threads = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--threads=")), 1)
     torch.set_num_threads(threads)
     print(f"serving benchmark ({'quick' if quick else 'full'}), torch threads {threads}, load {load_average()}")
+    chosen = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--model=")), "")
+    if chosen not in ("", "small", "big"):
+        raise SystemExit(f"--model must be small or big, not {chosen!r}")
     home = Path(tempfile.mkdtemp(prefix="llmp-bench-serving-"))
     try:
         save_model(home / "artifacts")
-        chosen = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--model=")), "")
         if chosen in ("", "small"):
             served(home, threads, 32 if quick else 64)
         if chosen in ("", "big"):

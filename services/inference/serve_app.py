@@ -408,8 +408,10 @@ class GatheredCalls:
         if call is None:  # not sent yet
             self.waiting.remove(entry)
             return
-        call.open.discard(request.request_id)
         call.inboxes.pop(request.request_id, None)
+        if request.request_id not in call.open:  # its call already ended it
+            return
+        call.open.discard(request.request_id)
         if not call.open:
             call.response.cancel()
         else:
@@ -464,8 +466,9 @@ class GatheredCalls:
             for rid in call.open:
                 call.inboxes[rid].put_nowait(e)
             call.open.clear()
-        for rid in call.open:
+        for rid in call.open:  # the call ended before these did (its replica went away, or it was cancelled)
             call.inboxes[rid].put_nowait(None)
+        call.open.clear()
 
     @staticmethod
     def _deliver(call: _Call, items: list[Chunk | Failed]) -> None:
