@@ -406,7 +406,7 @@ def load_worker(models: Models, params: PPOParams, dataset: Path, seed: int) -> 
     model = ray.train.torch.prepare_model(PolicyWithValue(policy, params.kl_coef))
     frozen = []
     for cls, folder in ((AutoModelForCausalLM, models.policy), (AutoModelForSequenceClassification, models.reward)):
-        extra = {"num_labels": 1} if cls is AutoModelForSequenceClassification else {}
+        extra: dict[str, Any] = {"num_labels": 1} if cls is AutoModelForSequenceClassification else {}
         loaded: Any = cls.from_pretrained(folder, dtype=torch.float32, **extra)
         loaded = loaded.to(device).eval()
         frozen.append(loaded.requires_grad_(False))
