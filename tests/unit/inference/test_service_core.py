@@ -66,7 +66,8 @@ def test_a_bounded_message_rate_merges_tokens_into_fewer_chunks(store: ArtifactS
     every_step, merged = run(scenario())
     # one chunk a step (12) while the reader keeps up; a reader that falls behind gets steps merged
     assert 2 < len(every_step) <= 12 and len(merged) == 2
-    assert [len(c.token_ids) for c in merged[0].completions] == [1, 1]
+    # the first chunk goes at once: its first token, and any step the engine made before the reader took it
+    assert all(1 <= len(c.token_ids) < 12 for c in merged[0].completions)
     assert merged[-1].finished and not merged[0].finished
     for i in range(2):
         for field in ("token_ids", "logprobs"):
