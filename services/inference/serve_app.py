@@ -444,22 +444,20 @@ class GatheredCalls:
             for entry in batch:
                 entry.call = call
             metrics.REPLICA_CALLS.labels(self.model).inc()
-            pump = asyncio.create_task(self._pump(call, single=len(batch) == 1))
+            pump = asyncio.create_task(self._pump(call, gathered=len(batch) > 1))
             self.pumps.add(pump)
             pump.add_done_callback(self.pumps.discard)
             await _routed(call.response)
 
-    async def _pump(self, call: _Call, single: bool) -> None:
-        """Hands the call's chunks to their requests' inboxes; at its end, what is still open gets None."""
+    async def _pump(self, call: _Call, gathered: bool) -> None:
+        """Hands the call's chunks to their requests' inboxes (a gathered call's messages are lists of
+        them); at its end, what is still open gets None."""
         try:
-            if single and not isinstance(call.response, DeploymentResponseGenerator):
-                self._deliver(call, [await call.response])
-            elif single:
-                async for chunk in call.response:
-                    self._deliver(call, [chunk])
+            if isinstance(call.response, DeploymentResponseGenerator):
+                async for message in call.response:
+                    self._deliver(call, message if gathered else [message])
             else:
-                async for items in call.response:
-                    self._deliver(call, items)
+                self._deliver(call, [await call.response])
         except asyncio.CancelledError:
             raise
         except Exception as e:
