@@ -444,18 +444,18 @@ class GatheredCalls:
             for entry in batch:
                 entry.call = call
             metrics.REPLICA_CALLS.labels(self.model).inc()
-            pump = asyncio.create_task(self._pump(call, gathered=len(batch) > 1))
+            pump = asyncio.create_task(self._pump(call))
             self.pumps.add(pump)
             pump.add_done_callback(self.pumps.discard)
             await _routed(call.response)
 
-    async def _pump(self, call: _Call, gathered: bool) -> None:
+    async def _pump(self, call: _Call) -> None:
         """Hands the call's chunks to their requests' inboxes (a gathered call's messages are lists of
-        them); at its end, what is still open gets None."""
+        them, a lone stream's are chunks); at its end, what is still open gets None."""
         try:
             if isinstance(call.response, DeploymentResponseGenerator):
                 async for message in call.response:
-                    self._deliver(call, message if gathered else [message])
+                    self._deliver(call, message if isinstance(message, list) else [message])
             else:
                 self._deliver(call, [await call.response])
         except asyncio.CancelledError:
