@@ -39,6 +39,8 @@ PROMPT = [5, 17, 99, 3, 42]
 LIGHT = pb.ReplicaOptions(num_cpus=0.5)
 LONG = 100_000
 """Tokens of a request that runs far longer than any wait here (the service's max_tokens cap)."""
+STRETCHED = pb.EngineOptions(rope_scaling=json.dumps({"rope_type": "linear", "factor": 1024}))
+"""The tiny model's context stretched by RoPE scaling (128 -> 131,072 tokens) to hold a LONG request."""
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,15 @@ def stub(service: ServiceProcess) -> Iterator[pb_grpc.InferenceServiceStub]:
         stub = pb_grpc.InferenceServiceStub(channel)
         stub.LoadModel(pb.LoadModelRequest(path=TINY, replicas=LIGHT), timeout=120)
         yield stub
+
+
+@pytest.fixture
+def long(stub: pb_grpc.InferenceServiceStub) -> Iterator[str]:
+    """The tiny model STRETCHED, so a request of LONG tokens runs for minutes: a test that stops one
+    mid-way cannot lose the race to its natural end, however fast the machine."""
+    stub.LoadModel(pb.LoadModelRequest(path=TINY, name="long", replicas=LIGHT, engine=STRETCHED), timeout=120)
+    yield "long"
+    stub.UnloadModel(pb.UnloadModelRequest(model="long"), timeout=120)
 
 
 def greedy(max_tokens: int, **fields: object) -> pb.GenerateRequest:
@@ -207,81 +218,77 @@ def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStu
     assert "INVALID_ARGUMENT" in str(negative.exception) and "sliding_window" in str(negative.exception)
 
 
-def test_cancelling_a_stream_frees_the_cache(stub: pb_grpc.InferenceServiceStub) -> None:
-    call = stub.GenerateStream(greedy(100))
+def test_cancelling_a_stream_frees_the_cache(stub: pb_grpc.InferenceServiceStub, long: str) -> None:
+    call = stub.GenerateStream(greedy(LONG, model=long))
     next(call)
-    load = stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).load
+    load = stub.GetModelInfo(pb.GetModelInfoRequest(model=long)).load
     assert load.requests_in_flight == 1
     call.cancel()
-    wait_until(lambda: idle(stub))
+    wait_until(lambda: idle(stub, long))
 
 
-def test_abort_by_request_id(stub: pb_grpc.InferenceServiceStub) -> None:
-    call = stub.GenerateStream(greedy(100, request_id="abort-me"))
+def test_abort_by_request_id(stub: pb_grpc.InferenceServiceStub, long: str) -> None:
+    call = stub.GenerateStream(greedy(LONG, model=long, request_id="abort-me"))
     next(call)
     stub.Abort(pb.AbortRequest(request_id="abort-me"))
     last = list(call)[-1]
     assert last.completions[0].finish_reason == "abort"
-    wait_until(lambda: idle(stub))
+    wait_until(lambda: idle(stub, long))
     with pytest.raises(grpc.RpcError) as e:
         stub.Abort(pb.AbortRequest(request_id="abort-me"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_whole_reply_can_be_aborted_or_cancelled(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
+def test_a_whole_reply_can_be_aborted_or_cancelled(
+    service: ServiceProcess, stub: pb_grpc.InferenceServiceStub, long: str
+) -> None:
     """Generate reaches the replica as one plain call (no stream): Abort still ends it with finish_reason
     "abort", and a client that gives up still frees the replica's cache. The requests ask for 100,000
-    tokens (the model's context stretched by RoPE scaling to hold them), minutes of work: the replica
-    goes idle within the wait only if the abort or the cancellation reached its engine."""
-    rope = json.dumps({"rope_type": "linear", "factor": 1024})  # 128 -> 131,072 tokens
-    engine = pb.EngineOptions(rope_scaling=rope)
-    stub.LoadModel(pb.LoadModelRequest(path=TINY, name="long", replicas=LIGHT, engine=engine), timeout=120)
-    try:
+    tokens, minutes of work: the replica goes idle within the wait only if the abort or the
+    cancellation reached its engine."""
 
-        def running() -> int:
-            return stub.GetModelInfo(pb.GetModelInfoRequest(model="long")).load.running
+    def running() -> int:
+        return stub.GetModelInfo(pb.GetModelInfoRequest(model=long)).load.running
 
-        def running_one() -> bool:
-            return running() == 1
+    def running_one() -> bool:
+        return running() == 1
 
-        whole = stub.Generate.future(greedy(LONG, model="long", request_id="abort-whole"))
-        wait_until(running_one)
-        stub.Abort(pb.AbortRequest(request_id="abort-whole"))
-        reply = whole.result(timeout=60)
-        assert reply.completions[0].finish_reason == "abort" and reply.usage.completion_tokens < LONG
-        wait_until(lambda: idle(stub, "long"))
-        given_up = stub.Generate.future(greedy(LONG, model="long"))
-        wait_until(running_one)
-        given_up.cancel()
-        wait_until(lambda: idle(stub, "long"))
-        assert stub.Generate(greedy(8, model="long")).usage.completion_tokens == 8
+    whole = stub.Generate.future(greedy(LONG, model=long, request_id="abort-whole"))
+    wait_until(running_one)
+    stub.Abort(pb.AbortRequest(request_id="abort-whole"))
+    reply = whole.result(timeout=60)
+    assert reply.completions[0].finish_reason == "abort" and reply.usage.completion_tokens < LONG
+    wait_until(lambda: idle(stub, long))
+    given_up = stub.Generate.future(greedy(LONG, model=long))
+    wait_until(running_one)
+    given_up.cancel()
+    wait_until(lambda: idle(stub, long))
+    assert stub.Generate(greedy(8, model=long)).usage.completion_tokens == 8
 
-        # Sent at once, several share a call: stopping one of them stops it alone, in the engine too.
-        before = replica_calls(service, "long")
-        ids = [f"shared-{i}" for i in range(6)]
-        replies = [stub.Generate.future(greedy(LONG, model="long", request_id=rid)) for rid in ids[:3]]
-        streams = [stub.GenerateStream(greedy(LONG, model="long", request_id=rid)) for rid in ids[3:]]
-        wait_until(lambda: running() == 6)
-        assert replica_calls(service, "long") - before < 6, "some of the six requests share a call"
-        for left, rid in reversed(list(enumerate(ids))):
-            stub.Abort(pb.AbortRequest(request_id=rid))
-            wait_until(lambda left=left: running() == left)
-        assert all(r.result(timeout=60).completions[0].finish_reason == "abort" for r in replies)
-        assert all(list(s)[-1].completions[0].finish_reason == "abort" for s in streams)
-        wait_until(lambda: idle(stub, "long"))
-    finally:
-        stub.UnloadModel(pb.UnloadModelRequest(model="long"))
+    # Sent at once, several share a call: stopping one of them stops it alone, in the engine too.
+    before = replica_calls(service, long)
+    ids = [f"shared-{i}" for i in range(6)]
+    replies = [stub.Generate.future(greedy(LONG, model=long, request_id=rid)) for rid in ids[:3]]
+    streams = [stub.GenerateStream(greedy(LONG, model=long, request_id=rid)) for rid in ids[3:]]
+    wait_until(lambda: running() == 6)
+    assert replica_calls(service, long) - before < 6, "some of the six requests share a call"
+    for left, rid in reversed(list(enumerate(ids))):
+        stub.Abort(pb.AbortRequest(request_id=rid))
+        wait_until(lambda left=left: running() == left)
+    assert all(r.result(timeout=60).completions[0].finish_reason == "abort" for r in replies)
+    assert all(list(s)[-1].completions[0].finish_reason == "abort" for s in streams)
+    wait_until(lambda: idle(stub, long))
 
 
 def test_overload_is_refused(stub: pb_grpc.InferenceServiceStub) -> None:
     strict = pb.ReplicaOptions(num_cpus=0.5, max_ongoing_requests=1, max_queued_requests=0)
-    stub.LoadModel(pb.LoadModelRequest(path=TINY, name="strict", replicas=strict), timeout=120)
-    long = stub.GenerateStream(pb.GenerateRequest(model="strict", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=100))
-    next(long)
+    stub.LoadModel(pb.LoadModelRequest(path=TINY, name="strict", replicas=strict, engine=STRETCHED), timeout=120)
+    running = stub.GenerateStream(greedy(LONG, model="strict"))
+    next(running)
     with pytest.raises(grpc.RpcError) as e:
-        stub.Generate(pb.GenerateRequest(model="strict", token_ids=pb.TokenIds(ids=PROMPT), max_tokens=2))
+        stub.Generate(greedy(2, model="strict"))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    long.cancel()
+    running.cancel()
     wait_until(lambda: idle(stub, "strict"))
     stub.UnloadModel(pb.UnloadModelRequest(model="strict"), timeout=60)
     assert [m.name for m in stub.ListModels(pb.ListModelsRequest()).models] == ["tiny"]
