@@ -10,8 +10,9 @@
    request shows most) and the inference bench's random ~134M Llama (`big`, the vLLM comparison's
    model, where a token's engine work outweighs what serving it costs, as with the models users
    serve). `--model=small` or `--model=big` runs one of them. The service runs with its defaults,
-   so requests that arrive together share a call to the replica; LLMP_INFERENCE_GATHER_REQUESTS=1
-   measures a call each.
+   so requests that arrive together share a call to the replica (LLMP_INFERENCE_GATHER_REQUESTS=1
+   measures a call each) and the replica runs its engine in a child process
+   (LLMP_INFERENCE_ENGINE_PROCESS=false measures it in the replica's own).
 2. Structured output: a batch of requests constrained by a JSON schema (the `structured` sampler
    stage, llguidance) against the same batch unconstrained, on the same model and prompts, in the
    same engine settings, both sampled at temperature 1: per-token cost in CPU seconds of the process,

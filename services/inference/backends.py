@@ -58,6 +58,7 @@ def ray_serve_backend(config: InferenceConfig, store: ArtifactStore) -> Backend:
         cluster_serve=bool(config.managed_models.strip()),
         preload=config.cpu_preload,
         gather=config.gather_requests,
+        engine_process=config.engine_process,
     )
 
 

@@ -33,6 +33,11 @@ class InferenceConfig(ServiceConfig):
         "and autoscaling then count calls; 1: a call per request",
         32,
     )
+    engine_process: bool = doc(
+        "with the ray backend, a replica runs its engine in a child process, where Ray's and Serve's threads "
+        "do not take the engine's GIL (services/inference/engine_process.py); false: in the replica's own",
+        True,
+    )
     max_tokens: int = doc("cap on a request's max_tokens", 4096)
     max_n: int = doc("cap on a request's n (completions per prompt)", 16)
     max_replicas: int = doc("cap on a model's replicas.max_replicas", 8)

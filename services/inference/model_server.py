@@ -283,6 +283,9 @@ class ModelServer:
         if self.failure is not None:
             raise RuntimeError(f"the engine failed: {self.failure!r}")
 
+    def close(self) -> None:
+        """Nothing to stop: the engine's step thread ends once the engine is collected."""
+
 
 def chunk_of(out: RequestOutput, deltas: list[TextDeltas], *, whole: bool, queue_seconds: float | None) -> Chunk:
     """An engine output as a chunk: what each completion gained since the last one, or all of it."""

@@ -9,9 +9,11 @@ Each model is the application `llmp-inference-<name>`: a `ModelDeployment` with 
 between min and max replicas (0 allowed: the first request then waits for a cold start),
 `max_ongoing_requests` per replica and `max_queued_requests` beyond them, so overload is refused
 (Serve's BackPressureError becomes RESOURCE_EXHAUSTED) instead of queued forever; Serve calls
-`check_health` and replaces a replica whose engine failed. A replica hosts one `ModelServer`; the
-engine's stream drives its step loop. Cancelling a handle call cancels the replica's generator,
-which aborts the request in the engine.
+`check_health` and replaces a replica whose engine failed or whose engine process died. A replica
+hosts one `ModelServer`, in a child process of its own (engine_process.ModelProcess: Ray's and
+Serve's threads then never take the engine's GIL; the service's `engine_process` setting) or in its
+own process; the engine's stream drives its step loop. Cancelling a handle call cancels the
+replica's generator, which aborts the request in the engine.
 
 Requests for one model that arrive together go to a replica in one call (GatheredCalls, at most
 the service's `gather_requests`): a handle call costs the front milliseconds of CPU, more than a
@@ -67,6 +69,7 @@ from services.inference import metrics
 from services.inference.config import InferenceConfig
 from services.inference.core import check_options
 from services.inference.engine import SamplingLimits
+from services.inference.engine_process import ModelProcess
 from services.inference.model_server import ModelServer
 from services.inference.runtime import preload_env
 from services.inference.schema import Chunk, GenerateInput, ModelSpec, ReplicaStats, model_spec_of
@@ -85,10 +88,11 @@ its request ended; with the time the front accepted it, an abort never reaches a
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 """Serve settings of a replica's process (its runtime_env). By default Serve runs a replica's code on
 an event loop of its own thread: every request and every streamed chunk then hops between that
-thread and the replica's main loop, and both contend for the GIL with the engine's step thread. Our
-code never blocks its loop (engine steps run in a worker thread, `ModelDeployment` loads in one),
-so it shares the main loop. With backends.FRONT_ENV, bench.inference_serving's 64 streams on two
-cores took about 15% less CPU in the replica and 30% less in the front for the same tokens."""
+thread and the replica's main loop, and both take the GIL (which the engine's step thread needs when
+it runs in the replica's process). Our code never blocks its loop (the engine steps in its own process
+or thread, `ModelDeployment` loads there), so it shares the main loop. With backends.FRONT_ENV,
+bench.inference_serving's 64 streams on two cores took about 15% less CPU in the replica and 30% less
+in the front for the same tokens."""
 
 
 def replica_env(preload: bool) -> dict[str, str]:
@@ -165,13 +169,26 @@ class ModelDeployment:
     """One replica: a ModelServer, and a thread that reports its load to the model's board."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__; mypy wants a plain one
-        self, spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float
+        self,
+        spec: ModelSpec,
+        artifacts_root: str,
+        limits: SamplingLimits,
+        messages_per_second: float,
+        engine_process: bool = True,
     ) -> None:
-        """Loads in a worker thread: the replica's event loop (REPLICA_ENV) keeps answering Serve meanwhile."""
+        """Loads in a child process (`engine_process`, the service's setting) or a worker thread: either
+        way the replica's event loop (REPLICA_ENV) keeps answering Serve meanwhile."""
         replica = serve.get_replica_context().replica_id.unique_id
-        self.server = await asyncio.to_thread(
-            ModelServer, spec, ArtifactStore(artifacts_root), limits, replica, messages_per_second=messages_per_second
-        )
+        self.server: ModelServer | ModelProcess
+        if engine_process:
+            self.server = await ModelProcess.start(
+                spec, artifacts_root, limits, replica, messages_per_second=messages_per_second
+            )
+        else:
+            store = ArtifactStore(artifacts_root)
+            self.server = await asyncio.to_thread(
+                ModelServer, spec, store, limits, replica, messages_per_second=messages_per_second
+            )
         self.board = stats_board(spec.name)
         self.loop = asyncio.get_running_loop()
         self.gathered: dict[RequestKey, asyncio.Task[None]] = {}
@@ -246,6 +263,7 @@ class ModelDeployment:
 
     def __del__(self) -> None:
         self._stop.set()
+        self.server.close()
 
 
 def deployment_options(spec: ModelSpec, preload: bool = True) -> dict[str, Any]:
@@ -276,11 +294,16 @@ def deployment_options(spec: ModelSpec, preload: bool = True) -> dict[str, Any]:
 
 
 def model_app(
-    spec: ModelSpec, artifacts_root: str, limits: SamplingLimits, messages_per_second: float, preload: bool = True
+    spec: ModelSpec,
+    artifacts_root: str,
+    limits: SamplingLimits,
+    messages_per_second: float,
+    preload: bool = True,
+    engine_process: bool = True,
 ) -> Application:
     """The model's Serve application: one ModelDeployment with the spec's deployment_options."""
     deployment = ModelDeployment.options(**deployment_options(spec, preload))  # type: ignore[attr-defined]
-    return deployment.bind(spec, artifacts_root, limits, messages_per_second)
+    return deployment.bind(spec, artifacts_root, limits, messages_per_second, engine_process)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -292,7 +315,9 @@ def build_app(args: dict[str, Any]) -> Application:
     check_options(spec, config)
     limits = SamplingLimits(max_n=config.max_n, max_tokens=config.max_tokens)
     artifacts = str(load(CommonConfig, "common").artifacts_path)
-    return model_app(spec, artifacts, limits, config.stream_messages_per_second, config.cpu_preload)
+    return model_app(
+        spec, artifacts, limits, config.stream_messages_per_second, config.cpu_preload, config.engine_process
+    )
 
 
 def domain_error(error: BaseException) -> BaseException:
@@ -503,11 +528,13 @@ class ServeBackend:
         cluster_serve: bool = False,
         preload: bool = True,
         gather: int = 1,
+        engine_process: bool = True,
     ) -> None:
         """`preload`: replicas get runtime.preload_env (the config's cpu_preload); `gather`: requests a
-        handle call carries at most (GatheredCalls; the config's gather_requests)."""
+        handle call carries at most (GatheredCalls; the config's gather_requests); `engine_process`:
+        replicas run their engines in a child process (engine_process.py; the config's engine_process)."""
         self.store, self.limits, self.messages_per_second = store, limits, messages_per_second
-        self.preload, self.gather = preload, gather
+        self.preload, self.gather, self.engine_process = preload, gather, engine_process
         self.ray_num_cpus, self.dashboard, self.dashboard_port = ray_num_cpus, dashboard, dashboard_port
         self.cluster_serve = cluster_serve
         self.dashboard_url = ""
@@ -539,7 +566,9 @@ class ServeBackend:
 
     async def deploy(self, spec: ModelSpec) -> ServeModel:
         board = stats_board(spec.name)
-        app = model_app(spec, str(self.store.root), self.limits, self.messages_per_second, self.preload)
+        app = model_app(
+            spec, str(self.store.root), self.limits, self.messages_per_second, self.preload, self.engine_process
+        )
         try:
             handle = await asyncio.to_thread(serve.run, app, name=app_name(spec.name), route_prefix=None)
         except Exception:

@@ -165,18 +165,63 @@ def test_requests_that_arrive_together_share_calls_and_keep_their_own_replies(
     wait_until(lambda: idle(stub))
 
 
-@NEEDS_PRELOADS
-def test_replicas_run_with_the_preloaded_runtime(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
-    """The replica's process (a worker of the service's local Ray) has every library runtime.preloads finds
-    mapped; the front, which runs no engine, is left as it started."""
-    replicas = [
+def replica_processes(service: ServiceProcess, model: str) -> list[psutil.Process]:
+    """The model's replicas (workers of the service's local Ray)."""
+    return [
         p
         for p in psutil.Process(service.proc.pid).children(recursive=True)
-        if " ".join(p.cmdline()).startswith("ray::ServeReplica:llmp-inference-tiny")
+        if " ".join(p.cmdline()).startswith(f"ray::ServeReplica:llmp-inference-{model}:")
     ]
+
+
+def engine_processes(service: ServiceProcess, model: str) -> list[psutil.Process]:
+    """The engine processes of the model's replicas (engine_process.ModelProcess), one a replica."""
+    return [
+        child
+        for replica in replica_processes(service, model)
+        for child in replica.children()
+        if "services.inference.engine_process" in " ".join(child.cmdline())
+    ]
+
+
+@NEEDS_PRELOADS
+def test_replicas_run_with_the_preloaded_runtime(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
+    """The replica's process (a worker of the service's local Ray) and its engine process have every library
+    runtime.preloads finds mapped; the front, which runs no engine, is left as it started."""
+    replicas, engines = replica_processes(service, "tiny"), engine_processes(service, "tiny")
     assert replicas, "no replica process of the model under the service"
-    assert all(missing_preloads(replica.pid) == [] for replica in replicas)
+    assert len(engines) == len(replicas), "each replica runs its engine in a child process"
+    assert all(missing_preloads(p.pid) == [] for p in replicas + engines)
     assert missing_preloads(service.proc.pid) == runtime.preloads()
+
+
+def test_a_replica_whose_engine_process_dies_is_replaced(
+    service: ServiceProcess, stub: pb_grpc.InferenceServiceStub
+) -> None:
+    """A replica's engine runs in a child process. Killed mid-request, the request ends UNAVAILABLE
+    instead of hanging, the replica fails its health checks, and Serve replaces it: the model answers
+    again, from a new engine process."""
+    stub.LoadModel(pb.LoadModelRequest(path=TINY, name="fragile", replicas=LIGHT, engine=STRETCHED), timeout=120)
+    try:
+        (engine,) = engine_processes(service, "fragile")
+        stream = stub.GenerateStream(greedy(LONG, model="fragile"))
+        assert next(stream).completions[0].token_ids
+        engine.kill()
+        with pytest.raises(grpc.RpcError) as ended:
+            list(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+
+        def answers() -> bool:
+            try:
+                return stub.Generate(greedy(8, model="fragile"), timeout=60).usage.completion_tokens == 8
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                return False
+
+        wait_until(answers, timeout=180)
+        assert [p.pid for p in engine_processes(service, "fragile")] != [engine.pid]
+    finally:
+        stub.UnloadModel(pb.UnloadModelRequest(model="fragile"), timeout=120)
 
 
 def test_command_line(service: ServiceProcess, stub: pb_grpc.InferenceServiceStub) -> None:
@@ -267,11 +312,11 @@ def test_a_whole_reply_can_be_aborted_or_cancelled(
 
     # Sent at once, several share a call: stopping one of them stops it alone, in the engine too.
     before = replica_calls(service, long)
-    ids = [f"shared-{i}" for i in range(6)]
-    replies = [stub.Generate.future(greedy(LONG, model=long, request_id=rid)) for rid in ids[:3]]
-    streams = [stub.GenerateStream(greedy(LONG, model=long, request_id=rid)) for rid in ids[3:]]
-    wait_until(lambda: running() == 6)
-    assert replica_calls(service, long) - before < 6, "some of the six requests share a call"
+    ids = [f"shared-{i}" for i in range(12)]
+    replies = [stub.Generate.future(greedy(LONG, model=long, request_id=rid)) for rid in ids[:6]]
+    streams = [stub.GenerateStream(greedy(LONG, model=long, request_id=rid)) for rid in ids[6:]]
+    wait_until(lambda: running() == 12)
+    assert replica_calls(service, long) - before < 12, "some of the twelve requests share a call"
     for left, rid in reversed(list(enumerate(ids))):
         stub.Abort(pb.AbortRequest(request_id=rid))
         wait_until(lambda left=left: running() == left)
