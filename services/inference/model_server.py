@@ -236,10 +236,11 @@ class ModelServer:
     async def generate(self, request: GenerateInput) -> AsyncGenerator[Chunk, None]:
         """Stream the request's progress (or only its end when request.stream is False).
 
-        The first chunk (the first token) and the last go out at once; in between, a stream sends at
-        most one chunk per `streams / messages_per_second` seconds and the engine's progress meanwhile
-        is merged into it, so a replica serving many streams sends several tokens a message instead
-        of a message per token per engine step (each costs serialisation and a hop on both sides).
+        The first chunk (the first token) and the last go out at once; in between, a stream sends one
+        chunk per `streams / messages_per_second` seconds on average (the streams' chunks fall due
+        together: LLMEngine.stream's `interval`) and the engine's progress meanwhile is merged into
+        it, so a replica serving many streams sends several tokens a message instead of a message per
+        token per engine step (each costs serialisation and a hop on both sides).
         """
         queue_seconds: float | None = max(0.0, time.time() - request.submitted_at) if request.submitted_at else None
         # Rendering a chat template is the one prompt step that may take a while: off the event loop.

@@ -13,7 +13,7 @@ import torch
 
 from services.inference.engine import EngineConfig, KVCacheConfig, LLMEngine, SamplingParams
 from services.inference.engine.batch import StepChunk
-from services.inference.engine.engine import RequestFailed, RequestOutput
+from services.inference.engine.engine import RequestFailed, RequestOutput, next_tick
 from services.inference.engine.sampling import SAMPLERS, LogitsProcessor, SamplingContext
 from tests.helpers.tiny_models import prompt
 
@@ -218,6 +218,24 @@ def test_paced_and_final_only_streams_wake_their_reader_only_when_due(models) ->
     assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == expected
     assert len(paced) == 2 and paced[1].finished
     assert paced[0].outputs[0].new_token_ids + paced[1].outputs[0].new_token_ids == expected
+
+
+def test_paced_streams_fall_due_together_at_one_output_an_interval() -> None:
+    """A paced stream's next output waits for a tick of one clock: streams whose last outputs went out at
+    different steps of the same interval fall due at the same tick, half to one and a half intervals on."""
+    period = 0.08
+    for now in [1000.0 + i * 0.0037 for i in range(200)]:
+        tick = next_tick(now, period)
+        assert now + period / 2 <= tick <= now + 1.5 * period + 1e-9
+        assert abs(tick / period - round(tick / period)) < 1e-6
+    # sent 3.5 ms apart (one engine step), inside one half-interval: both next go out at the same tick
+    assert next_tick(1000.01, period) == next_tick(1000.0135, period)
+    # over many outputs, one a period on average: 100 periods hold 100 ticks
+    now, ticks = 0.0, 0
+    while now < 100 * period:
+        now, ticks = next_tick(now, period), ticks + 1
+    assert 99 <= ticks <= 101
+    assert next_tick(5.0, 0.0) == 5.0
 
 
 def test_steps_go_on_while_the_streams_loop_is_busy(models) -> None:
