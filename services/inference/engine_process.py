@@ -212,8 +212,9 @@ class ModelProcess:
         if self._closed.is_set():
             return
         self._closed.set()
-        with contextlib.suppress(Exception):
-            self.writer.close()
+        with contextlib.suppress(OSError):  # at once: the transport's own close waits for the loop's next turn
+            self.writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        self.writer.close()
         try:
             self.proc.wait(STOP_SECONDS)
         except subprocess.TimeoutExpired:

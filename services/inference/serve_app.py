@@ -262,8 +262,12 @@ class ModelDeployment:
                 self.loop.call_soon_threadsafe(self._abort, aborts)
 
     def __del__(self) -> None:
-        self._stop.set()
-        self.server.close()
+        """Stop reporting and stop the engine (its process, where it has one); a replica that failed to
+        load has neither."""
+        if hasattr(self, "_stop"):
+            self._stop.set()
+        if hasattr(self, "server"):
+            self.server.close()
 
 
 def deployment_options(spec: ModelSpec, preload: bool = True) -> dict[str, Any]:

@@ -55,10 +55,10 @@ async def collect(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
     return [c async for c in chunks]
 
 
-def test_answers_equal_the_engine_in_process_and_the_child_ends_with_its_server(store: ArtifactStore) -> None:
+def test_answers_equal_the_engine_in_process_and_the_child_ends_with_its_socket(store: ArtifactStore) -> None:
     expected = reference(store, list(PROMPT), greedy())
 
-    async def scenario() -> tuple[list[Chunk], list[Chunk], list[list[Chunk]], psutil.Process]:
+    async def scenario() -> tuple[list[Chunk], list[Chunk], list[list[Chunk]], psutil.Process, int | None]:
         server = await started(store)
         child = psutil.Process(server.proc.pid)
         try:
@@ -71,13 +71,14 @@ def test_answers_equal_the_engine_in_process_and_the_child_ends_with_its_server(
             server.check_health()
         finally:
             server.close()
-        return whole, streamed, together, child
+        return whole, streamed, together, child, server.proc.returncode
 
-    whole, streamed, together, child = run(scenario())
+    whole, streamed, together, child, returncode = run(scenario())
     assert len(whole) == 1 and whole[0].completions[0].token_ids == expected and whole[0].finished
     assert [t for c in streamed for t in c.completions[0].token_ids] == expected and streamed[-1].finished
     assert all([t for c in chunks for t in c.completions[0].token_ids] == expected for chunks in together)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert returncode == 0, "the child ended by itself at the end of its socket, not killed"
 
 
 def test_a_request_closed_early_is_aborted_in_the_child_and_others_go_on(store: ArtifactStore) -> None:
