@@ -4,10 +4,11 @@ A Ray Serve replica's process runs more than our code: Ray's core-worker threads
 pool and Serve's request handling all take the GIL, many times a second. The engine's step thread
 gives the GIL up at every torch operation and must then wait for it, and each hand-over costs it a
 switch: in one process, a thread that woke every millisecond for 0.1 ms of Python made a 16-row
-decode step of the bench's small model 13% slower (9% more CPU time), and a served burst's steps
-were that much slower than the same engine's in process. `ModelProcess` therefore runs the replica's
-`ModelServer` in a child process (`python -m services.inference.engine_process`), started with the
-replica's environment (so its preloads and thread settings), and talks to it over a socket pair:
+decode step of the bench's small model 13% slower (9% more CPU time), and in a replica the same
+engine's decode steps ran 6-9% slower than in a process of its own. `ModelProcess` therefore runs the
+replica's `ModelServer` in a child process (`python -m services.inference.engine_process`), started
+with the replica's environment (so its preloads and thread settings), and talks to it over a socket
+pair:
 
     server = await ModelProcess.start(spec, artifacts_root, limits, replica_id, messages_per_second=200)
     async for chunk in server.generate(request): ...     # as ModelServer.generate
