@@ -149,7 +149,7 @@ class ModelProcess:
                     reply = self._replies.pop(key, None)
                     if reply is not None and not reply.done():
                         reply.set_result(value)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+        except (asyncio.IncompleteReadError, OSError) as e:  # OSError: a reset socket too
             if not self._closed.is_set():
                 code = self.proc.poll()
                 self.failure = RuntimeError(f"the engine process ended (exit code {code}): {e!r}")
